@@ -1,0 +1,24 @@
+# The two commands of the README: `make demo` (the default large-batch study)
+# and `make test` (lint + the test suite). Both create or reuse .venv.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: demo test lint clean
+
+$(STAMP): pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(VENV)/bin/largebatch demo
+
+test: $(STAMP)
+	$(VENV)/bin/ruff check largebatch tests benchmarks
+	$(PY) -m pytest -n 2 -q
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

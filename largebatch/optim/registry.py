@@ -1,0 +1,177 @@
+"""One registry of optimizers: it drives the factory, the CLI help, the docs and the tests.
+
+Each :class:`OptimizerSpec` names its class lazily (``"module:attr"``) so importing
+the registry stays cheap and an optimizer module is loaded only when used.
+Adding an optimizer means adding one ``register(...)`` call below.
+"""
+
+from __future__ import annotations
+
+import difflib
+import importlib
+import inspect
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from largebatch.optim.param_groups import param_groups
+
+ScalingRule = str  # "none" | "linear" | "sqrt"
+
+
+@dataclass(frozen=True)
+class OptimizerSpec:
+    """Everything the library knows about one optimizer.
+
+    Attributes:
+        name: registry key, as typed on the command line.
+        target: ``"module:attr"`` of the class (or factory) to build.
+        description: one line for ``largebatch list optimizers`` and the docs.
+        defaults: hyperparameters applied unless the caller overrides them.
+        layerwise: honours the per-group ``trust_ratio`` switch (LARS, LAMB, ALTO).
+        wraps: the optimizer wraps a base optimizer built from the registry; the
+            value is the default base name (e.g. the E adaptor, extrapolation).
+        scaling_rule: recommended learning-rate scaling with batch size.
+        warmup: recommended warm-up length as a fraction of the run.
+        reference: the paper or source the implementation follows.
+    """
+
+    name: str
+    target: str
+    description: str
+    defaults: Mapping[str, Any] = field(default_factory=dict)
+    layerwise: bool = False
+    wraps: str | None = None
+    scaling_rule: ScalingRule = "none"
+    warmup: float = 0.0
+    reference: str = ""
+
+    def load(self) -> type:
+        """Import and return the optimizer class."""
+        module, _, attr = self.target.partition(":")
+        return getattr(importlib.import_module(module), attr)
+
+
+_REGISTRY: dict[str, OptimizerSpec] = {}
+
+
+def register(spec: OptimizerSpec) -> OptimizerSpec:
+    """Add a spec to the registry; names are unique."""
+    if spec.name in _REGISTRY:
+        raise ValueError(f"optimizer {spec.name!r} is already registered")
+    _REGISTRY[spec.name] = spec
+    return spec
+
+
+def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
+    """'unknown X' message listing valid names and suggesting the closest."""
+    valid = sorted(valid)
+    close = difflib.get_close_matches(name, valid, n=1)
+    hint = f" Did you mean {close[0]!r}?" if close else ""
+    return f"Unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}."
+
+
+def get_spec(name: str) -> OptimizerSpec:
+    """The spec registered under ``name``; a ``KeyError`` that lists the valid names."""
+    try:
+        return _REGISTRY[name]
+    except KeyError:
+        raise KeyError(unknown_name_message("optimizer", name, _REGISTRY)) from None
+
+
+def list_optimizers() -> list[OptimizerSpec]:
+    """All registered specs, in registration order."""
+    return list(_REGISTRY.values())
+
+
+def _accepted_keys(cls: type) -> set[str] | None:
+    """Keyword arguments a constructor accepts, or None if it takes ``**kwargs``."""
+    params = inspect.signature(cls).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
+        return None
+    return set(params)
+
+
+def create_optimizer(
+    name: str,
+    model_or_params: nn.Module | Iterable[torch.Tensor] | Iterable[dict[str, Any]],
+    **hparams: Any,
+) -> torch.optim.Optimizer:
+    """Build a registered optimizer.
+
+    ``model_or_params`` may be a module, in which case parameters are split with
+    :func:`~largebatch.optim.param_groups.param_groups` (1-D parameters get no
+    weight decay and, for layer-wise optimizers, no trust ratio), or anything
+    ``torch.optim`` accepts. ``hparams`` override the spec's defaults; for a
+    wrapper (``spec.wraps``), ``base`` names the base optimizer and every
+    hyperparameter the wrapper does not accept goes to the base.
+    """
+    spec = get_spec(name)
+    cls = spec.load()
+    merged = {**spec.defaults, **hparams}
+
+    if spec.wraps is not None:
+        base_name = merged.pop("base", spec.wraps)
+        accepted = _accepted_keys(cls) or set()
+        own = {k: v for k, v in merged.items() if k in accepted}
+        base_hparams = {k: v for k, v in merged.items() if k not in accepted}
+        base = create_optimizer(base_name, model_or_params, **base_hparams)
+        return cls(base, **own)
+
+    accepted = _accepted_keys(cls)
+    if accepted is not None:
+        unknown = sorted(set(merged) - accepted)
+        if unknown:
+            raise TypeError(
+                f"{name}: unknown hyperparameter(s) {unknown}; "
+                f"accepted: {sorted(accepted - {'self', 'params'})}"
+            )
+
+    if isinstance(model_or_params, nn.Module):
+        params = param_groups(
+            model_or_params,
+            weight_decay=merged.get("weight_decay", 0.0),
+            layerwise=spec.layerwise,
+        )
+    else:
+        params = model_or_params
+    return cls(params, **merged)
+
+
+# --- the registry -----------------------------------------------------------------
+
+register(
+    OptimizerSpec(
+        name="sgd",
+        target="torch.optim:SGD",
+        description="SGD with heavy-ball momentum (torch.optim.SGD).",
+        defaults={"lr": 0.1, "momentum": 0.9, "weight_decay": 5e-4, "foreach": True},
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Goyal et al. 2017 (linear scaling + warm-up)",
+    )
+)
+register(
+    OptimizerSpec(
+        name="adamw",
+        target="torch.optim:AdamW",
+        description="Adam with decoupled weight decay (torch.optim.AdamW).",
+        defaults={"lr": 1e-3, "betas": (0.9, 0.999), "weight_decay": 1e-2},
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="Loshchilov & Hutter 2019",
+    )
+)
+register(
+    OptimizerSpec(
+        name="adagrad",
+        target="torch.optim:Adagrad",
+        description="AdaGrad (torch.optim.Adagrad).",
+        defaults={"lr": 1e-2},
+        scaling_rule="sqrt",
+        reference="Duchi et al. 2011",
+    )
+)
