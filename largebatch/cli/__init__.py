@@ -15,6 +15,10 @@ import click
 COMMANDS = {
     "run": "largebatch.cli.run:run",
     "list": "largebatch.cli.run:list_cmd",
+    "sweep": "largebatch.cli.sweep:sweep",
+    "results": "largebatch.cli.sweep:results",
+    "report": "largebatch.cli.sweep:report_cmd",
+    "demo": "largebatch.cli.sweep:demo",
 }
 
 

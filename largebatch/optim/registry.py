@@ -175,3 +175,95 @@ register(
         reference="Duchi et al. 2011",
     )
 )
+
+# Extrapolation family (largebatch/optim/extrapolation.py): ``variant`` picks u_t
+# (extragradient, past, noise, sam); two gradient evaluations per step for
+# extragradient and sam, one for past and noise.
+register(
+    OptimizerSpec(
+        name="extrap-sgd",
+        target="largebatch.optim.extrapolation:Extrapolation",
+        description="EXTRAP-SGD: gradient at w - lr*g(w) on a fresh batch, Nesterov SGD step from w (2 grads/step).",
+        defaults={"variant": "extragradient", "nesterov": True},
+        wraps="sgd",
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Lin, Kong, Stich & Jaggi, ICML 2020 (arXiv 2006.05720)",
+    )
+)
+register(
+    OptimizerSpec(
+        name="extrap-lars",
+        target="largebatch.optim.extrapolation:Extrapolation",
+        description="Extragradient over LARS: gradient at the extrapolated point, LARS step (2 grads/step).",
+        defaults={"variant": "extragradient"},
+        wraps="lars",
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Lin, Kong, Stich & Jaggi, ICML 2020 (arXiv 2006.05720)",
+    )
+)
+register(
+    OptimizerSpec(
+        name="extrap-lamb",
+        target="largebatch.optim.extrapolation:Extrapolation",
+        description="Extragradient over LAMB: gradient at the extrapolated point, LAMB step (2 grads/step).",
+        defaults={"variant": "extragradient"},
+        wraps="lamb",
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="Lin, Kong, Stich & Jaggi, ICML 2020 (arXiv 2006.05720)",
+    )
+)
+register(
+    OptimizerSpec(
+        name="sam",
+        target="largebatch.optim.extrapolation:Extrapolation",
+        description="Sharpness-aware minimization: gradient at w + rho*g/||g|| on the same batch, SGD step from w (2 grads/step).",
+        defaults={"variant": "sam"},
+        wraps="sgd",
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Foret et al., ICLR 2021; ASAM (adaptive=True): Kwon et al., ICML 2021",
+    )
+)
+
+# E adaptor and ALTO (largebatch/optim/e_adaptor.py, alto.py): paper large-batch
+# defaults (alpha=-5, beta1=0.99); small batches (< 1K): alpha=0.5, beta1=0.01.
+register(
+    OptimizerSpec(
+        name="e",
+        target="largebatch.optim.e_adaptor:E",
+        description="E adaptor: any base optimizer (default AdamW) steps on g + alpha * EMA(gradient differences).",
+        defaults={"alpha": -5.0, "beta1": 0.99},
+        wraps="adamw",
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="Zhao, Li, Zhou, Tan & Jia, NeurIPS 2025 (arXiv 2510.27153), Alg. 5",
+    )
+)
+register(
+    OptimizerSpec(
+        name="alto",
+        target="largebatch.optim.alto:ALTO",
+        description="ALTO: LAMB (bias-corrected, layer-wise trust ratio) fed E-extrapolated gradients.",
+        defaults={"lr": 1e-2, "betas": (0.99, 0.9, 0.99), "alpha": -5.0, "weight_decay": 1e-4},
+        layerwise=True,
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="Zhao, Li, Zhou, Tan & Jia, NeurIPS 2025 (arXiv 2510.27153), Alg. 2",
+    )
+)
+
+# Shampoo (largebatch/optim/shampoo/): grafted from Adam, so Adam-like learning rates.
+register(
+    OptimizerSpec(
+        name="shampoo",
+        target="largebatch.optim.shampoo:Shampoo",
+        description="Shampoo: blocked Kronecker-factored preconditioner, Adam-grafted step norms, stale async inverse roots shared across ranks.",
+        defaults={"lr": 1e-3, "precondition_frequency": 100},
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="Anil, Gupta, Koren, Regan & Singer 2021 (arXiv 2002.09018); Shi et al. 2023 (arXiv 2309.06497)",
+    )
+)

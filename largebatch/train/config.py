@@ -28,6 +28,16 @@ class RunConfig:
 
     Budget: exactly one of ``epochs``, ``steps`` or ``examples`` is set; all
     schedules are defined in global optimizer steps.
+
+    Schedule: warm-up, then ``schedule`` decay over the remaining steps;
+    ``decay_power`` is the exponent of "poly" (1 = linear decay, as LAMB's BERT
+    recipe), ``decay_milestones`` the fractions of the run where "step" multiplies
+    the rate by ``decay_gamma``.
+
+    Evaluation: every ``eval_every`` steps (``None``: once per epoch) on train,
+    val and test, in batches of ``eval_batch_size`` (``None``: the per-device
+    micro-batch). ``target`` is ``(metric, value)``, e.g. ``("accuracy", 0.9)``
+    (``None``: the task's target); ``progress`` shows a progress bar on rank 0.
     """
 
     task: str = "mnist1d-cnn"
@@ -42,10 +52,14 @@ class RunConfig:
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     schedule: Schedule = "cosine"
+    decay_power: float = 1.0
+    decay_milestones: tuple[float, ...] = (0.5, 0.75)
+    decay_gamma: float = 0.1
     epochs: float | None = None
     steps: int | None = None
     examples: int | None = None
     eval_every: int | None = None
+    eval_batch_size: int | None = None
     target: tuple[str, float] | None = None
     stop_at_target: bool = False
     seed: int = 0
@@ -55,6 +69,7 @@ class RunConfig:
     out_dir: str = "runs/run"
     checkpoint_every: int | None = None
     resume: bool = False
+    progress: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -64,6 +79,8 @@ class RunConfig:
         data = dict(data)
         if data.get("target") is not None:
             data["target"] = tuple(data["target"])
+        if data.get("decay_milestones") is not None:
+            data["decay_milestones"] = tuple(data["decay_milestones"])
         return cls(**data)
 
 

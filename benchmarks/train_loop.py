@@ -1,0 +1,127 @@
+"""Speed of the training loop.
+
+1. Per-step overhead of ``largebatch.train.train`` against a bare PyTorch loop
+   (shuffle, index, forward, backward, ``step``, ``LambdaLR.step``) on the same
+   model, optimizer and batch. Each loop runs ``--steps`` and ``3 x --steps``
+   steps; the time difference divided by the step difference is the cost of one
+   step, free of set-up, evaluation and checkpoint costs. Target: <= 10% on
+   mnist1d-cnn.
+2. Examples per second of 1 vs 2 gloo processes (``largebatch run --nproc``),
+   measured the same way from each run's ``result.json``. Reported, no target.
+
+Run: ``python benchmarks/train_loop.py [--batch-size 64] [--steps 300] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from largebatch.optim import create_optimizer
+from largebatch.tasks import get_task
+from largebatch.train import RunConfig, train
+from largebatch.train.schedules import WarmupThenDecay, build_scheduler
+
+TASK = "mnist1d-cnn"
+OPTIMIZER = {"momentum": 0.9}
+
+
+def bare_loop_seconds(steps: int, batch_size: int) -> float:
+    """Wall time of ``steps`` SGD steps written as plainly as PyTorch allows."""
+    torch.manual_seed(0)
+    task = get_task(TASK)
+    inputs, targets = task.train.tensors
+    model = task.build_model()
+    optimizer = create_optimizer("sgd", model, lr=0.1, **OPTIMIZER)
+    scheduler = build_scheduler(optimizer, WarmupThenDecay(steps, 0, "cosine"))
+    per_epoch = len(inputs) // batch_size
+    start = time.perf_counter()
+    for step in range(steps):
+        if step % per_epoch == 0:
+            order = torch.randperm(len(inputs))
+        rows = order[(step % per_epoch) * batch_size : (step % per_epoch + 1) * batch_size]
+        optimizer.zero_grad(set_to_none=True)
+        loss = F.cross_entropy(model(inputs[rows]), targets[rows])
+        loss.backward()
+        optimizer.step()
+        scheduler.step()
+    return time.perf_counter() - start
+
+
+def our_loop_seconds(steps: int, batch_size: int) -> float:
+    """Wall time of ``train`` for ``steps`` steps (evaluations only at start and end)."""
+    with tempfile.TemporaryDirectory() as out:
+        config = RunConfig(
+            task=TASK, optimizer="sgd", optimizer_options=OPTIMIZER, lr=0.1,
+            batch_size=batch_size, warmup_steps=0, steps=steps, eval_every=steps, out_dir=out,
+        )  # fmt: skip
+        return train(config).wall_time
+
+
+def per_step(measure, steps: int, batch_size: int) -> float:
+    """(time of 3 x steps - time of steps) / (2 x steps): one step's cost, in seconds."""
+    return (measure(3 * steps, batch_size) - measure(steps, batch_size)) / (2 * steps)
+
+
+def cli_examples_per_second(nproc: int, threads: int, steps: int, batch_size: int) -> float:
+    """Examples/s of ``largebatch run --nproc`` from the step-count difference of two runs."""
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    times = []
+    for n in (steps, 3 * steps):
+        with tempfile.TemporaryDirectory() as out:
+            command = [
+                sys.executable, "-m", "largebatch", "run", "--task", TASK, "--optimizer", "sgd",
+                "--lr", "0.1", "--batch-size", str(batch_size), "--steps", str(n),
+                "--warmup", "0", "--eval-every", str(n), "--nproc", str(nproc),
+                "--no-progress", "--out", out,
+            ]  # fmt: skip
+            subprocess.run(command, env=env, check=True, capture_output=True)
+            times.append(json.loads((Path(out) / "result.json").read_text())["wall_time"])
+    return 2 * steps * batch_size / (times[1] - times[0])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256])
+    parser.add_argument("--steps", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--skip-ddp", action="store_true", help="only the overhead benchmark")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    get_task(TASK)  # generate and cache the data outside the timings
+
+    print(f"Per-step time on {TASK}, SGD+momentum, 1 thread (median of {args.repeats})")
+    for batch_size in args.batch_size:
+        # alternate the two loops so that load changes on the machine hit both alike
+        bare, ours = [], []
+        for _ in range(args.repeats):
+            bare.append(per_step(bare_loop_seconds, args.steps, batch_size))
+            ours.append(per_step(our_loop_seconds, args.steps, batch_size))
+        overhead = statistics.median(o / b - 1 for o, b in zip(ours, bare))
+        print(
+            f"  batch {batch_size:>5}: bare {statistics.median(bare) * 1e3:.3f} ms,"
+            f" largebatch {statistics.median(ours) * 1e3:.3f} ms,"
+            f" overhead {overhead:+.1%} (target <= +10%)"
+        )
+
+    if args.skip_ddp:
+        return
+    batch_size = args.batch_size[-1]
+    print(f"\nExamples/s, largebatch run, batch {batch_size} (gloo, this machine)")
+    for nproc, threads in ((1, 1), (1, 2), (2, 1)):
+        rate = cli_examples_per_second(nproc, threads, args.steps, batch_size)
+        print(f"  {nproc} process(es) x {threads} thread(s): {rate:,.0f} examples/s")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Run a sweep's cells: skip finished ones, resume interrupted ones, record every outcome.
+
+Each cell trains in its run directory ``DIR/runs/<cell-id>`` and is recorded in
+``DIR/results.sqlite`` by the process that ran it, under an exclusive lock on
+the run directory; so a sweep killed at any moment loses nothing and recomputes
+nothing: on the next start, recorded cells are skipped, a run whose
+``result.json`` was written but not recorded is recorded, and any other started
+run resumes from its latest checkpoint (cells checkpoint at every evaluation).
+A cell that fails or diverges is recorded with its reason and the sweep goes on.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import math
+import multiprocessing
+import os
+import tempfile
+import time
+from collections.abc import Iterator
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from tqdm import tqdm
+
+from largebatch.experiments.results_store import ResultsStore
+from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, cell_name, expand
+from largebatch.tasks import get_task
+from largebatch.train import RunConfig, RunResult, plan_run, train, validate
+from largebatch.train.checkpoint import write_atomically
+
+SWEEP_FILE = "sweep.json"
+LOCK_FILE = ".lock"
+
+
+@dataclass(frozen=True)
+class Sweep:
+    """A checked sweep ready to run: its spec, directory and cells."""
+
+    spec: SweepSpec
+    directory: Path
+    cells: tuple[Cell, ...]
+
+
+def prepare(spec: SweepSpec, directory: str | Path) -> Sweep:
+    """Expand ``spec`` into cells and check every cell as ``largebatch run`` would.
+
+    Builds the task once (to resolve ``"full"`` and each cell's number of steps),
+    sets each cell's evaluation interval to ``1/evals_per_run`` of its run and,
+    unless the spec sets one, checkpoints at every evaluation. Raises
+    :class:`SweepConfigError` naming the cell if any would be rejected.
+    """
+    directory = Path(directory)
+    try:
+        task = get_task(spec.task, **spec.task_options)
+    except (ValueError, TypeError, ImportError) as exc:
+        raise SweepConfigError(f"task {spec.task!r}: {exc}") from None
+
+    def eval_every(config: RunConfig) -> int:
+        try:
+            total_steps = plan_run(config, task).total_steps
+        except ValueError as exc:
+            raise SweepConfigError(f"cell {cell_name(config)}: {exc}") from None
+        return max(1, math.ceil(total_steps / spec.evals_per_run))
+
+    cells = expand(spec, directory, len(task.train), eval_every)
+    runs_dir = directory / "runs"
+    for cell in cells:
+        try:
+            validate(replace(cell.config, out_dir=str(runs_dir), resume=True))
+            plan_run(cell.config, task)
+        except ValueError as exc:
+            raise SweepConfigError(f"cell {cell.cell_id}: {exc}") from None
+    return Sweep(spec, directory, tuple(cells))
+
+
+def load_saved_spec(directory: str | Path) -> SweepSpec | None:
+    """The spec a previous ``run_sweep`` saved in ``directory`` (``sweep.json``), if any."""
+    path = Path(directory) / SWEEP_FILE
+    if not path.exists():
+        return None
+    return SweepSpec.from_dict(json.loads(path.read_text()))
+
+
+# --- one cell -----------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _exclusive(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on ``path`` (released by the OS if the process dies)."""
+    with open(path, "a") as file:
+        fcntl.flock(file, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(file, fcntl.LOCK_UN)
+
+
+def _saved_result(run_dir: Path) -> RunResult | None:
+    """The run's ``result.json`` (written atomically at its end), if it exists."""
+    path = run_dir / "result.json"
+    if not path.exists():
+        return None
+    return RunResult(**json.loads(path.read_text()))
+
+
+def _train_data_parallel(config: RunConfig) -> RunResult:
+    """Run a cell with ``config.nproc`` processes through torchrun, as ``largebatch run`` does."""
+    from largebatch.train.distributed import launch
+
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
+        json.dump({"config": config.to_dict()}, file)
+    try:
+        status = launch(config.nproc, ["run", "--config", file.name, "--no-progress"])
+    finally:
+        os.unlink(file.name)
+    result = _saved_result(Path(config.out_dir))
+    if result is None:
+        raise RuntimeError(f"torchrun exited with status {status} without writing result.json")
+    return result
+
+
+def _train(config: RunConfig) -> RunResult:
+    """Train (resuming from a checkpoint if there is one); an exception becomes "failed"."""
+    config = replace(config, resume=True, progress=False)
+    start = time.perf_counter()
+    try:
+        return _train_data_parallel(config) if config.nproc > 1 else train(config)
+    except Exception as exc:  # a failed cell is a result; the sweep goes on
+        return RunResult(
+            status="failed",
+            steps=0,
+            examples=0,
+            wall_time=time.perf_counter() - start,
+            error=f"{type(exc).__name__}: {exc}",
+        )
+
+
+def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> str:
+    """Run one cell unless already recorded; record its outcome; return its status.
+
+    Safe to call from several processes (and sweeps) at once: the run directory
+    is locked while the cell runs, and the recorded status is checked under it.
+    """
+    run_dir = cell.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    store = ResultsStore(store_path)
+    with _exclusive(run_dir / LOCK_FILE):
+        recorded = store.statuses().get(cell.cell_id)
+        if recorded is not None and not (retry_failed and recorded == "failed"):
+            return recorded
+        result = _saved_result(run_dir)
+        if result is None or (retry_failed and result.status == "failed"):
+            result = _train(cell.config)
+        relative = os.path.relpath(run_dir, store.path.parent)
+        store.record_run(cell.cell_id, cell.config, result, run_dir=relative)
+    return result.status
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+
+
+# --- the sweep ------------------------------------------------------------------------
+
+
+def pending_cells(sweep: Sweep, store: ResultsStore, retry_failed: bool = False) -> list[Cell]:
+    """Cells not yet recorded (and, with ``retry_failed``, those recorded as failed)."""
+    statuses = store.statuses()
+    return [
+        cell
+        for cell in sweep.cells
+        if statuses.get(cell.cell_id) is None
+        or (retry_failed and statuses[cell.cell_id] == "failed")
+    ]
+
+
+def run_sweep(
+    sweep: Sweep,
+    *,
+    jobs: int = 1,
+    retry_failed: bool = False,
+    progress: bool = True,
+) -> dict[str, str]:
+    """Run every pending cell, ``jobs`` at a time; return ``cell_id -> status`` of all cells.
+
+    With ``jobs > 1`` cells run in separate processes, each with
+    ``cpu_count // jobs`` torch threads. The spec is saved as ``DIR/sweep.json``
+    so that ``largebatch sweep DIR`` can continue it without repeating the flags.
+    """
+    if jobs < 1:
+        raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
+    sweep.directory.mkdir(parents=True, exist_ok=True)
+    write_atomically(
+        sweep.directory / SWEEP_FILE, json.dumps(sweep.spec.to_dict(), indent=2).encode()
+    )
+    store = ResultsStore(sweep.directory)
+    todo = pending_cells(sweep, store, retry_failed)
+    bar = tqdm(
+        total=len(sweep.cells),
+        initial=len(sweep.cells) - len(todo),
+        desc="sweep",
+        unit="run",
+        dynamic_ncols=True,
+        disable=not progress,
+    )
+
+    def done(cell: Cell, status: str) -> None:
+        bar.set_postfix_str(f"{cell.cell_id}: {status}", refresh=False)
+        bar.update()
+
+    try:
+        if jobs == 1:
+            for cell in todo:
+                done(cell, run_cell(cell, store.path, retry_failed))
+        else:
+            threads = max(1, (os.cpu_count() or 1) // jobs)
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(jobs, context, _init_worker, (threads,)) as pool:
+                futures = {
+                    pool.submit(run_cell, cell, store.path, retry_failed): cell for cell in todo
+                }
+                try:
+                    remaining = set(futures)
+                    while remaining:
+                        finished, remaining = wait(remaining, return_when=FIRST_COMPLETED)
+                        for future in finished:
+                            done(futures[future], future.result())
+                except BaseException:
+                    pool.shutdown(wait=False, cancel_futures=True)
+                    raise
+    finally:
+        bar.close()
+    statuses = store.statuses()
+    return {cell.cell_id: statuses.get(cell.cell_id, "pending") for cell in sweep.cells}

@@ -1,0 +1,616 @@
+"""A sweep definition, from command-line flags or a TOML file, and its cells.
+
+A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
+on one task with one budget. :func:`load_sweep` checks everything before any run
+starts; a bad key or value raises :class:`SweepConfigError` naming the key and
+its line in the file (or the flag). :func:`expand` turns the sweep into a
+deterministic list of :class:`Cell` s, each a :class:`RunConfig` with a stable id
+(a hash of the config) and a run directory ``DIR/runs/<cell-id>``.
+
+Example file (every key is optional; see docs/experiments.md)::
+
+    task = "mnist1d-cnn"
+    batch_sizes = [64, 256, 1024, 4096, "full"]
+    optimizers = ["sgd", "adamw"]
+    seeds = [0, 1]
+    epochs = 20
+
+    [optimizer.sgd]          # run settings and hyperparameters of one optimizer
+    scaling = "linear"
+    warmup_epochs = 1
+    momentum = 0.9
+"""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import re
+import typing
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import tomllib
+
+from largebatch.optim.registry import get_spec as get_optimizer_spec
+from largebatch.optim.registry import list_optimizers, unknown_name_message
+from largebatch.tasks import get_spec as get_task_spec
+from largebatch.tasks.registry import load_user_builder
+from largebatch.train.config import RunConfig, Scaling, Schedule
+from largebatch.train.run_dir import RESUMABLE_CHANGES
+
+KeyPath = tuple[str, ...]
+FULL_BATCH = "full"
+
+
+class SweepConfigError(ValueError):
+    """A sweep definition is invalid; the message names the key and where it was set."""
+
+
+class _Invalid(Exception):
+    """Raised by a value check with what was expected; turned into a SweepConfigError."""
+
+
+class _InvalidItem(_Invalid):
+    """A list item failed its check; the message already shows the item."""
+
+
+# --- value checks: each returns the normalised value or raises _Invalid ----------------
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _string(value: Any) -> str:
+    if not isinstance(value, str) or not value:
+        raise _Invalid("expected a non-empty string")
+    return value
+
+
+def _boolean(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise _Invalid("expected true or false")
+    return value
+
+
+def _positive_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise _Invalid("expected an integer >= 1")
+    return value
+
+
+def _non_negative_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        raise _Invalid("expected an integer >= 0")
+    return value
+
+
+def _positive_number(value: Any) -> float:
+    if not _is_number(value) or not value > 0:
+        raise _Invalid("expected a number > 0")
+    return float(value)
+
+
+def _non_negative_number(value: Any) -> float:
+    if not _is_number(value) or not value >= 0:
+        raise _Invalid("expected a number >= 0")
+    return float(value)
+
+
+def _batch_size(value: Any) -> int | str:
+    if value == FULL_BATCH:
+        return value
+    try:
+        return _positive_int(value)
+    except _Invalid:
+        raise _Invalid(f'expected an integer >= 1 or "{FULL_BATCH}"') from None
+
+
+def _one_of(choices: Sequence[str]) -> Callable[[Any], str]:
+    def check(value: Any) -> str:
+        if value not in choices:
+            raise _Invalid(f"expected one of {', '.join(map(repr, choices))}")
+        return value
+
+    return check
+
+
+def _list_of(check: Callable[[Any], Any]) -> Callable[[Any], tuple]:
+    def check_list(value: Any) -> tuple:
+        if not isinstance(value, list | tuple) or not value:
+            raise _Invalid("expected a non-empty list")
+        items = []
+        for i, item in enumerate(value):
+            try:
+                items.append(check(item))
+            except _Invalid as exc:
+                raise _InvalidItem(f"item {i}: {exc}, got {item!r}") from None
+        duplicates = sorted({str(x) for x in items if items.count(x) > 1})
+        if duplicates:
+            raise _Invalid(f"duplicate item(s) {', '.join(duplicates)}")
+        return tuple(items)
+
+    return check_list
+
+
+def _table(value: Any) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise _Invalid("expected a table")
+    return dict(value)
+
+
+def _target(value: Any) -> tuple[str, float]:
+    if not (
+        isinstance(value, list | tuple)
+        and len(value) == 2
+        and isinstance(value[0], str)
+        and _is_number(value[1])
+    ):
+        raise _Invalid('expected [metric, value], e.g. ["accuracy", 0.9]')
+    return (value[0], float(value[1]))
+
+
+# --- the keys a sweep accepts ------------------------------------------------------------
+
+#: Run settings that may be set for the whole sweep or per optimizer.
+RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
+    "lr": _positive_number,
+    "lrs": _list_of(_positive_number),
+    "lr_factors": _list_of(_positive_number),
+    "scaling": _one_of(typing.get_args(Scaling)),
+    "warmup_steps": _non_negative_int,
+    "warmup_epochs": _non_negative_number,
+    "schedule": _one_of(typing.get_args(Schedule)),
+}
+
+#: Top-level keys of a sweep (besides RUN_SETTINGS and the ``[optimizer.NAME]`` tables).
+SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
+    "task": _string,
+    "task_options": _table,
+    "batch_sizes": _list_of(_batch_size),
+    "optimizers": _list_of(_string),
+    "seeds": _list_of(_non_negative_int),
+    "epochs": _positive_number,
+    "steps": _positive_int,
+    "base_batch_size": _positive_int,
+    "evals_per_run": _positive_int,
+    "target": _target,
+    "stop_at_target": _boolean,
+    "checkpoint_every": _positive_int,
+    "nproc": _positive_int,
+    "accumulation_steps": _positive_int,
+    "device": _string,
+    "bf16": _boolean,
+    **RUN_SETTINGS,
+}
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    """A validated sweep: what :func:`expand` turns into cells.
+
+    ``None`` run settings mean "the optimizer's registry recommendation";
+    ``optimizer_settings[name]`` holds per-optimizer run settings (keys of
+    :data:`RUN_SETTINGS`) and ``hyperparameters[name]`` its optimizer arguments.
+    ``evals_per_run`` sets the evaluation interval of each cell relative to its
+    length, so small- and large-batch runs get equally fine curves.
+    """
+
+    task: str = "mnist1d-cnn"
+    task_options: dict[str, Any] = field(default_factory=dict)
+    batch_sizes: tuple[int | str, ...] = (64, 256, 1024, 4096, FULL_BATCH)
+    optimizers: tuple[str, ...] = ("sgd", "adamw", "lamb", "alto")
+    seeds: tuple[int, ...] = (0,)
+    epochs: float | None = 30.0
+    steps: int | None = None
+    base_batch_size: int = 64
+    evals_per_run: int = 30
+    target: tuple[str, float] | None = None
+    stop_at_target: bool = False
+    checkpoint_every: int | None = None
+    nproc: int = 1
+    accumulation_steps: int = 1
+    device: str = "auto"
+    bf16: bool = False
+    lr: float | None = None
+    lrs: tuple[float, ...] | None = None
+    lr_factors: tuple[float, ...] | None = None
+    scaling: str | None = None
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
+    schedule: str | None = None
+    optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-friendly form (what ``DIR/sweep.json`` holds)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
+        """Inverse of :meth:`to_dict`, validated like a sweep file."""
+        return load_sweep(overrides={k: v for k, v in data.items() if v is not None})
+
+    def settings_for(self, optimizer: str) -> dict[str, Any]:
+        """Run settings of ``optimizer``: its own section over the sweep-wide ones.
+
+        A section's ``lrs`` or ``lr_factors`` replaces the sweep-wide grid; its
+        ``lr`` replaces the sweep-wide ``lrs`` (sweep-wide ``lr_factors`` then
+        multiply it).
+        """
+        merged = {key: getattr(self, key) for key in RUN_SETTINGS}
+        section = self.optimizer_settings.get(optimizer, {})
+        if section.keys() & {"lrs", "lr_factors"}:
+            merged.update(lrs=None, lr_factors=None)
+        if "lr" in section:
+            merged["lrs"] = None
+        merged.update(section)
+        return merged
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One run of a sweep: a config, its stable id and its run directory."""
+
+    cell_id: str
+    config: RunConfig
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.config.out_dir)
+
+
+# --- locating keys in a TOML file ----------------------------------------------------------
+
+_KEY_PART = r'(?:[A-Za-z0-9_-]+|"[^"]*"|\'[^\']*\')'
+_DOTTED_KEY = rf"{_KEY_PART}(?:\s*\.\s*{_KEY_PART})*"
+_HEADER = re.compile(rf"^\s*\[\[?\s*({_DOTTED_KEY})\s*\]\]?")
+_ASSIGNMENT = re.compile(rf"^\s*({_DOTTED_KEY})\s*=")
+
+
+def _split_dotted(key: str) -> KeyPath:
+    return tuple(part.strip("\"'") for part in re.findall(_KEY_PART, key))
+
+
+def toml_key_lines(text: str) -> dict[KeyPath, int]:
+    """Line number (1-based) where each key path is first set, from the file's text.
+
+    tomllib gives no positions, so this scans table headers and ``key =`` lines;
+    keys inside an inline table resolve to the line of the table (see :func:`_where`).
+    """
+    lines: dict[KeyPath, int] = {}
+    table: KeyPath = ()
+    in_multiline_string = False
+    for number, line in enumerate(text.splitlines(), start=1):
+        if not in_multiline_string:
+            header = _HEADER.match(line)
+            if header:
+                table = _split_dotted(header.group(1))
+                lines.setdefault(table, number)
+                continue
+            assignment = _ASSIGNMENT.match(line)
+            if assignment:
+                lines.setdefault(table + _split_dotted(assignment.group(1)), number)
+        if (line.count('"""') + line.count("'''")) % 2:
+            in_multiline_string = not in_multiline_string
+    return lines
+
+
+Origins = dict[KeyPath, str]
+
+
+def _where(origins: Origins, path: KeyPath) -> str:
+    """Where ``path`` (or its closest enclosing key) was set: ``file:line`` or ``--flag``."""
+    for end in range(len(path), 0, -1):
+        if path[:end] in origins:
+            return origins[path[:end]]
+    return "default"
+
+
+def _fail(origins: Origins, path: KeyPath, problem: str) -> SweepConfigError:
+    return SweepConfigError(f"{_where(origins, path)}: {'.'.join(path)}: {problem}")
+
+
+# --- validation --------------------------------------------------------------------------
+
+
+def _optimizer_arguments(name: str) -> dict[str, Any]:
+    """Hyperparameter name -> default of a registered optimizer (wrappers include the base's)."""
+    spec = get_optimizer_spec(name)
+    defaults: dict[str, Any] = {}
+    if spec.wraps is not None:
+        defaults.update(_optimizer_arguments(spec.wraps))
+        defaults["base"] = spec.wraps
+    # the first argument is the parameters (or, for a wrapper, the base optimizer)
+    for param in list(inspect.signature(spec.load()).parameters.values())[1:]:
+        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+            continue
+        defaults[param.name] = None if param.default is param.empty else param.default
+    defaults.update(spec.defaults)
+    return defaults
+
+
+def _default_lr(name: str) -> float | None:
+    """The learning rate an optimizer uses when none is given."""
+    return _optimizer_arguments(name).get("lr")
+
+
+def _check_like(default: Any, value: Any) -> Any:
+    """``value`` if it has the type of ``default`` (numbers interchangeable), else _Invalid."""
+    if default is None:
+        return value
+    if isinstance(default, bool):
+        return _boolean(value)
+    if isinstance(default, int):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise _Invalid(f"expected an integer (default {default!r})")
+        return value
+    if isinstance(default, float):
+        if not _is_number(value):
+            raise _Invalid(f"expected a number (default {default!r})")
+        return float(value)
+    if isinstance(default, str):
+        return _string(value)
+    if isinstance(default, tuple | list):
+        if not isinstance(value, list | tuple) or len(value) != len(default):
+            raise _Invalid(f"expected a list of {len(default)} values (default {list(default)})")
+        return type(default)(_check_like(d, v) for d, v in zip(default, value))
+    return value
+
+
+def _check_value(origins: Origins, path: KeyPath, check: Callable[[Any], Any], value: Any) -> Any:
+    try:
+        return check(value)
+    except _InvalidItem as exc:
+        raise _fail(origins, path, str(exc)) from None
+    except _Invalid as exc:
+        raise _fail(origins, path, f"{exc}, got {value!r}") from None
+
+
+def _check_optimizer_section(
+    origins: Origins, name: str, section: Any
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Split ``[optimizer.NAME]`` into run settings and checked hyperparameters."""
+    path = ("optimizer", name)
+    section = _check_value(origins, path, _table, section)
+    try:
+        arguments = _optimizer_arguments(name)
+    except KeyError as exc:
+        raise _fail(origins, path, exc.args[0]) from None
+    settings, hyperparameters = {}, {}
+    for key, value in section.items():
+        if key in RUN_SETTINGS:
+            settings[key] = _check_value(origins, (*path, key), RUN_SETTINGS[key], value)
+        elif key in arguments:
+            checked = _check_value(
+                origins, (*path, key), lambda v, d=arguments[key]: _check_like(d, v), value
+            )
+            hyperparameters[key] = checked
+        else:
+            valid = sorted(set(RUN_SETTINGS) | set(arguments))
+            raise _fail(origins, (*path, key), unknown_name_message("key", key, valid))
+    return settings, hyperparameters
+
+
+def load_sweep(
+    path: str | Path | None = None,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    origins: Origins | None = None,
+    base: Mapping[str, Any] | None = None,
+) -> SweepSpec:
+    """Read and check a sweep: ``base`` values, then the TOML file, then ``overrides``.
+
+    ``overrides`` are typically command-line flags; ``origins`` says where each
+    override came from (key path -> e.g. ``"--batch-sizes"``). Setting ``epochs``
+    or ``steps`` in a later layer clears the other. Every key and value is
+    checked here, including optimizer and task names, so no run starts on a
+    sweep that would fail half-way.
+    """
+    data: dict[str, Any] = dict(base or {})
+    where: Origins = {}
+    if path is not None:
+        path = Path(path)
+        try:
+            text = path.read_text()
+        except OSError as exc:
+            raise SweepConfigError(f"Cannot read sweep file {path}: {exc.strerror}") from None
+        try:
+            layer = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as exc:
+            raise SweepConfigError(f"{path}: invalid TOML: {exc}") from None
+        where.update({key: f"{path}:{line}" for key, line in toml_key_lines(text).items()})
+        _apply_layer(data, layer)
+    if overrides:
+        where.update(origins or {})
+        _apply_layer(data, overrides)
+    return _build_spec(data, where)
+
+
+def _apply_layer(data: dict[str, Any], layer: Mapping[str, Any]) -> None:
+    """Overlay ``layer`` onto ``data``; the two budgets exclude each other."""
+    if "epochs" in layer or "steps" in layer:
+        data.pop("epochs", None)
+        data.pop("steps", None)
+    for key, value in layer.items():
+        if key == "optimizer" and isinstance(value, dict) and isinstance(data.get(key), dict):
+            data[key] = {**data[key], **value}
+        else:
+            data[key] = value
+
+
+def _build_spec(data: Mapping[str, Any], origins: Origins) -> SweepSpec:
+    values: dict[str, Any] = {}
+    optimizer_settings: dict[str, dict[str, Any]] = {}
+    hyperparameters: dict[str, dict[str, Any]] = {}
+    for key, value in data.items():
+        if key in ("optimizer", "optimizer_settings", "hyperparameters"):
+            continue
+        if key not in SWEEP_KEYS:
+            valid = sorted({*SWEEP_KEYS, "optimizer"})
+            raise _fail(origins, (key,), unknown_name_message("key", key, valid))
+        values[key] = _check_value(origins, (key,), SWEEP_KEYS[key], value)
+
+    # sections come from a file ([optimizer.NAME]) or from a saved spec (sweep.json)
+    sections: dict[str, dict[str, Any]] = {}
+    for name, settings in data.get("optimizer_settings", {}).items():
+        sections.setdefault(name, {}).update(settings)
+    for name, hparams in data.get("hyperparameters", {}).items():
+        sections.setdefault(name, {}).update(hparams)
+    sections.update(_check_value(origins, ("optimizer",), _table, data.get("optimizer", {})))
+    for name, section in sections.items():
+        optimizer_settings[name], hyperparameters[name] = _check_optimizer_section(
+            origins, name, section
+        )
+        if not optimizer_settings[name]:
+            del optimizer_settings[name]
+        if not hyperparameters[name]:
+            del hyperparameters[name]
+
+    if "epochs" in values and "steps" in values:
+        raise _fail(origins, ("steps",), "set either epochs or steps, not both")
+    if "steps" in values:
+        values.setdefault("epochs", None)
+
+    spec = SweepSpec(
+        **values, optimizer_settings=optimizer_settings, hyperparameters=hyperparameters
+    )
+    _check_names(spec, origins)
+    return spec
+
+
+def _check_names(spec: SweepSpec, origins: Origins) -> None:
+    """Optimizer and task names exist; LR grids are well-defined."""
+    known = [s.name for s in list_optimizers()]
+    for i, name in enumerate(spec.optimizers):
+        if name not in known:
+            raise _fail(
+                origins,
+                ("optimizers",),
+                f"item {i}: {unknown_name_message('optimizer', name, known)}",
+            )
+    layers = [((), {key: getattr(spec, key) for key in RUN_SETTINGS})]
+    layers += [(("optimizer", name), section) for name, section in spec.optimizer_settings.items()]
+    for prefix, settings in layers:
+        for first, second in (("lr", "lrs"), ("lrs", "lr_factors")):
+            if settings.get(first) is not None and settings.get(second) is not None:
+                raise _fail(origins, (*prefix, second), f"set either {first} or {second}, not both")
+    for name in spec.optimizers:
+        settings = spec.settings_for(name)
+        if (
+            settings["lr_factors"] is not None
+            and settings["lr"] is None
+            and _default_lr(name) is None
+        ):
+            raise _fail(origins, ("lr_factors",), f"optimizer {name!r} has no default lr; set lr")
+    try:
+        if ":" in spec.task:
+            builder = load_user_builder(spec.task)
+            parameters = inspect.signature(builder).parameters.values()
+            options = {p.name: None if p.default is p.empty else p.default for p in parameters}
+        else:
+            options = dict(get_task_spec(spec.task).options)
+    except (KeyError, ImportError, ValueError, TypeError) as exc:
+        raise _fail(origins, ("task",), str(exc.args[0])) from None
+    for key, value in spec.task_options.items():
+        if key not in options:
+            raise _fail(
+                origins, ("task_options", key), unknown_name_message("task option", key, options)
+            )
+        _check_value(
+            origins, ("task_options", key), lambda v, d=options[key]: _check_like(d, v), value
+        )
+
+
+# --- expansion into cells -----------------------------------------------------------------
+
+
+def resolve_batch_sizes(spec: SweepSpec, train_size: int) -> tuple[int, ...]:
+    """Batch sizes with ``"full"`` replaced by the training-set size."""
+    return tuple(train_size if b == FULL_BATCH else b for b in spec.batch_sizes)
+
+
+def _learning_rates(spec: SweepSpec, optimizer: str) -> tuple[float | None, ...]:
+    """The base learning rates of ``optimizer``'s cells (``None``: registry default)."""
+    settings = spec.settings_for(optimizer)
+    if settings["lrs"] is not None:
+        return settings["lrs"]
+    if settings["lr_factors"] is not None:
+        base_lr = settings["lr"] if settings["lr"] is not None else _default_lr(optimizer)
+        return tuple(base_lr * factor for factor in settings["lr_factors"])
+    return (settings["lr"],)
+
+
+def cell_id(config: RunConfig) -> str:
+    """Stable, readable id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]-<hash>``.
+
+    The hash covers every field of the config except those a resumed run may
+    change (where it lives, checkpoint interval, progress bar, ...), so the same
+    run always gets the same id.
+    """
+    data = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+    return f"{cell_name(config)}-{digest}"
+
+
+def cell_name(config: RunConfig) -> str:
+    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
+    lr = f"-lr{config.lr:g}" if config.lr is not None else ""
+    return f"{config.optimizer}-b{config.batch_size}-s{config.seed}{lr}"
+
+
+def expand(
+    spec: SweepSpec,
+    sweep_dir: str | Path,
+    train_size: int,
+    eval_every: Callable[[RunConfig], int],
+) -> list[Cell]:
+    """The sweep's cells, in a fixed order: seed, batch size, optimizer, learning rate.
+
+    ``train_size`` resolves ``"full"``; ``eval_every(config)`` gives a cell's
+    evaluation interval, which is also its checkpoint interval unless the spec
+    sets ``checkpoint_every``.
+    """
+    batch_sizes = resolve_batch_sizes(spec, train_size)
+    runs_dir = Path(sweep_dir) / "runs"
+    cells = []
+    for seed in spec.seeds:
+        for batch_size in batch_sizes:
+            for optimizer in spec.optimizers:
+                settings = spec.settings_for(optimizer)
+                for lr in _learning_rates(spec, optimizer):
+                    config = RunConfig(
+                        task=spec.task,
+                        task_options=dict(spec.task_options),
+                        optimizer=optimizer,
+                        optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
+                        lr=lr,
+                        base_batch_size=spec.base_batch_size,
+                        batch_size=batch_size,
+                        accumulation_steps=spec.accumulation_steps,
+                        scaling=settings["scaling"],
+                        warmup_steps=settings["warmup_steps"],
+                        warmup_epochs=settings["warmup_epochs"],
+                        schedule=settings["schedule"] or RunConfig.schedule,
+                        epochs=spec.epochs,
+                        steps=spec.steps,
+                        target=spec.target,
+                        stop_at_target=spec.stop_at_target,
+                        seed=seed,
+                        device=spec.device,
+                        bf16=spec.bf16,
+                        nproc=spec.nproc,
+                    )
+                    every = eval_every(config)
+                    config = replace(
+                        config, eval_every=every, checkpoint_every=spec.checkpoint_every or every
+                    )
+                    identifier = cell_id(config)
+                    cells.append(
+                        Cell(identifier, replace(config, out_dir=str(runs_dir / identifier)))
+                    )
+    return cells

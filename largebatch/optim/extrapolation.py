@@ -1,0 +1,325 @@
+"""Extrapolated gradient steps: take the gradient at ``w + u``, update from ``w``.
+
+One wrapper covers the "extrapolated SGD" framework of Lin, Kong, Stich and Jaggi
+(ICML 2020, EXTRAP-SGD) and sharpness-aware minimisation (Foret et al. 2021), which
+is the same machinery with an ascent step. At the iterate ``w_t`` each step
+
+1. forms the extrapolated point ``w~ = w_t + u_t``,
+2. evaluates the gradient there through the closure,
+3. returns to ``w_t`` and applies the base optimizer's update with that gradient.
+
+``u_t`` per variant (``lr_t`` is the group's scheduled learning rate):
+
+- ``extragradient`` (EXTRAP-SGD): ``u = -lr_t * ratio * g(w_t)``, ``g(w_t)`` from the
+  step's mini-batch; the closure evaluates ``w~`` on a fresh mini-batch.
+- ``past`` (extrapolation from the past, Popov 1980): ``u = -lr_t * ratio * g(w~_{t-1})``,
+  the previous step's gradient; one gradient evaluation per step.
+- ``noise`` (perturbed SGD): ``u ~ N(0, noise_std^2 I)``; one evaluation per step.
+- ``sam``: ``u = rho * g / ||g||`` on the same mini-batch; with ``adaptive`` (ASAM,
+  Kwon et al. 2021) ``u = rho * T^2 g / ||T g||`` with ``T = |w| + adaptive_eta``.
+
+Outside ``step`` the parameters always hold ``w_t``, so evaluation and checkpoints see
+the iterate, never ``w~``. After ``step`` each ``p.grad`` holds the gradient at ``w~``
+(the one the base optimizer used). How a training loop must drive ``step`` is in
+:attr:`Extrapolation.step_protocol` (see :mod:`largebatch.optim.protocol`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from largebatch.optim.protocol import StepProtocol
+from largebatch.optim.trust_ratio import norms
+
+STEP_PROTOCOLS: dict[str, StepProtocol] = {
+    # g(w_t) from the loop (local under DDP: it only steers this rank's w~),
+    # then one closure call on a fresh mini-batch, averaged across ranks.
+    "extragradient": StepProtocol(
+        gradient_before_step=True, closure="fresh", local_first_gradient=True
+    ),
+    # One closure call at w~ on the step's mini-batch; params stay at w_t between steps.
+    "past": StepProtocol(gradient_before_step=False, closure="same"),
+    "noise": StepProtocol(gradient_before_step=False, closure="same"),
+    # g(w_t) from the loop (local under DDP, as in SAM's m-sharpness), closure on the same batch.
+    "sam": StepProtocol(gradient_before_step=True, closure="same", local_first_gradient=True),
+}
+VARIANTS = tuple(STEP_PROTOCOLS)
+
+# Constructor argument -> (param-group key, default, variants it applies to).
+# The keys are prefixed so they never collide with a base optimizer's (Adadelta's ``rho``).
+_HYPERPARAMETERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
+    "ratio": ("extrap_ratio", 1.0, ("extragradient", "past")),
+    "noise_std": ("extrap_noise_std", 0.01, ("noise",)),
+    "rho": ("extrap_rho", 0.05, ("sam",)),
+    "adaptive": ("extrap_adaptive", False, ("sam",)),
+    "adaptive_eta": ("extrap_adaptive_eta", 0.01, ("sam",)),
+}
+
+_SAM_NORM_EPS = 1e-12  # keeps u finite when the gradient is exactly zero
+
+
+class Extrapolation(Optimizer):
+    """Evaluate the gradient at an extrapolated point, then step the base optimizer from ``w_t``.
+
+    Args:
+        base_optimizer: any ``torch.optim.Optimizer`` (SGD with Nesterov momentum in the
+            paper; LARS and LAMB work too). The wrapper shares its parameter group
+            dicts, so an LR scheduler on either object drives both.
+        variant: ``"extragradient"`` (default), ``"past"``, ``"noise"`` or ``"sam"``.
+        ratio: extrapolation step over the scheduled learning rate (``extragradient``,
+            ``past``; default 1). The extrapolation uses the raw gradient, not the base's
+            momentum, weight decay or trust ratio.
+        noise_std: standard deviation of the Gaussian ``u`` (``noise``; default 0.01).
+        rho: radius of the ascent step (``sam``; default 0.05).
+        adaptive: ASAM's per-parameter scaling (``sam``; default False).
+        adaptive_eta: ASAM's ``eta`` in ``T = |w| + eta`` (``sam``; default 0.01).
+        noise_seed: seeds a private generator for ``noise`` (saved in ``state_dict``);
+            ``None`` draws from torch's default generator.
+
+    A hyperparameter given for a variant that does not use it raises ``ValueError``.
+    The variant's hyperparameters live in every param group under ``extrap_*`` keys
+    (``extrap_ratio``, ``extrap_noise_std``, ``extrap_rho``, ...), so they can be set
+    per group or scheduled.
+
+    ``gradient_evaluations`` counts forward/backward passes over a step's batch: the
+    loop's pre-step gradient (when the protocol asks for one) plus each closure call.
+    """
+
+    def __init__(
+        self,
+        base_optimizer: Optimizer,
+        variant: str = "extragradient",
+        ratio: float | None = None,
+        noise_std: float | None = None,
+        rho: float | None = None,
+        adaptive: bool | None = None,
+        adaptive_eta: float | None = None,
+        noise_seed: int | None = None,
+    ) -> None:
+        if not isinstance(base_optimizer, Optimizer):
+            raise TypeError(
+                f"Invalid base optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer"
+            )
+        if variant not in STEP_PROTOCOLS:
+            raise ValueError(
+                f"Invalid extrapolation variant: {variant!r}; expected one of {VARIANTS}"
+            )
+        given = {
+            "ratio": ratio,
+            "noise_std": noise_std,
+            "rho": rho,
+            "adaptive": adaptive,
+            "adaptive_eta": adaptive_eta,
+        }
+        defaults = {}
+        for name, value in given.items():
+            key, default, variants = _HYPERPARAMETERS[name]
+            if variant not in variants:
+                if value is not None:
+                    raise ValueError(
+                        f"Invalid {name}={value!r}: variant {variant!r} does not use it"
+                    )
+                continue
+            defaults[key] = default if value is None else value
+        _validate(defaults)
+        if noise_seed is not None and (variant != "noise" or not isinstance(noise_seed, int)):
+            raise ValueError(
+                f"Invalid noise_seed: {noise_seed!r}; an int, for variant 'noise' only"
+            )
+
+        self.base_optimizer = base_optimizer
+        self.variant = variant
+        self.step_protocol = STEP_PROTOCOLS[variant]
+        self.gradient_evaluations = 0
+        self._anchors: dict[Tensor, Tensor] = {}
+        # Shares the base's group dicts (not its list, see add_param_group).
+        super().__init__(base_optimizer.param_groups, defaults)
+        self._noise_generator = None
+        if noise_seed is not None:
+            device = self.param_groups[0]["params"][0].device
+            self._noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base optimizer (unless it is one of its groups already) and here."""
+        _validate({**self.defaults, **param_group})
+        if not any(param_group is group for group in self.base_optimizer.param_groups):
+            self.base_optimizer.add_param_group(param_group)
+            param_group = self.base_optimizer.param_groups[-1]
+        super().add_param_group(param_group)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Reset the gradients (delegates to the base optimizer)."""
+        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+
+    @torch.no_grad()
+    def step(self, closure: Callable[[], Any] | None = None) -> Any:
+        """One extrapolated step; returns the closure's loss at ``w~``.
+
+        ``closure`` computes the loss and its gradients at the current parameters
+        (``loss.backward()``) and returns the loss. It is called once, at ``w~``, with the
+        gradients already cleared, so a closure that accumulates micro-batches works.
+        """
+        if closure is None:
+            raise ValueError(
+                f"Extrapolation (variant {self.variant!r}) needs step(closure): the closure "
+                "re-computes the loss and gradients at the current parameters"
+            )
+        if self.step_protocol.gradient_before_step:
+            if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+                raise RuntimeError(
+                    f"Extrapolation (variant {self.variant!r}) extrapolates along the gradient "
+                    "at the current parameters: call loss.backward() before step(closure)"
+                )
+            self.gradient_evaluations += 1
+
+        moved = getattr(self, f"_extrapolate_{self.variant}")()
+        self.zero_grad()
+        with torch.enable_grad():
+            loss = closure()
+        self.gradient_evaluations += 1
+        if moved:
+            torch._foreach_copy_(moved, [self._anchors[p] for p in moved])
+
+        if self.variant == "past":
+            self._remember_gradients()
+        self.base_optimizer.step()
+        return loss
+
+    # --- u_t per variant: each moves params to w~ and returns the moved params ----------
+
+    def _extrapolate_extragradient(self) -> list[Tensor]:
+        return self._move_along(lambda p: p.grad)
+
+    def _extrapolate_past(self) -> list[Tensor]:
+        return self._move_along(lambda p: self.state.get(p, {}).get("previous_grad"))
+
+    def _move_along(self, direction_of: Callable[[Tensor], Tensor | None]) -> list[Tensor]:
+        """``w~ = w - lr * ratio * d`` per group, for params whose direction ``d`` exists."""
+        moved = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if direction_of(p) is not None]
+            if params:
+                self._save_anchors(params)
+                directions = [direction_of(p) for p in params]
+                torch._foreach_add_(params, directions, alpha=-group["lr"] * group["extrap_ratio"])
+                moved += params
+        return moved
+
+    def _extrapolate_noise(self) -> list[Tensor]:
+        moved = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.requires_grad]
+            if not params:
+                continue
+            self._save_anchors(params)
+            noise = [
+                torch.randn(
+                    p.shape, generator=self._noise_generator, device=p.device, dtype=p.dtype
+                )
+                for p in params
+            ]
+            torch._foreach_add_(params, noise, alpha=group["extrap_noise_std"])
+            moved += params
+        return moved
+
+    def _extrapolate_sam(self) -> list[Tensor]:
+        """``u = rho * T^2 g / ||T g||`` with ``T = 1`` (SAM) or ``|w| + eta`` (ASAM), one global norm."""
+        perturbed = []
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            scales = None
+            if group["extrap_adaptive"]:
+                scales = torch._foreach_abs(params)
+                torch._foreach_add_(scales, group["extrap_adaptive_eta"])
+                grads = torch._foreach_mul(grads, scales)
+            perturbed.append((group, params, grads, scales))
+        device = perturbed[0][1][0].device
+        scaled_grad_norm = torch.linalg.vector_norm(
+            torch.cat([norms(grads).to(device) for _, _, grads, _ in perturbed])
+        )
+        moved = []
+        for group, params, grads, scales in perturbed:
+            self._save_anchors(params)
+            step = torch._foreach_div(grads, scaled_grad_norm + _SAM_NORM_EPS)
+            if scales is not None:
+                torch._foreach_mul_(step, scales)
+            torch._foreach_add_(params, step, alpha=group["extrap_rho"])
+            moved += params
+        return moved
+
+    # --- buffers ----------------------------------------------------------------------
+
+    def _save_anchors(self, params: list[Tensor]) -> None:
+        """Copy ``w_t`` into persistent per-parameter buffers (allocated once)."""
+        for p in params:
+            if p not in self._anchors:
+                self._anchors[p] = torch.empty_like(p)
+        torch._foreach_copy_([self._anchors[p] for p in params], params)
+
+    def _remember_gradients(self) -> None:
+        """``past``: keep the gradient at ``w~`` for the next step's extrapolation."""
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        for p in params:
+            if "previous_grad" not in self.state[p]:
+                self.state[p]["previous_grad"] = torch.empty_like(p)
+        if params:
+            torch._foreach_copy_(
+                [self.state[p]["previous_grad"] for p in params], [p.grad for p in params]
+            )
+
+    # --- checkpointing ----------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """The wrapper's state and groups, the base's under ``base_optimizer``, and counters."""
+        state_dict = super().state_dict()
+        state_dict["base_optimizer"] = self.base_optimizer.state_dict()
+        generator = self._noise_generator
+        state_dict["extrapolation"] = {
+            "variant": self.variant,
+            "gradient_evaluations": self.gradient_evaluations,
+            "noise_generator": None if generator is None else generator.get_state(),
+        }
+        return state_dict
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Restore what :meth:`state_dict` saved; the group dicts stay shared with the base."""
+        own = dict(state_dict)
+        if "base_optimizer" not in own or "extrapolation" not in own:
+            raise ValueError(
+                "Invalid state_dict: no 'base_optimizer'/'extrapolation' entries "
+                "(it was not saved by Extrapolation)"
+            )
+        extra = own.pop("extrapolation")
+        if extra["variant"] != self.variant:
+            raise ValueError(
+                f"Invalid state_dict: saved by variant {extra['variant']!r}, "
+                f"loading into variant {self.variant!r}"
+            )
+        self.base_optimizer.load_state_dict(own.pop("base_optimizer"))
+        super().load_state_dict(own)
+        self.param_groups = list(self.base_optimizer.param_groups)
+        self.gradient_evaluations = extra["gradient_evaluations"]
+        if self._noise_generator is not None and extra["noise_generator"] is not None:
+            self._noise_generator.set_state(extra["noise_generator"])
+
+
+def _validate(group_defaults: dict[str, Any]) -> None:
+    """``ValueError`` naming the first invalid hyperparameter."""
+    for key in ("extrap_ratio", "extrap_noise_std", "extrap_rho", "extrap_adaptive_eta"):
+        value = group_defaults.get(key)
+        if value is not None and not (
+            isinstance(value, int | float) and 0.0 <= value < float("inf")
+        ):
+            name = key.removeprefix("extrap_")
+            raise ValueError(f"Invalid {name}: {value!r}; must be a finite number >= 0")
+    adaptive = group_defaults.get("extrap_adaptive")
+    if adaptive is not None and not isinstance(adaptive, bool):
+        raise ValueError(f"Invalid adaptive: {adaptive!r}; must be True or False")

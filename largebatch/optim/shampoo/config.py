@@ -1,0 +1,207 @@
+"""Typed, frozen configuration of :class:`~largebatch.optim.shampoo.optimizer.Shampoo`.
+
+Each dataclass validates itself at construction, so a bad value fails where it is
+written, with a ``ValueError`` that names it. Scalar hyperparameters (learning rate,
+betas, block size, frequencies) are plain keyword arguments of the optimizer; the
+dataclasses group the settings of its two pluggable parts: the grafted optimizer that
+sets each block's step size, and the inverse-root computation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# --- grafting: the optimizer whose per-block step norm Shampoo's direction inherits ---
+
+
+@dataclass(frozen=True)
+class AdamGraftingConfig:
+    """Adam's step (bias-corrected second moment EMA); the default, so Shampoo drops into AdamW recipes."""
+
+    beta2: float = 0.999
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
+        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class AdaGradGraftingConfig:
+    """AdaGrad's step (running sum of squared gradients), the paper's choice."""
+
+    epsilon: float = 1e-10
+
+    def __post_init__(self) -> None:
+        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class RMSpropGraftingConfig:
+    """RMSprop's step (second moment EMA without bias correction)."""
+
+    beta2: float = 0.99
+    epsilon: float = 1e-8
+
+    def __post_init__(self) -> None:
+        _check(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
+        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class SGDGraftingConfig:
+    """SGD's step: the (momentum) gradient itself."""
+
+
+GraftingConfig = (
+    AdamGraftingConfig | AdaGradGraftingConfig | RMSpropGraftingConfig | SGDGraftingConfig
+)
+GRAFTING_CONFIGS: dict[str, type] = {
+    "adam": AdamGraftingConfig,
+    "adagrad": AdaGradGraftingConfig,
+    "rmsprop": RMSpropGraftingConfig,
+    "sgd": SGDGraftingConfig,
+}
+
+
+def grafting_config(value: GraftingConfig | str) -> GraftingConfig:
+    """A grafting config, or the default one for a name (``"adam"``, ``"sgd"``, ...)."""
+    if isinstance(value, str):
+        _check(
+            value in GRAFTING_CONFIGS,
+            f"Invalid grafting: {value!r}; valid names: {', '.join(GRAFTING_CONFIGS)}",
+        )
+        return GRAFTING_CONFIGS[value]()
+    _check(isinstance(value, tuple(GRAFTING_CONFIGS.values())), f"Invalid grafting: {value!r}")
+    return value
+
+
+# --- inverse roots -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EighConfig:
+    """Inverse roots by symmetric eigendecomposition, the robust default.
+
+    Attributes:
+        residual_tolerance: largest accepted backward error ``||A V - V diag(w)||_F / ||A||_F``
+            of the decomposition; above it the root is rejected.
+        retry_in_float64: redo a failed decomposition once in float64.
+    """
+
+    residual_tolerance: float = 1e-3
+    retry_in_float64: bool = True
+
+    def __post_init__(self) -> None:
+        _check(
+            self.residual_tolerance > 0.0,
+            f"Invalid eigh residual_tolerance: {self.residual_tolerance}",
+        )
+
+
+@dataclass(frozen=True)
+class CoupledNewtonConfig:
+    """Inverse roots by the coupled Newton iteration (Guo & Higham 2006), matrix products only.
+
+    Attributes:
+        max_iterations: iteration cap.
+        tolerance: stop once ``max |M - I| <= tolerance``.
+        max_error_ratio: stop, keeping the previous iterate, when the error grows by more
+            than this factor in one iteration.
+        failure_threshold: reject the root when the final ``max |M - I|`` is above this
+            (0.1 in the paper's code).
+        power_iterations: power-iteration steps estimating ``lambda_max`` for the ridge.
+    """
+
+    max_iterations: int = 100
+    tolerance: float = 1e-6
+    max_error_ratio: float = 1.2
+    failure_threshold: float = 0.1
+    power_iterations: int = 20
+
+    def __post_init__(self) -> None:
+        _check(self.max_iterations >= 1, f"Invalid max_iterations: {self.max_iterations}")
+        _check(self.tolerance >= 0.0, f"Invalid Newton tolerance: {self.tolerance}")
+        _check(self.max_error_ratio >= 1.0, f"Invalid max_error_ratio: {self.max_error_ratio}")
+        _check(self.failure_threshold > 0.0, f"Invalid failure_threshold: {self.failure_threshold}")
+        _check(self.power_iterations >= 1, f"Invalid power_iterations: {self.power_iterations}")
+
+
+ROOT_METHODS: dict[str, type] = {"eigh": EighConfig, "coupled_newton": CoupledNewtonConfig}
+
+
+@dataclass(frozen=True)
+class RootConfig:
+    """How inverse roots ``(A + ridge I)^(-1/p)`` are computed and when failures become errors.
+
+    Attributes:
+        method: :class:`EighConfig` or :class:`CoupledNewtonConfig`.
+        compute_dtype: precision of the root computation (float32 or float64); results
+            are stored in the statistics' dtype.
+        relative_epsilon: ridge as a fraction of ``lambda_max(A)``: bounds the condition
+            number near ``1 / relative_epsilon``, about what float32 can invert.
+        max_consecutive_failures: a block whose root failed more often than this in a row
+            raises :class:`RootComputationError`.
+    """
+
+    method: EighConfig | CoupledNewtonConfig = EighConfig()
+    compute_dtype: torch.dtype = torch.float32
+    relative_epsilon: float = 1e-6
+    max_consecutive_failures: int = 3
+
+    def __post_init__(self) -> None:
+        _check(
+            isinstance(self.method, tuple(ROOT_METHODS.values())),
+            f"Invalid root method: {self.method!r}",
+        )
+        _check(
+            self.compute_dtype in (torch.float32, torch.float64),
+            f"Invalid root compute_dtype: {self.compute_dtype}",
+        )
+        _check(self.relative_epsilon >= 0.0, f"Invalid relative_epsilon: {self.relative_epsilon}")
+        _check(
+            self.max_consecutive_failures >= 0,
+            f"Invalid max_consecutive_failures: {self.max_consecutive_failures}",
+        )
+
+
+def root_config(value: RootConfig | str) -> RootConfig:
+    """A root config, or the default one for a method name (``"eigh"``, ``"coupled_newton"``)."""
+    if isinstance(value, str):
+        _check(
+            value in ROOT_METHODS,
+            f"Invalid root method: {value!r}; valid names: {', '.join(ROOT_METHODS)}",
+        )
+        return RootConfig(method=ROOT_METHODS[value]())
+    _check(isinstance(value, RootConfig), f"Invalid roots config: {value!r}")
+    return value
+
+
+# --- data parallelism ----------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """Share root computations across the ranks of a process group.
+
+    Attributes:
+        process_group: the ``torch.distributed`` group; ``None`` means the default group.
+    """
+
+    process_group: Any = None
+
+
+# Configs are stored in param_groups, so optimizer checkpoints contain them; let
+# ``torch.load(weights_only=True)`` (the default) rebuild them.
+torch.serialization.add_safe_globals(
+    [*GRAFTING_CONFIGS.values(), *ROOT_METHODS.values(), RootConfig]
+)

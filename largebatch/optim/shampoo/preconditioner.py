@@ -1,0 +1,119 @@
+"""Kronecker-factored statistics and preconditioning for a stack of same-shape blocks.
+
+Blocks of one parameter group that share a shape are stacked into a :class:`KroneckerBucket`,
+so each step issues one batched matrix product per tensor dimension instead of one per
+block. For an order-k block ``G`` the statistic of dimension ``d`` accumulates the mode-d
+unfolding ``G_(d) G_(d)^T``; the preconditioned direction multiplies each mode by its
+factor's inverse root ``S_d^(-1/(2k))`` (``L^(-1/4) G R^(-1/4)`` for a matrix).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from largebatch.optim.shampoo.blocking import Block
+
+
+def unfold(stacked: Tensor, dim: int) -> Tensor:
+    """Mode-``dim`` unfolding of a ``(B, n_1, ..., n_k)`` stack: ``(B, n_dim, prod(others))``."""
+    moved = stacked.movedim(dim + 1, 1)
+    return moved.reshape(moved.shape[0], moved.shape[1], -1)
+
+
+def accumulate_statistics(factors: list[Tensor], grads: Tensor, beta2: float) -> None:
+    """``S_d <- beta2 S_d + (1 - beta2) G_(d) G_(d)^T`` (a plain sum when ``beta2 == 1``)."""
+    grads = grads.to(factors[0].dtype)
+    weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
+    for dim, factor in enumerate(factors):
+        unfolded = unfold(grads, dim)
+        factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
+
+
+def precondition(roots: list[Tensor], stacked: Tensor) -> Tensor:
+    """Multiply every mode of each block by its root: ``stacked x_1 R_1 x_2 R_2 ... x_k R_k``.
+
+    Each pass applies the root of the leading block dimension and rotates that dimension
+    to the end, so after k passes the dimensions are back in order.
+    """
+    result = stacked.to(roots[0].dtype)
+    batch = result.shape[0]
+    for root in roots:
+        shape = result.shape[1:]
+        product = root @ result.reshape(batch, shape[0], -1)
+        result = product.reshape(batch, *shape).movedim(1, -1)
+    return result.to(stacked.dtype)
+
+
+@dataclass(frozen=True)
+class BucketMember:
+    """Where a bucket's slot ``i`` comes from: parameter ``param_index`` of the group, its block."""
+
+    param_index: int
+    block_index: int
+    block: Block
+
+
+class KroneckerBucket:
+    """State of a stack of same-shape blocks: statistics, roots, momentum, grafting, root health.
+
+    Every buffer has the member index as its leading dimension; :meth:`member_state`
+    returns per-member views, which the optimizer exposes as per-parameter state.
+    """
+
+    def __init__(
+        self,
+        shape: tuple[int, ...],
+        members: list[BucketMember],
+        *,
+        device: torch.device,
+        param_dtype: torch.dtype,
+        factor_dtype: torch.dtype,
+        epsilon: float,
+        graft_keys: tuple[str, ...],
+        keep_snapshot: bool,
+    ) -> None:
+        self.shape = shape
+        self.members = members
+        count = len(members)
+        order = len(shape)
+        self.exponent = 2 * order
+        self.factors = [
+            epsilon * torch.eye(n, dtype=factor_dtype, device=device).repeat(count, 1, 1)
+            for n in shape
+        ]
+        self.roots = [
+            torch.eye(n, dtype=factor_dtype, device=device).repeat(count, 1, 1) for n in shape
+        ]
+        self.snapshots = [f.clone() for f in self.factors] if keep_snapshot else []
+        self.momentum = torch.zeros(count, *shape, dtype=param_dtype, device=device)
+        self.graft_state = {
+            key: torch.zeros(count, *shape, dtype=param_dtype, device=device) for key in graft_keys
+        }
+        # Root health lives on the CPU: read only when roots are installed.
+        self.residuals = torch.zeros(count, order, dtype=torch.float64)
+        self.consecutive_failures = torch.zeros(count, order, dtype=torch.int64)
+        self.total_failures = torch.zeros(count, order, dtype=torch.int64)
+        # Per dimension: chunks of slots whose roots one rank computes together, and that rank.
+        self.root_chunks: list[list[tuple[range, int]]] = [[] for _ in shape]
+
+    def owner(self, dim: int, slot: int) -> int:
+        """The rank computing the root of factor ``dim`` of slot ``slot``."""
+        return next(owner for slots, owner in self.root_chunks[dim] if slot in slots)
+
+    def member_state(self, slot: int) -> dict[str, Tensor]:
+        """Views of slot ``slot``'s buffers, keyed as in the optimizer's per-parameter state."""
+        prefix = f"block_{self.members[slot].block_index}."
+        views = {prefix + "momentum": self.momentum[slot]}
+        views.update({prefix + key: value[slot] for key, value in self.graft_state.items()})
+        for dim in range(len(self.shape)):
+            views[f"{prefix}factor_{dim}"] = self.factors[dim][slot]
+            views[f"{prefix}root_{dim}"] = self.roots[dim][slot]
+            if self.snapshots:
+                views[f"{prefix}snapshot_{dim}"] = self.snapshots[dim][slot]
+        views[prefix + "root_residual"] = self.residuals[slot]
+        views[prefix + "root_consecutive_failures"] = self.consecutive_failures[slot]
+        views[prefix + "root_total_failures"] = self.total_failures[slot]
+        return views

@@ -1,0 +1,391 @@
+"""The training loop: ``train(config) -> RunResult``.
+
+Read :func:`train` top to bottom: set-up, data, model, optimizer and schedule,
+resume, then the loop (one global batch per optimizer step, driven by the
+optimizer's step protocol), evaluation, target, checkpoint and result. Under
+torchrun every process runs this same code (see ``distributed.py``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from functools import partial
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DistributedSampler
+from tqdm import tqdm
+
+from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
+from largebatch.tasks import get_task
+from largebatch.tasks.base import Task
+from largebatch.train import distributed
+from largebatch.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from largebatch.train.config import RunConfig, RunResult
+from largebatch.train.data import Batch, BatchStream, shard_batches
+from largebatch.train.distributed import Distributed
+from largebatch.train.plan import RunPlan, plan_run, validate
+from largebatch.train.run_dir import RunDirectory
+from largebatch.train.schedules import build_scheduler
+
+
+@dataclass
+class Progress:
+    """How far a run has got; with model, optimizer and schedule, all a checkpoint holds.
+
+    ``batches_drawn`` counts global batches read from the data (more than ``step``
+    for optimizers whose closure wants fresh batches); ``loss_sum``/``loss_count``
+    accumulate training losses since the last evaluation.
+    """
+
+    step: int = 0
+    batches_drawn: int = 0
+    gradient_evaluations: int = 0
+    elapsed: float = 0.0
+    loss_sum: float = 0.0
+    loss_count: int = 0
+    last_eval_step: int | None = None
+    last_eval: dict[str, dict[str, float]] = field(default_factory=dict)
+    best: dict[str, float] = field(default_factory=dict)
+    steps_to_target: int | None = None
+    examples_to_target: int | None = None
+
+
+def train(config: RunConfig, task: Task | None = None) -> RunResult:
+    """Train as ``config`` says and return the outcome (also written to ``result.json``).
+
+    ``task`` replaces ``config.task`` by a :class:`Task` built in code. A bad
+    config raises ``ValueError`` before training starts; once training runs, a
+    non-finite loss ends it as "diverged" and an exception as "failed", both
+    returned rather than raised.
+    """
+    ddp = distributed.setup(config.device)
+    try:
+        validate(config)
+        distributed.barrier(ddp)  # every process checks the directory before rank 0 writes
+        return _train(config, task, ddp)
+    finally:
+        distributed.teardown(ddp)
+
+
+def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
+    # --- set-up: task, plan, run directory, seeds ------------------------------------
+    task = task if task is not None else get_task(config.task, **config.task_options)
+    plan = plan_run(config, task, ddp.world_size)
+    run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
+    run_dir.write_config(config, plan)
+    seed_everything(config.seed)
+    autocast = (
+        partial(torch.autocast, ddp.device.type, torch.bfloat16)
+        if config.bf16
+        else contextlib.nullcontext
+    )
+
+    # --- data: one seeded permutation per epoch, each process reads its shard ---------
+    sampler = DistributedSampler(
+        task.train, ddp.world_size, ddp.rank, shuffle=True, seed=config.seed, drop_last=True
+    )
+    stream = BatchStream(
+        task.train, sampler, plan.micro_batch_size, config.accumulation_steps, ddp.device
+    )
+
+    # --- model, optimizer, learning-rate schedule ---------------------------------------
+    model = task.build_model().to(ddp.device)
+    ddp_model = distributed.wrap(model, ddp)
+    optimizer = create_optimizer(config.optimizer, model, lr=plan.lr, **config.optimizer_options)
+    scheduler = build_scheduler(optimizer, plan.schedule)
+    protocol = step_protocol_of(optimizer)
+    if not protocol.gradient_before_step and protocol.closure is None:
+        raise ValueError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
+
+    # --- resume: the newest usable checkpoint, if any -----------------------------------
+    progress = Progress()
+    found = load_latest(run_dir.checkpoints, rename_corrupt=ddp.is_main) if config.resume else None
+    if found is not None:
+        checkpoint, _ = found
+        model.load_state_dict(checkpoint["model"])
+        optimizer.load_state_dict(checkpoint["optimizer"])
+        scheduler.load_state_dict(checkpoint["scheduler"])
+        progress = Progress(**checkpoint["progress"])
+        set_rng_state(checkpoint["rng"][ddp.rank])
+        stream.position = progress.batches_drawn
+    saved_step = progress.step if found is not None else None
+    run_dir.open_metrics(metric_columns(task), resume_step=saved_step)
+    clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
+
+    def checkpoint() -> None:
+        progress.elapsed = time.perf_counter() - clock_start
+        state = {
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "progress": asdict(progress),
+            "rng": distributed.gather_objects(rng_state(), ddp),
+        }
+        if ddp.is_main:
+            save_checkpoint(run_dir.checkpoints, progress.step, state)
+
+    def evaluate_and_log() -> bool:
+        """Evaluate, log a row; False if the training loss is no longer finite."""
+        metrics = evaluate(model, task, plan.eval_batch_size, ddp, autocast)
+        progress.elapsed = time.perf_counter() - clock_start
+        record_evaluation(progress, metrics, plan, config.batch_size)
+        run_dir.log(metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan, config))
+        progress.loss_sum, progress.loss_count = 0.0, 0
+        return math.isfinite(metrics["train"]["loss"])
+
+    # --- the loop: one global batch per optimizer step ------------------------------------
+    bar = tqdm(
+        total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+        disable=not (config.progress and ddp.is_main),
+    )  # fmt: skip
+    status, error = "done", None
+    try:
+        if progress.last_eval_step is None and not evaluate_and_log():
+            status = "diverged"
+        while (
+            status == "done" and progress.step < plan.total_steps and not stop_now(progress, config)
+        ):
+            loss, evaluations = optimizer_step(
+                ddp_model, optimizer, protocol, stream, task.loss_fn, autocast
+            )
+            scheduler.step()
+            progress.step += 1
+            progress.batches_drawn = stream.position
+            progress.gradient_evaluations += evaluations
+            loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
+            if not math.isfinite(loss_value):
+                status = "diverged"
+                break
+            progress.loss_sum += loss_value
+            progress.loss_count += 1
+            bar.update()
+            if not bar.disable:
+                bar.set_postfix(progress_postfix(progress), refresh=False)
+            evaluation_due = progress.step % plan.eval_every == 0
+            if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
+                status = "diverged"
+                break
+            if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+                checkpoint()
+                saved_step = progress.step
+        if status == "done" and saved_step != progress.step:
+            checkpoint()
+    except Exception as exception:  # a failed run is a result, not a crash
+        status, error = "failed", f"{type(exception).__name__}: {exception}"
+    finally:
+        bar.close()
+    progress.elapsed = time.perf_counter() - clock_start
+
+    result = make_result(status, error, progress, plan, config)
+    run_dir.write_result(result)
+    run_dir.close()
+    return result
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, NumPy and torch (all devices) identically on every process."""
+    random.seed(seed)
+    np.random.seed(seed)  # noqa: NPY002 (the global generator user code draws from)
+    torch.manual_seed(seed)
+
+
+def forward_backward(
+    model: nn.Module,
+    micro_batches: list[Batch],
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    autocast: Callable,
+    sync: bool = True,
+) -> torch.Tensor:
+    """Accumulate in ``.grad`` the gradient of the mean loss over ``micro_batches``.
+
+    Each micro-batch's loss is divided by their number, so the sum of their
+    gradients is the gradient of the global batch. Under DDP, gradients are
+    averaged across processes on the last micro-batch only, and not at all
+    unless ``sync``. Returns this process's mean loss.
+    """
+    count = len(micro_batches)
+    total = None
+    for i, (inputs, targets) in enumerate(micro_batches):
+        with distributed.no_sync(model, skip_sync=not (sync and i == count - 1)):
+            with autocast():
+                loss = loss_fn(model(inputs), targets)
+                if count > 1:
+                    loss = loss / count
+            loss.backward()
+        total = loss.detach() if total is None else total + loss.detach()
+    return total
+
+
+def optimizer_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    protocol: StepProtocol,
+    stream: BatchStream,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
+    autocast: Callable,
+) -> tuple[torch.Tensor, int]:
+    """One update from the next global batch, as the optimizer's protocol asks.
+
+    Standard optimizers: gradient, then ``step()``. Closure optimizers also get
+    ``step(closure)``, the closure recomputing the gradient on the same batch or
+    on a fresh one. Returns the loss at the current parameters and the number of
+    gradient evaluations (forward/backward passes over a global batch).
+    """
+    micro_batches = stream.next()
+    evaluations = 0
+    loss = None
+    optimizer.zero_grad(set_to_none=True)
+    if protocol.gradient_before_step:
+        loss = forward_backward(
+            model, micro_batches, loss_fn, autocast, sync=not protocol.local_first_gradient
+        )
+        evaluations += 1
+    if protocol.closure is None:
+        optimizer.step()
+        return loss, evaluations
+
+    def closure() -> torch.Tensor:
+        nonlocal evaluations
+        evaluations += 1
+        optimizer.zero_grad(set_to_none=True)
+        batches = micro_batches if protocol.closure == "same" else stream.next()
+        return forward_backward(model, batches, loss_fn, autocast)
+
+    closure_loss = optimizer.step(closure)
+    return (loss if loss is not None else torch.as_tensor(closure_loss)), evaluations
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module, task: Task, batch_size: int, ddp: Distributed, autocast: Callable
+) -> dict[str, dict[str, float]]:
+    """Loss and metrics of ``model`` on every split: ``{"train": {"loss": ..}, ..}``.
+
+    Each process evaluates every ``world_size``-th example; sums are all-reduced.
+    """
+    model.eval()
+    splits = {"train": task.train, "val": task.val, "test": task.test}
+    results = {}
+    for split, dataset in splits.items():
+        if dataset is None:
+            continue
+        sums = torch.zeros(2 + len(task.metrics), dtype=torch.float64, device=ddp.device)
+        for inputs, targets in shard_batches(
+            dataset, batch_size, ddp.rank, ddp.world_size, ddp.device
+        ):
+            with autocast():
+                outputs = model(inputs)
+                loss = task.loss_fn(outputs, targets)
+            values = [loss * len(targets), torch.tensor(len(targets), device=ddp.device)]
+            values += [metric(outputs, targets).sum() for metric in task.metrics.values()]
+            sums += torch.stack([v.double() for v in values])
+        total_loss, count, *metric_sums = distributed.all_reduce_sum(sums, ddp).tolist()
+        results[split] = {"loss": total_loss / count}
+        results[split].update(zip(task.metrics, (s / count for s in metric_sums)))
+    model.train()
+    return results
+
+
+def record_evaluation(
+    progress: Progress, metrics: dict[str, dict[str, float]], plan: RunPlan, batch_size: int
+) -> None:
+    """Keep the latest and best values, and note when the target is first reached."""
+    progress.last_eval_step = progress.step
+    progress.last_eval = metrics
+    for split, values in metrics.items():
+        for name, value in values.items():
+            key = f"{split}_{name}"
+            better = min if name == "loss" else max
+            progress.best[key] = better(progress.best.get(key, value), value)
+    target = plan.target
+    if target is not None and progress.steps_to_target is None and target.reached(metrics):
+        progress.steps_to_target = progress.step
+        progress.examples_to_target = progress.batches_drawn * batch_size
+
+
+def stop_now(progress: Progress, config: RunConfig) -> bool:
+    """Stop early once the target is reached, if asked to."""
+    return config.stop_at_target and progress.steps_to_target is not None
+
+
+def metric_columns(task: Task) -> list[str]:
+    """The columns of ``metrics.csv``."""
+    splits = ["train"] + (["val"] if task.val is not None else []) + ["test"]
+    names = ["loss", *task.metrics]
+    return [
+        "step", "epoch", "examples", "gradient_evaluations", "lr", "time", "batch_loss",
+        *(f"{split}_{name}" for split in splits for name in names),
+    ]  # fmt: skip
+
+
+def metrics_row(
+    progress: Progress,
+    metrics: dict[str, dict[str, float]],
+    lr: float,
+    plan: RunPlan,
+    config: RunConfig,
+) -> dict[str, float]:
+    """One ``metrics.csv`` row for the evaluation just done."""
+    row = {
+        "step": progress.step,
+        "epoch": progress.batches_drawn / plan.steps_per_epoch,
+        "examples": progress.batches_drawn * config.batch_size,
+        "gradient_evaluations": progress.gradient_evaluations,
+        "lr": lr,
+        "time": progress.elapsed,
+        "batch_loss": progress.loss_sum / progress.loss_count if progress.loss_count else "",
+    }
+    for split, values in metrics.items():
+        row.update({f"{split}_{name}": value for name, value in values.items()})
+    return row
+
+
+def progress_postfix(progress: Progress) -> dict[str, str]:
+    """What the progress bar shows besides the ETA: recent loss, latest accuracy."""
+    postfix = {"loss": f"{progress.loss_sum / max(progress.loss_count, 1):.4f}"}
+    split = "val" if "val" in progress.last_eval else "test"
+    accuracy = progress.last_eval.get(split, {}).get("accuracy")
+    if accuracy is not None:
+        postfix[f"{split}_acc"] = f"{accuracy:.4f}"
+    return postfix
+
+
+def make_result(
+    status: str, error: str | None, progress: Progress, plan: RunPlan, config: RunConfig
+) -> RunResult:
+    """The :class:`RunResult`: final values from the last evaluation (none if diverged)."""
+    examples = progress.batches_drawn * config.batch_size
+    fields = {}
+    if status != "diverged":
+        for split, values in progress.last_eval.items():
+            fields.update({f"final_{split}_{k}": v for k, v in values.items()})
+    fields.update({f"best_{key}": value for key, value in progress.best.items()})
+    known = RunResult.__dataclass_fields__
+    return RunResult(
+        status=status,
+        steps=progress.step,
+        examples=examples,
+        wall_time=progress.elapsed,
+        steps_to_target=progress.steps_to_target,
+        examples_to_target=progress.examples_to_target,
+        error=error,
+        **{key: value for key, value in fields.items() if key in known},
+        extra={
+            "lr": plan.lr,
+            "total_steps": plan.total_steps,
+            "warmup_steps": plan.schedule.warmup_steps,
+            "steps_per_epoch": plan.steps_per_epoch,
+            "world_size": plan.world_size,
+            "gradient_evaluations": progress.gradient_evaluations,
+            "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
+            "final": progress.last_eval if status != "diverged" else {},
+            "best": progress.best,
+        },
+    )

@@ -1,0 +1,91 @@
+"""The report: files, sections, embedded figures, plug-in sections, and the printed summary."""
+
+from __future__ import annotations
+
+import base64
+import re
+
+import pytest
+
+from largebatch.experiments import report as report_module
+from largebatch.experiments.report import Section, Table, register_section, report, summary
+from largebatch.experiments.results_store import ResultsStore
+
+CORE_TITLES = [
+    "Overview",
+    "Test accuracy vs batch size",
+    "Generalization gap",
+    "Steps to target and the critical batch size",
+    "Loss curves",
+    "Results by optimizer and batch size",
+    "Diverged and failed runs",
+]
+FIGURES = ["accuracy", "generalization_gap", "steps_to_target", "loss_curves"]
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.fixture
+def extra_section(monkeypatch):
+    """A section registered the way a later package would, for this test only."""
+    monkeypatch.setattr(report_module, "_SECTIONS", list(report_module._SECTIONS))
+
+    @register_section("sharpness", order=45)
+    def sharpness(ctx):
+        values = [row.get("sharpness") for row in ctx.rows]
+        return Section("Sharpness vs batch size", "From the metrics table.",
+                       tables=[Table(["runs with sharpness"], [[str(sum(v is not None for v in values))]])])  # fmt: skip
+
+    @register_section("empty", order=46)
+    def empty(ctx):
+        return None
+
+
+def test_report_files_and_sections(synthetic_sweep, extra_section):
+    store = ResultsStore(synthetic_sweep)
+    store.record_metrics(store.rows()[0]["cell_id"], {"sharpness": 3.5})
+    html_path, md_path = report(synthetic_sweep)
+    html, md = html_path.read_text(), md_path.read_text()
+
+    titles = re.findall(r"<h2>(.*?)</h2>", html)
+    expected = CORE_TITLES[:3] + ["Steps to target and the critical batch size", "Sharpness vs batch size"] + CORE_TITLES[4:]
+    assert titles == expected
+    assert re.findall(r"^## (.*)$", md, re.MULTILINE) == expected
+
+    images = re.findall(r"src='data:image/png;base64,([^']+)'", html)
+    assert len(images) == len(FIGURES)
+    assert all(base64.b64decode(data).startswith(PNG_MAGIC) for data in images)
+    assert "<img" in html and "src='figures/" not in html  # self-contained
+    for name in FIGURES:
+        assert f"](figures/{name}.png)" in md
+        assert (synthetic_sweep / "figures" / f"{name}.png").read_bytes().startswith(PNG_MAGIC)
+
+    assert "<td>1</td>" in html  # the plug-in section's table: one run with sharpness
+    assert "between 1,024 and 4,096" in html  # lamb's critical batch size (see test_analysis)
+    assert "(of 2, by val accuracy)" in html  # lr chosen on validation
+    assert "diverged" in html and "non-finite loss" in html
+
+
+def test_results_table_has_one_row_per_optimizer_and_batch(synthetic_sweep):
+    html = report(synthetic_sweep)[0].read_text()
+    table = html.split("<h2>Results by optimizer and batch size</h2>")[1].split("</table>")[0]
+    assert table.count("<tr>") == 1 + 2 * 4
+
+
+def test_summary_lists_every_optimizer_and_batch(synthetic_sweep):
+    text = summary(ResultsStore(synthetic_sweep).rows())
+    lines = text.splitlines()
+    assert lines[1].split()[:5] == ["optimizer", "64", "256", "1,024", "4,096"]
+    assert [line.split()[0] for line in lines[2:]] == ["lamb", "sgd"]
+    assert "between 1,024 and 4,096" in lines[2]
+
+
+def test_report_of_an_empty_sweep_is_an_error(tmp_path):
+    ResultsStore(tmp_path)
+    with pytest.raises(ValueError, match="No runs recorded"):
+        report(tmp_path)
+
+
+def test_duplicate_section_names_are_refused(monkeypatch):
+    monkeypatch.setattr(report_module, "_SECTIONS", list(report_module._SECTIONS))
+    with pytest.raises(ValueError, match="already registered"):
+        register_section("overview")(lambda ctx: None)

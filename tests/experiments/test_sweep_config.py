@@ -1,0 +1,240 @@
+"""Sweep definitions: TOML and flags, errors that name key and line, cells and their ids."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import textwrap
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from largebatch.experiments.sweep_config import (
+    SweepConfigError,
+    SweepSpec,
+    cell_id,
+    expand,
+    load_sweep,
+    toml_key_lines,
+)
+from largebatch.optim import get_spec
+from largebatch.train.config import RunConfig
+from largebatch.train.run_dir import RESUMABLE_CHANGES
+
+EXAMPLE = Path(__file__).parents[2] / "examples" / "sweep.toml"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "sweep.toml"
+    path.write_text(textwrap.dedent(text))
+    return path
+
+
+def test_example_file_parses(tmp_path):
+    spec = load_sweep(EXAMPLE)
+    assert spec.task == "mnist1d-cnn"
+    assert "full" in spec.batch_sizes
+    assert spec.hyperparameters["sgd"]["momentum"] == 0.9
+    assert spec.optimizer_settings["sgd"]["scaling"] == "linear"
+
+
+def test_file_values_and_sections(tmp_path):
+    path = write(
+        tmp_path,
+        """
+        task = "teacher-student"
+        batch_sizes = [32, "full"]
+        optimizers = ["sgd", "adamw"]
+        seeds = [0, 1]
+        steps = 50
+
+        [task_options]
+        num_train = 500
+
+        [optimizer.adamw]
+        lrs = [1e-3, 3e-3]
+        warmup_steps = 5
+        betas = [0.8, 0.99]
+        """,
+    )
+    spec = load_sweep(path)
+    assert spec.batch_sizes == (32, "full") and spec.seeds == (0, 1)
+    assert spec.steps == 50 and spec.epochs is None
+    assert spec.task_options == {"num_train": 500}
+    assert spec.optimizer_settings == {"adamw": {"lrs": (1e-3, 3e-3), "warmup_steps": 5}}
+    assert spec.hyperparameters == {"adamw": {"betas": (0.8, 0.99)}}
+    assert spec.settings_for("adamw")["warmup_steps"] == 5
+    assert spec.settings_for("sgd")["warmup_steps"] is None  # registry recommendation
+
+
+def test_flags_override_file_and_budgets_exclude_each_other(tmp_path):
+    path = write(tmp_path, 'optimizers = ["sgd"]\nsteps = 10\n')
+    spec = load_sweep(path, overrides={"epochs": 2, "optimizers": ["adamw"]})
+    assert spec.epochs == 2 and spec.steps is None and spec.optimizers == ("adamw",)
+
+
+BAD_FILES = [
+    # (file text, line of the bad key, key named in the error, words in the message)
+    ('optimizers = ["sgd"]\nbogus = 1\n', 2, "bogus", "Unknown key"),
+    ('optimizers = ["sgd", "adamx"]\n', 1, "optimizers", "Did you mean 'adamw'"),
+    ('optimizers = ["sgd"]\n\ntask = "mnist1d-cn"\n', 3, "task", "Unknown task"),
+    ('optimizers = ["sgd"]\nepochs = "3"\n', 2, "epochs", "expected a number"),
+    ('optimizers = ["sgd"]\nbatch_sizes = [64,\n  "huge"]\n', 2, "batch_sizes", "item 1"),
+    ('optimizers = ["sgd"]\nseeds = [0, 0]\n', 2, "seeds", "duplicate"),
+    (
+        'optimizers = ["sgd"]\n[optimizer.sgd]\nscaling = "cubic"\n',
+        3,
+        "optimizer.sgd.scaling",
+        "expected one of",
+    ),
+    (
+        'optimizers = ["sgd"]\n[optimizer.sgd]\nmomentum = "high"\n',
+        3,
+        "optimizer.sgd.momentum",
+        "expected a number",
+    ),
+    (
+        'optimizers = ["sgd"]\n[optimizer.sgd]\nmomentun = 0.9\n',
+        3,
+        "optimizer.sgd.momentun",
+        "Did you mean 'momentum'",
+    ),
+    (
+        'optimizers = ["sgd"]\n[optimizer.nope]\nlr = 0.1\n',
+        2,
+        "optimizer.nope",
+        "Unknown optimizer",
+    ),
+    (
+        'optimizers = ["sgd"]\n[task_options]\nnum_sample = 10\n',
+        3,
+        "task_options.num_sample",
+        "Unknown task option",
+    ),
+    (
+        'optimizers = ["sgd"]\n[task_options]\nnum_samples = 2.5\n',
+        3,
+        "task_options.num_samples",
+        "expected an integer",
+    ),
+    ('optimizers = ["sgd"]\nepochs = 3\nsteps = 4\n', 3, "steps", "not both"),
+    ('optimizers = ["sgd"]\ntarget = ["accuracy"]\n', 2, "target", "[metric, value]"),
+    ('optimizers = ["sgd"]\n"stop_at_target" = 1\n', 2, "stop_at_target", "true or false"),
+    ('optimizers = ["sgd"]\nlr = 0.1\nlrs = [0.1, 0.2]\n', 3, "lrs", "set either lr or lrs"),
+    (
+        'optimizers = ["sgd"]\n[optimizer.sgd]\nlrs = [0.1]\nlr_factors = [1.0]\n',
+        4,
+        "optimizer.sgd.lr_factors",
+        "not both",
+    ),
+]
+
+
+@pytest.mark.parametrize(("text", "line", "key", "words"), BAD_FILES)
+def test_bad_file_names_key_and_line(tmp_path, text, line, key, words):
+    path = write(tmp_path, text)
+    with pytest.raises(SweepConfigError) as info:
+        load_sweep(path)
+    message = str(info.value)
+    assert message.startswith(f"{path}:{line}: {key}:"), message
+    assert words in message
+
+
+def test_toml_syntax_error_reports_line(tmp_path):
+    path = write(tmp_path, 'optimizers = ["sgd"]\nepochs = = 3\n')
+    with pytest.raises(SweepConfigError, match=r"invalid TOML.*line 2"):
+        load_sweep(path)
+
+
+def test_bad_flag_is_named():
+    with pytest.raises(SweepConfigError, match=r"^--batch-sizes: batch_sizes: item 0"):
+        load_sweep(overrides={"batch_sizes": ["x"]}, origins={("batch_sizes",): "--batch-sizes"})
+
+
+def test_key_lines_scanner():
+    text = textwrap.dedent(
+        '''\
+        # comment = not a key
+        a = 1
+        b = [1,
+             2]
+        notes = """
+        c = inside a string
+        """
+        "quoted.key" = 2
+        [x.y]
+        z = {inner = 3}
+        d.e = 4
+        c = 5
+        '''
+    )
+    lines = toml_key_lines(text)
+    assert lines[("a",)] == 2 and lines[("b",)] == 3 and lines[("notes",)] == 5
+    assert lines[("quoted.key",)] == 8
+    assert lines[("x", "y")] == 9 and lines[("x", "y", "z")] == 10
+    assert lines[("x", "y", "d", "e")] == 11
+    assert lines[("x", "y", "c")] == 12
+    assert ("c",) not in lines  # the line inside the multi-line string is not a key
+
+
+def test_expansion_order_count_and_settings(tmp_path):
+    spec = load_sweep(
+        overrides={
+            "task": "teacher-student",
+            "batch_sizes": [16, "full"],
+            "optimizers": ["sgd", "adamw"],
+            "seeds": [0, 1],
+            "lr_factors": [0.5, 2.0],
+            "optimizer": {"adamw": {"lrs": [1e-3], "scaling": "none"}},
+            "epochs": 2,
+        }
+    )
+    cells = expand(spec, tmp_path, train_size=300, eval_every=lambda config: 7)
+    # seeds x batch sizes x (sgd: 2 factors + adamw: 1 lr)
+    assert len(cells) == 2 * 2 * 3
+    keys = [(c.config.seed, c.config.batch_size, c.config.optimizer, c.config.lr) for c in cells]
+    sgd_lr = get_spec("sgd").defaults["lr"]
+    assert keys[:3] == [
+        (0, 16, "sgd", 0.5 * sgd_lr),
+        (0, 16, "sgd", 2.0 * sgd_lr),
+        (0, 16, "adamw", 1e-3),
+    ]
+    assert {c.config.batch_size for c in cells} == {16, 300}  # "full" = training-set size
+    adamw = next(c for c in cells if c.config.optimizer == "adamw")
+    assert adamw.config.scaling == "none"
+    sgd = next(c for c in cells if c.config.optimizer == "sgd")
+    assert sgd.config.scaling is None and sgd.config.warmup_steps is None  # registry's choice
+    assert all(c.config.eval_every == 7 and c.config.checkpoint_every == 7 for c in cells)
+    assert all(Path(c.config.out_dir) == tmp_path / "runs" / c.cell_id for c in cells)
+    assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_cell_ids_are_stable_hashes(tmp_path):
+    spec = load_sweep(
+        overrides={"task": "teacher-student", "optimizers": ["sgd"], "batch_sizes": [8]}
+    )
+    first = expand(spec, tmp_path / "a", 100, lambda config: 3)
+    again = expand(
+        SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))),
+        tmp_path / "b",
+        100,
+        lambda c: 3,
+    )
+    assert [c.cell_id for c in first] == [c.cell_id for c in again]  # other directory, same ids
+
+    config = first[0].config
+    unhashed = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    digest = hashlib.sha256(json.dumps(unhashed, sort_keys=True).encode()).hexdigest()[:10]
+    assert cell_id(config) == f"sgd-b8-s0-{digest}"
+    assert cell_id(replace(config, checkpoint_every=999, out_dir="elsewhere")) == cell_id(config)
+    assert cell_id(replace(config, optimizer_options={"momentum": 0.5})) != cell_id(config)
+    assert cell_id(RunConfig(lr=0.1)).startswith("sgd-b64-s0-lr0.1-")
+
+
+def test_default_spec_is_the_demo_and_valid():
+    spec = SweepSpec()
+    checked = SweepSpec.from_dict(spec.to_dict())
+    assert checked == spec
+    assert set(spec.optimizers) == {"sgd", "adamw", "lamb", "alto"}
+    assert spec.batch_sizes[0] == 64 and spec.batch_sizes[-1] == "full"

@@ -1,0 +1,125 @@
+"""Two gloo processes end where one process with the same global batch ends."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from click.testing import CliRunner
+from tiny_train_task import PROBE_SPEC, TINY_TASK, assert_same_params, final_checkpoint
+
+from largebatch.cli.run import run
+from largebatch.optim import registry
+from largebatch.train import RunConfig, train
+
+HERE = Path(__file__).parent
+LAMB_REGISTERED = "lamb" in registry._REGISTRY
+OPTIMIZERS = {
+    "sgd": {"momentum": 0.9},
+    "adamw": {},
+    "lamb": {},
+    # closure on the same batch, first gradient kept local to each process (SAM-style)
+    "protocol-probe": {"closure": "same", "local_first_gradient": True},
+}
+CASES = [
+    "sgd",
+    "adamw",
+    pytest.param(
+        "lamb", marks=pytest.mark.skipif(not LAMB_REGISTERED, reason="lamb not registered yet")
+    ),
+    "protocol-probe",
+]
+
+
+def _config(out_root: Path, optimizer: str, nproc: int) -> RunConfig:
+    return RunConfig(
+        task=TINY_TASK, optimizer=optimizer, optimizer_options=OPTIMIZERS[optimizer],
+        lr=0.05 if optimizer in ("sgd", "protocol-probe") else 0.01, batch_size=32,
+        accumulation_steps=2, steps=6, warmup_steps=2, eval_every=3, nproc=nproc,
+        out_dir=str(out_root / f"{optimizer}-{nproc}"),
+    )  # fmt: skip
+
+
+def _worker(rank: int, port: int, out_root: Path, optimizers: list[str]) -> None:
+    """One of two processes, set up as torchrun would, running every optimizer in turn."""
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
+        WORLD_SIZE="2",
+    )  # fmt: skip
+    torch.set_num_threads(1)
+    registry._REGISTRY.setdefault(PROBE_SPEC.name, PROBE_SPEC)
+    dist.init_process_group("gloo")
+    try:
+        for optimizer in optimizers:
+            result = train(_config(out_root, optimizer, nproc=2))
+            assert result.status == "done", result.error
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_runs(tmp_path_factory):
+    """Every optimizer trained once by two gloo processes (one launch for all)."""
+    out_root = tmp_path_factory.mktemp("ddp")
+    optimizers = [name for name in OPTIMIZERS if name != "lamb" or LAMB_REGISTERED]
+    importlib.import_module("torch._dynamo")  # DDP imports it: once here, not in each fork
+    mp.start_processes(
+        _worker, args=(_free_port(), out_root, optimizers), nprocs=2, start_method="fork"
+    )
+    return out_root
+
+
+@pytest.mark.usefixtures("probe_registered")
+@pytest.mark.parametrize("optimizer", CASES)
+def test_two_processes_match_one_process(two_process_runs, tmp_path, optimizer):
+    single = train(_config(tmp_path, optimizer, nproc=1))
+    assert single.status == "done"
+    two = final_checkpoint(_config(two_process_runs, optimizer, nproc=2).out_dir)
+    one = final_checkpoint(single_dir := _config(tmp_path, optimizer, nproc=1).out_dir)
+    assert_same_params(two["model"], one["model"], atol=1e-5)
+    assert two["progress"]["last_eval"]["test"]["loss"] == pytest.approx(
+        one["progress"]["last_eval"]["test"]["loss"], abs=1e-5
+    )
+    if optimizer == "protocol-probe":
+        # rank 0's pre-step gradient stayed local; the closure's was averaged over both ranks
+        probe_two = two["optimizer"]["state"][0]
+        probe_one = final_checkpoint(single_dir)["optimizer"]["state"][0]
+        assert not torch.allclose(probe_two["first_grad"], probe_two["closure_grad"], atol=1e-4)
+        torch.testing.assert_close(probe_two["closure_grad"], probe_one["closure_grad"])
+        torch.testing.assert_close(probe_one["first_grad"], probe_one["closure_grad"])
+
+
+def test_cli_nproc_relaunches_through_torchrun(tmp_path, capfd):
+    """``largebatch run --nproc 2`` runs two processes via torchrun, same result as one."""
+    out = tmp_path / "cli"
+    args = [
+        "--task", TINY_TASK, "--optimizer", "sgd", "--opt", "momentum=0.9", "--lr", "0.05",
+        "--batch-size", "32", "--accumulation-steps", "2", "--steps", "6", "--warmup", "2",
+        "--eval-every", "3", "--no-progress", "--nproc", "2", "--out", str(out),
+    ]  # fmt: skip
+    pythonpath = os.pathsep.join([str(HERE), os.environ.get("PYTHONPATH", "")])
+    launched = CliRunner().invoke(run, args, env={"PYTHONPATH": pythonpath})
+    assert launched.exit_code == 0, (launched.output, capfd.readouterr().err)
+    assert capfd.readouterr().out.count("done: 6 steps") == 1  # rank 0 alone reports
+    result = json.loads((out / "result.json").read_text())
+    assert result["status"] == "done" and result["extra"]["world_size"] == 2
+    single = train(_config(tmp_path, "sgd", nproc=1))
+    assert result["steps"] == single.steps == 6
+    assert_same_params(
+        final_checkpoint(str(out))["model"],
+        final_checkpoint(_config(tmp_path, "sgd", 1).out_dir)["model"],
+        atol=1e-5,
+    )

@@ -1,0 +1,153 @@
+"""The training loop: accumulation, outcomes (diverged, failed, target), step protocols."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from tiny_train_task import assert_same_params, build, final_checkpoint, read_metrics
+
+from largebatch.train import train
+
+
+def test_accumulation_matches_one_big_batch(make_config):
+    """Batch 32 as 4 micro-batches of 8 ends where batch 32 in one piece does."""
+    common = dict(batch_size=32, steps=6, optimizer_options={"momentum": 0.9})
+    runs = {
+        "whole": make_config("whole", accumulation_steps=1, **common),
+        "pieces": make_config("pieces", accumulation_steps=4, **common),
+        "smaller batch": make_config("small", **{**common, "batch_size": 8}),
+    }
+    results = {name: train(config) for name, config in runs.items()}
+    assert {r.status for r in results.values()} == {"done"}
+    assert results["whole"].examples == results["pieces"].examples == 6 * 32
+    params = {name: final_checkpoint(config.out_dir)["model"] for name, config in runs.items()}
+    assert_same_params(params["whole"], params["pieces"], atol=1e-6)
+    with pytest.raises(AssertionError):  # the comparison can fail: batch 8 ends elsewhere
+        assert_same_params(params["whole"], params["smaller batch"], atol=1e-6)
+
+
+def test_run_directory_and_result(make_config):
+    config = make_config(steps=8, eval_every=3, progress=True)
+    result = train(config)
+    out = Path(config.out_dir)
+    assert result.status == "done" and result.steps == 8 and result.examples == 8 * 16
+    saved = json.loads((out / "result.json").read_text())
+    assert saved["status"] == "done" and saved["final_test_accuracy"] == result.final_test_accuracy
+    meta = json.loads((out / "config.json").read_text())
+    assert meta["config"]["batch_size"] == 16
+    assert {"torch", "python", "largebatch"} <= meta["versions"].keys()
+    assert "git" in meta
+    rows = read_metrics(config.out_dir)
+    assert [int(r["step"]) for r in rows] == [0, 3, 6, 8]  # step 0, every 3, and the end
+    assert float(rows[-1]["test_accuracy"]) == pytest.approx(result.final_test_accuracy)
+    assert float(rows[-1]["examples"]) == 8 * 16
+    # evaluation really measures the model: recompute the final test loss by hand
+    task = build()
+    model = task.build_model()
+    model.load_state_dict(final_checkpoint(config.out_dir)["model"])
+    model.eval()
+    inputs, targets = task.test.tensors
+    with torch.no_grad():
+        expected = torch.nn.functional.cross_entropy(model(inputs), targets).item()
+    assert result.final_test_loss == pytest.approx(expected, rel=1e-5)
+
+
+def test_huge_learning_rate_is_recorded_as_diverged(make_config):
+    config = make_config(lr=1e12, steps=30, optimizer_options={"momentum": 0.9})
+    result = train(config)
+    assert result.status == "diverged"
+    assert result.steps < 30
+    assert result.final_test_loss is None  # the final model is not finite
+    assert json.loads((Path(config.out_dir) / "result.json").read_text())["status"] == "diverged"
+
+
+def test_exception_during_training_is_recorded_as_failed(make_config):
+    task = build()
+    calls = {"n": 0}
+
+    def failing_loss(outputs, targets):
+        calls["n"] += 1
+        if calls["n"] > 3:
+            raise RuntimeError("disk on fire")
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    task.loss_fn = failing_loss
+    config = make_config(steps=20, eval_every=100)
+    result = train(config, task=task)
+    assert result.status == "failed"
+    assert result.error == "RuntimeError: disk on fire"
+    assert json.loads((Path(config.out_dir) / "result.json").read_text())["status"] == "failed"
+
+
+def test_bad_config_raises_before_training(make_config):
+    with pytest.raises(ValueError, match="Invalid batch_size: 0"):
+        train(make_config(batch_size=0))
+    with pytest.raises(TypeError, match="unknown hyperparameter"):
+        train(make_config(optimizer_options={"momentun": 0.9}))
+    assert not (Path(make_config().out_dir) / "result.json").exists()
+
+
+def test_stop_at_target_records_steps_and_examples(make_config):
+    config = make_config(
+        steps=200, eval_every=2, lr=0.5, target=("accuracy", 0.6), stop_at_target=True
+    )
+    result = train(config)
+    assert result.status == "done"
+    assert result.steps_to_target is not None and result.steps_to_target % 2 == 0
+    assert result.steps == result.steps_to_target < 200
+    assert result.examples_to_target == result.steps_to_target * 16
+    assert result.final_test_accuracy >= 0.6
+    rows = read_metrics(config.out_dir)
+    reached = [int(r["step"]) for r in rows if float(r["test_accuracy"]) >= 0.6]
+    assert reached[0] == result.steps_to_target
+
+
+# --- step protocols: a probe optimizer records what the loop did ---------------------------
+
+
+def _probe_state(out_dir: str) -> dict:
+    state = final_checkpoint(out_dir)["optimizer"]["state"]
+    return state[0]  # first parameter
+
+
+@pytest.mark.usefixtures("probe_registered")
+@pytest.mark.parametrize(
+    ("options", "grads_per_step", "batches_per_step"),
+    [
+        ({"closure": None}, 1, 1),  # standard: loop gradient, step()
+        ({"closure": "same"}, 2, 1),  # SAM-like
+        ({"closure": "fresh"}, 2, 2),  # EXTRAP-SGD-like
+        ({"gradient_before_step": False, "closure": "same", "closure_calls": 3}, 3, 1),  # L-BFGS
+    ],
+)
+def test_step_protocol_is_honoured(make_config, options, grads_per_step, batches_per_step):
+    steps = 5
+    config = make_config(
+        optimizer="protocol-probe", steps=steps, accumulation_steps=2, optimizer_options=options
+    )
+    result = train(config)
+    assert result.status == "done"
+    assert result.extra["gradient_evaluations"] == grads_per_step * steps
+    assert result.examples == batches_per_step * steps * 16
+    probe = _probe_state(config.out_dir)
+    before = options.get("gradient_before_step", True)
+    assert probe["steps_with_gradient"].item() == (steps if before else 0)
+    closure_calls = probe["closure_calls"].item() if "closure_calls" in probe else 0
+    assert closure_calls == (grads_per_step - before) * steps
+    if options["closure"] == "same" and before:
+        # same batch, same parameters: the closure reproduces the loop's gradient exactly
+        assert torch.equal(probe["first_grad"], probe["closure_grad"])
+    if options["closure"] == "fresh":
+        assert not torch.allclose(probe["first_grad"], probe["closure_grad"])
+
+
+def test_protocol_without_gradient_or_closure_is_rejected(make_config, probe_registered):
+    config = make_config(
+        optimizer="protocol-probe",
+        optimizer_options={"gradient_before_step": False, "closure": None},
+    )
+    with pytest.raises(ValueError, match="declares neither gradient nor closure"):
+        train(config)
