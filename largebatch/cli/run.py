@@ -69,7 +69,7 @@ def parse_target(ctx: click.Context, param: click.Parameter, text: str | None):
     """``accuracy=0.95`` -> ``("accuracy", 0.95)``."""
     if text is None:
         return None
-    name, sep, value = text.partition("=")
+    name, _, value = text.partition("=")
     try:
         return name.strip(), float(value)
     except ValueError:

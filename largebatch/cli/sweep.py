@@ -51,7 +51,7 @@ def _flag_name(key: str) -> str:
 
 def _load(file: str | None, directory: Path, flags: dict[str, Any]) -> Any:
     """The sweep: saved spec (if no file), then the file, then the flags; checked."""
-    from largebatch.experiments.sweep import load_saved_spec
+    from largebatch.experiments.sweep import SWEEP_FILE, load_saved_spec
     from largebatch.experiments.sweep_config import SweepConfigError, load_sweep
 
     given = {key: value for key, value in flags.items() if value is not None}
@@ -59,7 +59,9 @@ def _load(file: str | None, directory: Path, flags: dict[str, Any]) -> Any:
     try:
         saved = None if file is not None else load_saved_spec(directory)
         base = {k: v for k, v in saved.to_dict().items() if v is not None} if saved else None
-        return load_sweep(file, overrides=given, origins=origins, base=base)
+        return load_sweep(
+            file, overrides=given, origins=origins, base=base, base_origin=str(directory / SWEEP_FILE)
+        )
     except SweepConfigError as error:
         raise click.UsageError(str(error)) from None
 
@@ -199,12 +201,14 @@ def demo(directory: str, jobs: int | None, progress: bool) -> None:
 
     About 10 minutes on 2 CPU cores; writes DIRECTORY/report.html. Re-running continues.
     """
-    from largebatch.experiments.sweep_config import SweepSpec
+    from largebatch.experiments.sweep_config import SweepConfigError, demo_spec
 
+    try:
+        spec = demo_spec()
+    except SweepConfigError as error:
+        raise click.ClickException(str(error)) from None
     jobs = jobs or max(1, min(os.cpu_count() or 1, 4))
-    _run_and_report(
-        SweepSpec(), Path(directory), jobs, retry_failed=False, report=True, progress=progress
-    )
+    _run_and_report(spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress)
 
 
 @click.command("report")

@@ -44,9 +44,7 @@ class Result:
     """
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.repr  # type: ignore[arg-type]
-        }
+        return {f.name: _plain(getattr(self, f.name)) for f in fields(self) if f.repr}
 
 
 def _plain(value: Any) -> Any:
@@ -141,7 +139,9 @@ def fixed_function(model: nn.Module, *, train: bool, seed: int) -> Iterator[None
                 buffer.copy_(saved)
 
 
-def on_device(batches: Batches, device: torch.device) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
+def on_device(
+    batches: Batches, device: torch.device
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
     """Yield ``(inputs, targets, batch size)`` with tensors moved to ``device``."""
     for inputs, targets in check_batches(batches):
         yield inputs.to(device), targets.to(device), len(targets)

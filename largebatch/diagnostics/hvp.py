@@ -83,11 +83,16 @@ class HessianOperator:
                 loss = self.loss_fn(self.model(inputs), targets)
                 grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
                 directional = sum(
-                    (g * d).sum() for g, d in zip(grads, directions) if g is not None and g.requires_grad
+                    (g * d).sum()
+                    for g, d in zip(grads, directions)
+                    if g is not None and g.requires_grad
                 )
                 if isinstance(directional, torch.Tensor):  # else the loss is linear here: H v = 0
                     products = torch.autograd.grad(directional, self.params, allow_unused=True)
-                    products = [torch.zeros_like(p) if h is None else h for h, p in zip(products, self.params)]
+                    products = [
+                        torch.zeros_like(p) if h is None else h
+                        for h, p in zip(products, self.params)
+                    ]
                     total[:-1] += n * flatten(products).double()
                 total[-1] += n
         all_reduce_sum(total)

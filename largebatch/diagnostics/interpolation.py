@@ -94,7 +94,9 @@ def interpolate_checkpoints(
     if missing:
         raise ValueError(f"Invalid state dicts: keys in only one of them: {sorted(missing)}")
     if batch_norm not in ("interpolate", "recompute"):
-        raise ValueError(f"Invalid batch_norm: {batch_norm!r} (expected 'interpolate' or 'recompute')")
+        raise ValueError(
+            f"Invalid batch_norm: {batch_norm!r} (expected 'interpolate' or 'recompute')"
+        )
     if batch_norm == "recompute":
         recompute_batches = check_batches(
             recompute_batches if recompute_batches is not None else _train_split(splits)
@@ -126,7 +128,10 @@ def _train_split(splits: Mapping[str, Batches]) -> Batches:
 
 
 def _mix(
-    state_a: Mapping[str, torch.Tensor], state_b: Mapping[str, torch.Tensor], alpha: float, device: torch.device
+    state_a: Mapping[str, torch.Tensor],
+    state_b: Mapping[str, torch.Tensor],
+    alpha: float,
+    device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """``(1 - alpha) a + alpha b`` per floating entry (exactly a at 0 and b at 1)."""
     mixed = {}
@@ -183,9 +188,13 @@ def filter_normalized_direction(
         if weight.dim() <= 1:
             direction.append(torch.zeros_like(weight) if one_dim == "zero" else weight.clone())
             continue
-        gaussian = torch.randn(weight.shape, generator=generator, dtype=weight.dtype).to(weight.device)
+        gaussian = torch.randn(weight.shape, generator=generator, dtype=weight.dtype).to(
+            weight.device
+        )
         filters = gaussian.flatten(1)
-        norms = weight.flatten(1).norm(dim=1, keepdim=True) / (filters.norm(dim=1, keepdim=True) + 1e-10)
+        norms = weight.flatten(1).norm(dim=1, keepdim=True) / (
+            filters.norm(dim=1, keepdim=True) + 1e-10
+        )
         direction.append((filters * norms).view_as(weight))
     return direction
 
@@ -213,14 +222,20 @@ def loss_slice(
             raise ValueError("Invalid direction: its shapes do not match the model's parameters")
     check_batches(batches)
     coords = [float(c) for c in coordinates]
-    grid = np.array(np.meshgrid(*([coords] * len(directions)), indexing="ij")).reshape(len(directions), -1).T
+    grid = (
+        np.array(np.meshgrid(*([coords] * len(directions)), indexing="ij"))
+        .reshape(len(directions), -1)
+        .T
+    )
     origin = [p.detach().clone() for p in params]
     values: dict[str, list[float]] = {}
     try:
         for point in grid:
             with torch.no_grad():
                 for i, (param, base) in enumerate(zip(params, origin)):
-                    param.copy_(base + sum(c * direction[i] for c, direction in zip(point, directions)))
+                    param.copy_(
+                        base + sum(c * direction[i] for c, direction in zip(point, directions))
+                    )
             for metric, value in evaluate(model, loss_fn, batches, metrics).items():
                 values.setdefault(metric, []).append(value)
     finally:

@@ -44,7 +44,6 @@ Inputs may be 0-dim tensors on the training device; the tracker then never
 synchronises with the host until :meth:`NoiseScaleTracker.estimate` is called.
 """
 
-
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -64,7 +63,9 @@ def two_batch_estimates(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Unbiased ``(|G|^2, tr(Sigma))`` from one small- and one big-batch gradient norm."""
     if not 0 < b_small < b_big:
-        raise ValueError(f"Invalid batch sizes: b_small={b_small}, b_big={b_big} (need 0 < b_small < b_big)")
+        raise ValueError(
+            f"Invalid batch sizes: b_small={b_small}, b_big={b_big} (need 0 < b_small < b_big)"
+        )
     small = torch.as_tensor(small_sqnorm, dtype=torch.float64)
     big = torch.as_tensor(big_sqnorm, dtype=torch.float64)
     grad_sqnorm = (b_big * big - b_small * small) / (b_big - b_small)
@@ -104,7 +105,9 @@ class NoiseScaleTracker:
     def update(self, small_sqnorm: Number, b_small: int, big_sqnorm: Number, b_big: int) -> None:
         """Fold in one step's squared norms of a ``b_small`` and a ``b_big`` gradient."""
         grad_sqnorm, trace = two_batch_estimates(small_sqnorm, b_small, big_sqnorm, b_big)
-        self._grad_sqnorm = self.decay * self._grad_sqnorm.to(grad_sqnorm) + (1 - self.decay) * grad_sqnorm
+        self._grad_sqnorm = (
+            self.decay * self._grad_sqnorm.to(grad_sqnorm) + (1 - self.decay) * grad_sqnorm
+        )
         self._trace = self.decay * self._trace.to(trace) + (1 - self.decay) * trace
         self.num_updates += 1
 
@@ -160,10 +163,14 @@ class GradientNormRecorder:
     """
 
     def __init__(
-        self, ddp_model: nn.parallel.DistributedDataParallel, process_group: dist.ProcessGroup | None = None
+        self,
+        ddp_model: nn.parallel.DistributedDataParallel,
+        process_group: dist.ProcessGroup | None = None,
     ) -> None:
         if not isinstance(ddp_model, nn.parallel.DistributedDataParallel):
-            raise TypeError(f"Invalid model: expected DistributedDataParallel, got {type(ddp_model).__name__}")
+            raise TypeError(
+                f"Invalid model: expected DistributedDataParallel, got {type(ddp_model).__name__}"
+            )
         self.process_group = process_group
         self._local: dict[int, torch.Tensor] = {}
         self._averaged: dict[int, torch.Tensor] = {}
@@ -175,7 +182,9 @@ class GradientNormRecorder:
         A collective (one scalar all-reduce): every rank must call it.
         """
         if not self._local or len(self._averaged) != len(self._local):
-            raise RuntimeError("GradientNormRecorder.read(): no synchronised backward since the last read")
+            raise RuntimeError(
+                "GradientNormRecorder.read(): no synchronised backward since the last read"
+            )
         local = torch.stack(list(self._local.values())).sum()
         averaged = torch.stack(list(self._averaged.values())).sum()
         self._local.clear()

@@ -73,9 +73,9 @@ class Point:
     selected_by: str
     runs: list[dict[str, Any]] = field(default_factory=list)
 
-    def values(self, key: str, *, ok_only: bool = True) -> np.ndarray:
-        """``key`` over seeds (runs that did not finish normally left out if ``ok_only``)."""
-        vals = [row.get(key) for row in self.runs if not ok_only or row["status"] == "done"]
+    def values(self, key: str) -> np.ndarray:
+        """``key`` over the seeds whose run finished normally ("done")."""
+        vals = [row.get(key) for row in self.runs if row["status"] == "done"]
         return np.array([v for v in vals if v is not None], dtype=float)
 
     def mean(self, key: str) -> float:
@@ -88,8 +88,9 @@ class Point:
         return (float(vals.min()), float(vals.max())) if vals.size else (math.nan, math.nan)
 
     def std(self, key: str) -> float:
+        """Sample standard deviation over seeds (NaN with fewer than two)."""
         vals = self.values(key)
-        return float(vals.std(ddof=1)) if vals.size > 1 else 0.0 if vals.size else math.nan
+        return float(vals.std(ddof=1)) if vals.size > 1 else math.nan
 
     @property
     def statuses(self) -> list[str]:
@@ -191,13 +192,15 @@ def critical_batch_size(
 ) -> CriticalBatch:
     """The batch size where steps-to-target is ``factor`` x the perfect-scaling prediction.
 
-    ``steps[i]`` is the steps-to-target at ``batch_sizes[i]`` (``inf``: never reached).
+    ``steps[i]`` is the steps-to-target at ``batch_sizes[i]`` (``inf``: never reached;
+    zero, a target met before training, is ignored).
     """
     if factor <= 1:
         raise ValueError(f"Invalid factor: {factor} (must be > 1)")
     order = np.argsort(batch_sizes)
     b = np.asarray(batch_sizes, dtype=float)[order]
     s = np.asarray(steps, dtype=float)[order]
+    b, s = b[s > 0], s[s > 0]  # a target met before any step says nothing about scaling
     finite = np.flatnonzero(np.isfinite(s))
     if finite.size == 0:
         return CriticalBatch(None, None, None, None, factor)
@@ -235,7 +238,7 @@ def fit_steps_model(batch_sizes: Sequence[float], steps: Sequence[float]) -> Ste
     """
     b = np.asarray(batch_sizes, dtype=float)
     s = np.asarray(steps, dtype=float)
-    keep = np.isfinite(s)
+    keep = np.isfinite(s) & (s > 0)
     if keep.sum() < 3:
         return None
     b, s = b[keep], s[keep]

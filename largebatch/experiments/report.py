@@ -46,7 +46,15 @@ class Table:
 
     columns: list[str]
     rows: list[list[str]]
-    caption: str = ""
+
+
+@dataclass
+class Plot:
+    """A figure of a section, saved as ``figures/<stem>.png``."""
+
+    stem: str
+    figure: Figure
+    caption: str
 
 
 @dataclass
@@ -55,9 +63,7 @@ class Section:
 
     title: str
     text: str = ""
-    figures: list[tuple[str, Figure, str]] = field(
-        default_factory=list
-    )  # (file stem, figure, caption)
+    plots: list[Plot] = field(default_factory=list)
     tables: list[Table] = field(default_factory=list)
 
 
@@ -130,11 +136,6 @@ def register_section(name: str, order: float = 100.0) -> Callable[[SectionBuilde
         return build
 
     return decorate
-
-
-def registered_sections() -> list[str]:
-    """Names of the registered sections, in report order."""
-    return [name for _, name, _ in _SECTIONS]
 
 
 def _import_section_plugins() -> None:
@@ -261,7 +262,7 @@ def accuracy_section(ctx: ReportContext) -> Section:
     return Section(
         "Test accuracy vs batch size",
         text,
-        [("accuracy", fig, "Final test accuracy vs batch size")],
+        [Plot("accuracy", fig, "Final test accuracy vs batch size")],
     )
 
 
@@ -296,7 +297,7 @@ def gap_section(ctx: ReportContext) -> Section:
     return Section(
         "Generalization gap",
         text,
-        [("generalization_gap", fig, "Generalization gap vs batch size")],
+        [Plot("generalization_gap", fig, "Generalization gap vs batch size")],
     )
 
 
@@ -338,18 +339,18 @@ def steps_section(ctx: ReportContext) -> Section | None:
     results, table = _steps_table(ctx)
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
-    reached_any = [s for r in results.values() for s in r["steps"] if math.isfinite(s)]
-    ceiling = max(reached_any) * 2.5
+    reached = [s for r in results.values() for s in r["steps"] if 0 < s < math.inf]
+    ceiling = max(reached, default=1) * 2.5
     for i, (series, r) in enumerate(results.items()):
         color = ctx.colors[series]
         b, steps = np.array(r["b"], dtype=float), np.array(r["steps"])
-        ok = np.isfinite(steps)
+        ok = np.isfinite(steps) & (steps > 0)
         ax.plot(b[ok], steps[ok], "o-", color=color, label=series)
-        if (~ok).any():
+        if np.isinf(steps).any():
             nudge = 2 ** (0.06 * (i - (len(results) - 1) / 2))  # side by side, not on top
             ax.plot(
-                b[~ok] * nudge,
-                np.full((~ok).sum(), ceiling),
+                b[np.isinf(steps)] * nudge,
+                np.full(np.isinf(steps).sum(), ceiling),
                 "^",
                 color=color,
                 markerfacecolor="none",
@@ -361,6 +362,8 @@ def steps_section(ctx: ReportContext) -> Section | None:
             s0 = steps[ok][0]
             line = np.array([b0, max(ctx.batch_sizes)], dtype=float)
             ax.plot(line, s0 * b0 / line, ":", color=color, linewidth=1.2)
+        if critical.estimate is None and critical.high is not None:
+            ax.axvspan(critical.low, critical.high, color=color, alpha=0.08, linewidth=0)
         if critical.estimate is not None:
             ax.axvline(critical.estimate, color=color, linestyle="--", linewidth=1, alpha=0.8)
             ax.annotate(
@@ -385,13 +388,13 @@ def steps_section(ctx: ReportContext) -> Section | None:
         "needed to reach the target have doubled; it is interpolated on log-log axes between "
         "neighbouring batch sizes. The McCandlish fit `S(B) = S_min (1 + B_crit / B)` gives a "
         "second estimate when at least three batch sizes reached the target. With a fixed epoch "
-        "budget, large batches may stop before the target: their critical batch size is then "
-        "only bracketed."
+        "budget, large batches may stop before the target: the critical batch size is then only "
+        "bracketed (shaded)."
     )
     return Section(
         "Steps to target and the critical batch size",
         text,
-        [("steps_to_target", fig, "Steps to target vs batch size")],
+        [Plot("steps_to_target", fig, "Steps to target vs batch size")],
         [table],
     )
 
@@ -406,20 +409,28 @@ def curves_section(ctx: ReportContext) -> Section | None:
     axes = fig.subplots(nrows, ncols, squeeze=False)
     drawn = False
     for ax, batch_size in zip(axes.flat, panels):
+        initial = []
         for p in ctx.points:
             if p.batch_size != batch_size or not p.runs:
                 continue
-            row = p.runs[0]
-            curves = ctx.curves(row)
+            curves = ctx.curves(p.runs[0])
             if "epoch" not in curves:
                 continue
-            x = curves["epoch"]
             for key, style in (("train_loss", "-"), ("test_loss", "--")):
                 if key in curves:
-                    ax.plot(x, curves[key], style, color=ctx.colors[p.series], linewidth=1.3)
+                    ax.plot(
+                        curves["epoch"],
+                        curves[key],
+                        style,
+                        color=ctx.colors[p.series],
+                        linewidth=1.3,
+                    )
+                    initial.append(curves[key][0])
                     drawn = True
         ax.set_title(f"batch size {batch_size:,}", fontsize=10)
         ax.set_yscale("log")
+        if initial and np.isfinite(max(initial)):
+            ax.set_ylim(top=3 * max(initial))  # a loss blowing up leaves the panel
         ax.yaxis.set_major_formatter(FuncFormatter(_log_label))
         ax.yaxis.set_minor_formatter(FuncFormatter(_log_label))
         ax.set_xlabel("epoch")
@@ -435,16 +446,21 @@ def curves_section(ctx: ReportContext) -> Section | None:
         Line2D([], [], color="0.3", linestyle="--", label="test loss"),
     ]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 6), fontsize=9)
-    text = "Loss over training from each run's `metrics.csv` (first seed of the selected learning rate)."
-    return Section("Loss curves", text, [("loss_curves", fig, "Loss curves per batch size")])
+    text = (
+        "Loss over training from each run's `metrics.csv` (first seed of the selected learning "
+        "rate). The vertical axis stops at 3× the initial loss: a curve leaving the top has "
+        "blown up."
+    )
+    return Section("Loss curves", text, [Plot("loss_curves", fig, "Loss curves per batch size")])
 
 
 @register_section("results-table", order=60)
 def table_section(ctx: ReportContext) -> Section:
     """One row per optimizer and batch size."""
     columns = [
-        "optimizer", "batch", "base lr", "seeds", "status", "test acc %", "± std", "train acc %",
-        "val acc %", "test loss", "steps", "steps to target", "examples to target", "wall s",
+        "optimizer", "batch", "base lr", "lr used", "seeds", "status", "test acc %", "± std",
+        "train acc %", "val acc %", "test loss", "steps", "steps to target", "examples to target",
+        "wall s",
     ]  # fmt: skip
     rows = []
     for series, pts in ctx.series.items():
@@ -454,14 +470,17 @@ def table_section(ctx: ReportContext) -> Section:
                 for s in ("done", "diverged", "failed")
                 if s in p.statuses
             )
-            lr = "default" if p.lr is None else fmt(p.lr)
+            plan = ctx.run_config(p.runs[0]).get("plan", {})
+            lr = fmt(p.lr) if p.lr is not None else f"{fmt(plan.get('base_lr'))} (default)"
             if len(p.lrs) > 1:
                 lr += f" (of {len(p.lrs)}, by {p.selected_by})"
+            scaled = fmt(plan.get("lr"))
             rows.append(
                 [
                     series,
                     f"{p.batch_size:,}",
                     lr,
+                    scaled,
                     str(len(p.runs)),
                     statuses,
                     pct(p.mean("final_test_accuracy")),
@@ -489,7 +508,7 @@ def problems_section(ctx: ReportContext) -> Section | None:
             row["cell_id"],
             row["status"],
             fmt(row["steps"]),
-            (row.get("error") or "non-finite loss")[:200],
+            (row["error"] or "")[:200],
         ]
         for row in bad
     ]
@@ -555,8 +574,9 @@ def report(sweep_dir: str | Path) -> tuple[Path, Path]:
         for paragraph in filter(None, section.text.split("\n\n")):
             html_parts.append(f"<p>{_inline_html(paragraph)}</p>")
             md_parts.append(paragraph + "\n")
-        for stem, fig, caption in section.figures:
-            png = _png(fig)
+        for plot in section.plots:
+            stem, caption = plot.stem, plot.caption
+            png = _png(plot.figure)
             (figures_dir / f"{stem}.png").write_bytes(png)
             encoded = base64.b64encode(png).decode()
             html_parts.append(

@@ -155,6 +155,8 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
         result = _saved_result(run_dir)
         if result is None or (retry_failed and result.status == "failed"):
             result = _train(cell.config)
+        if result.status == "diverged" and result.error is None:
+            result = replace(result, error=f"non-finite loss by step {result.steps}")
         relative = os.path.relpath(run_dir, store.path.parent)
         store.record_run(cell.cell_id, cell.config, result, run_dir=relative)
     return result.status

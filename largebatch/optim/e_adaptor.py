@@ -68,6 +68,10 @@ class E(torch.optim.Optimizer):
             param_group = self.base_optimizer.param_groups[-1]
         super().add_param_group(param_group)
 
+    def __getstate__(self) -> dict[str, Any]:
+        """Pickle and deepcopy keep the base optimizer (``Optimizer`` drops other attributes)."""
+        return {**super().__getstate__(), "base_optimizer": self.base_optimizer}
+
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Reset the gradients (delegates to the base optimizer)."""
         self.base_optimizer.zero_grad(set_to_none=set_to_none)

@@ -11,7 +11,8 @@ is the same machinery with an ascent step. At the iterate ``w_t`` each step
 ``u_t`` per variant (``lr_t`` is the group's scheduled learning rate):
 
 - ``extragradient`` (EXTRAP-SGD): ``u = -lr_t * ratio * g(w_t)``, ``g(w_t)`` from the
-  step's mini-batch; the closure evaluates ``w~`` on a fresh mini-batch.
+  step's mini-batch; the closure evaluates ``w~`` on a fresh mini-batch. With ``layerwise``
+  (for LARS/LAMB bases) each tensor's ``g`` is first rescaled by ``||w|| / ||g||``.
 - ``past`` (extrapolation from the past, Popov 1980): ``u = -lr_t * ratio * g(w~_{t-1})``,
   the previous step's gradient; one gradient evaluation per step.
 - ``noise`` (perturbed SGD): ``u ~ N(0, noise_std^2 I)``; one evaluation per step.
@@ -34,7 +35,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from largebatch.optim.protocol import StepProtocol
-from largebatch.optim.trust_ratio import norms
+from largebatch.optim.trust_ratio import group_uses_trust_ratio, lamb_trust_ratio, norms
 
 STEP_PROTOCOLS: dict[str, StepProtocol] = {
     # g(w_t) from the loop (local under DDP: it only steers this rank's w~),
@@ -54,6 +55,7 @@ VARIANTS = tuple(STEP_PROTOCOLS)
 # The keys are prefixed so they never collide with a base optimizer's (Adadelta's ``rho``).
 _HYPERPARAMETERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
     "ratio": ("extrap_ratio", 1.0, ("extragradient", "past")),
+    "layerwise": ("extrap_layerwise", False, ("extragradient", "past")),
     "noise_std": ("extrap_noise_std", 0.01, ("noise",)),
     "rho": ("extrap_rho", 0.05, ("sam",)),
     "adaptive": ("extrap_adaptive", False, ("sam",)),
@@ -73,7 +75,12 @@ class Extrapolation(Optimizer):
         variant: ``"extragradient"`` (default), ``"past"``, ``"noise"`` or ``"sam"``.
         ratio: extrapolation step over the scheduled learning rate (``extragradient``,
             ``past``; default 1). The extrapolation uses the raw gradient, not the base's
-            momentum, weight decay or trust ratio.
+            momentum or weight decay.
+        layerwise: rescale each tensor's extrapolation to ``lr * ratio * ||w||`` (a LAMB-style
+            ratio ``||w|| / ||g||``, 1 where a norm is 0) so it has the relative length of a
+            layer-wise base's step, whose ``lr`` is not a step size for raw gradients.
+            Groups with ``trust_ratio=False`` keep the raw form (``extragradient``, ``past``;
+            default False; the ``extrap-lars``/``extrap-lamb`` registry entries turn it on).
         noise_std: standard deviation of the Gaussian ``u`` (``noise``; default 0.01).
         rho: radius of the ascent step (``sam``; default 0.05).
         adaptive: ASAM's per-parameter scaling (``sam``; default False).
@@ -83,7 +90,7 @@ class Extrapolation(Optimizer):
 
     A hyperparameter given for a variant that does not use it raises ``ValueError``.
     The variant's hyperparameters live in every param group under ``extrap_*`` keys
-    (``extrap_ratio``, ``extrap_noise_std``, ``extrap_rho``, ...), so they can be set
+    (``extrap_ratio``, ``extrap_layerwise``, ``extrap_rho``, ...), so they can be set
     per group or scheduled.
 
     ``gradient_evaluations`` counts forward/backward passes over a step's batch: the
@@ -95,6 +102,7 @@ class Extrapolation(Optimizer):
         base_optimizer: Optimizer,
         variant: str = "extragradient",
         ratio: float | None = None,
+        layerwise: bool | None = None,
         noise_std: float | None = None,
         rho: float | None = None,
         adaptive: bool | None = None,
@@ -111,6 +119,7 @@ class Extrapolation(Optimizer):
             )
         given = {
             "ratio": ratio,
+            "layerwise": layerwise,
             "noise_std": noise_std,
             "rho": rho,
             "adaptive": adaptive,
@@ -199,13 +208,16 @@ class Extrapolation(Optimizer):
         return self._move_along(lambda p: self.state.get(p, {}).get("previous_grad"))
 
     def _move_along(self, direction_of: Callable[[Tensor], Tensor | None]) -> list[Tensor]:
-        """``w~ = w - lr * ratio * d`` per group, for params whose direction ``d`` exists."""
+        """``w~ = w - lr * ratio * d`` per group (``d`` rescaled per tensor if layer-wise)."""
         moved = []
         for group in self.param_groups:
             params = [p for p in group["params"] if direction_of(p) is not None]
             if params:
                 self._save_anchors(params)
                 directions = [direction_of(p) for p in params]
+                if group["extrap_layerwise"] and group_uses_trust_ratio(group):
+                    ratios = lamb_trust_ratio(norms(params), norms(directions))
+                    directions = torch._foreach_mul(directions, list(ratios.unbind()))
                 torch._foreach_add_(params, directions, alpha=-group["lr"] * group["extrap_ratio"])
                 moved += params
         return moved
@@ -320,6 +332,9 @@ def _validate(group_defaults: dict[str, Any]) -> None:
         ):
             name = key.removeprefix("extrap_")
             raise ValueError(f"Invalid {name}: {value!r}; must be a finite number >= 0")
-    adaptive = group_defaults.get("extrap_adaptive")
-    if adaptive is not None and not isinstance(adaptive, bool):
-        raise ValueError(f"Invalid adaptive: {adaptive!r}; must be True or False")
+    for key in ("extrap_adaptive", "extrap_layerwise"):
+        value = group_defaults.get(key)
+        if value is not None and not isinstance(value, bool):
+            raise ValueError(
+                f"Invalid {key.removeprefix('extrap_')}: {value!r}; must be True or False"
+            )

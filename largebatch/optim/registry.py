@@ -195,8 +195,8 @@ register(
     OptimizerSpec(
         name="extrap-lars",
         target="largebatch.optim.extrapolation:Extrapolation",
-        description="Extragradient over LARS: gradient at the extrapolated point, LARS step (2 grads/step).",
-        defaults={"variant": "extragradient"},
+        description="Extragradient over LARS: layer-wise extrapolation (relative length lr*ratio, ratio = LARS trust_coef), LARS step (2 grads/step).",
+        defaults={"variant": "extragradient", "layerwise": True, "ratio": 1e-3},
         wraps="lars",
         scaling_rule="linear",
         warmup=0.05,
@@ -207,8 +207,8 @@ register(
     OptimizerSpec(
         name="extrap-lamb",
         target="largebatch.optim.extrapolation:Extrapolation",
-        description="Extragradient over LAMB: gradient at the extrapolated point, LAMB step (2 grads/step).",
-        defaults={"variant": "extragradient"},
+        description="Extragradient over LAMB: layer-wise extrapolation (relative length lr*ratio), LAMB step (2 grads/step).",
+        defaults={"variant": "extragradient", "layerwise": True},
         wraps="lamb",
         scaling_rule="sqrt",
         warmup=0.05,
@@ -265,5 +265,32 @@ register(
         scaling_rule="sqrt",
         warmup=0.05,
         reference="Anil, Gupta, Koren, Regan & Singer 2021 (arXiv 2002.09018); Shi et al. 2023 (arXiv 2309.06497)",
+    )
+)
+
+# LARS and LAMB (largebatch/optim/lars.py, lamb.py): layer-wise trust ratios; pass
+# ``compiled=True`` for the torch.compile'd step (fastest on CPU, see benchmarks/optimizer_step.py).
+register(
+    OptimizerSpec(
+        name="lars",
+        target="largebatch.optim.lars:LARS",
+        description="LARS: momentum SGD with a layer-wise trust ratio eta*||w||/(||g|| + wd*||w||); optional LARC clipping and Nesterov.",
+        defaults={"lr": 1.0, "momentum": 0.9, "weight_decay": 5e-4, "trust_coef": 1e-3},
+        layerwise=True,
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="You, Gitman & Ginsburg 2017 (arXiv 1708.03888); LARC clipping: NVIDIA apex",
+    )
+)
+register(
+    OptimizerSpec(
+        name="lamb",
+        target="largebatch.optim.lamb:LAMB",
+        description="LAMB: bias-corrected Adam direction plus weight decay, scaled per layer by ||w||/||r||.",
+        defaults={"lr": 1e-2, "betas": (0.9, 0.999), "eps": 1e-6, "weight_decay": 1e-2},
+        layerwise=True,
+        scaling_rule="sqrt",
+        warmup=0.05,
+        reference="You et al., ICLR 2020 (arXiv 1904.00962), Alg. 2",
     )
 )

@@ -108,18 +108,19 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     progress = Progress()
     found = load_latest(run_dir.checkpoints, rename_corrupt=ddp.is_main) if config.resume else None
     if found is not None:
-        checkpoint, _ = found
-        model.load_state_dict(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        scheduler.load_state_dict(checkpoint["scheduler"])
-        progress = Progress(**checkpoint["progress"])
-        set_rng_state(checkpoint["rng"][ddp.rank])
+        saved, _ = found
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        progress = Progress(**saved["progress"])
+        set_rng_state(saved["rng"][ddp.rank])
         stream.position = progress.batches_drawn
     saved_step = progress.step if found is not None else None
     run_dir.open_metrics(metric_columns(task), resume_step=saved_step)
     clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
-    def checkpoint() -> None:
+    def save() -> None:
+        """Write a checkpoint (every process hands its RNG state to rank 0, which writes)."""
         progress.elapsed = time.perf_counter() - clock_start
         state = {
             "model": model.state_dict(),
@@ -173,10 +174,10 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 status = "diverged"
                 break
             if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
-                checkpoint()
+                save()
                 saved_step = progress.step
         if status == "done" and saved_step != progress.step:
-            checkpoint()
+            save()
     except Exception as exception:  # a failed run is a result, not a crash
         status, error = "failed", f"{type(exception).__name__}: {exception}"
     finally:

@@ -19,7 +19,11 @@ from largebatch.tasks import accuracy
 
 def classifier(seed, batch_norm=False):
     torch.manual_seed(seed)
-    layers = [nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU()] if batch_norm else [nn.Linear(5, 8), nn.ReLU()]
+    layers = (
+        [nn.Linear(5, 8), nn.BatchNorm1d(8), nn.ReLU()]
+        if batch_norm
+        else [nn.Linear(5, 8), nn.ReLU()]
+    )
     return nn.Sequential(*layers, nn.Linear(8, 3)).double()
 
 
@@ -82,14 +86,24 @@ def test_batch_norm_statistics_interpolated_or_recomputed():
     state_a = trained_state(classifier(0, True), splits["train"], steps=2)
     state_b = trained_state(classifier(1, True), splits["train"], steps=2)
     kwargs = {"alphas": [0.5]}
-    mixed = interpolate_checkpoints(classifier(2, True), state_a, state_b, F.cross_entropy, splits, **kwargs)
+    mixed = interpolate_checkpoints(
+        classifier(2, True), state_a, state_b, F.cross_entropy, splits, **kwargs
+    )
     recomputed = interpolate_checkpoints(
-        classifier(2, True), state_a, state_b, F.cross_entropy, splits, batch_norm="recompute", **kwargs
+        classifier(2, True),
+        state_a,
+        state_b,
+        F.cross_entropy,
+        splits,
+        batch_norm="recompute",
+        **kwargs,
     )
     # Reference: the midpoint weights, with running statistics = the average over the
     # train batches of each batch's mean and (unbiased) variance.
     reference = classifier(2, True)
-    midpoint = {k: 0.5 * v + 0.5 * state_b[k] if v.is_floating_point() else v for k, v in state_a.items()}
+    midpoint = {
+        k: 0.5 * v + 0.5 * state_b[k] if v.is_floating_point() else v for k, v in state_a.items()
+    }
     reference.load_state_dict(midpoint)
     with torch.no_grad():
         features = [reference[0](inputs) for inputs, _ in splits["train"]]
@@ -107,7 +121,9 @@ def test_filter_normalized_direction_matches_weight_norms_per_filter():
         if param.dim() == 1:
             assert torch.count_nonzero(d) == 0
         else:
-            torch.testing.assert_close(d.flatten(1).norm(dim=1), param.detach().flatten(1).norm(dim=1))
+            torch.testing.assert_close(
+                d.flatten(1).norm(dim=1), param.detach().flatten(1).norm(dim=1)
+            )
     copied = filter_normalized_direction(model, seed=0, one_dim="copy")
     torch.testing.assert_close(copied[1], model[0].bias.detach())
     again = filter_normalized_direction(model, seed=0)
@@ -127,7 +143,9 @@ def test_slices_pass_through_the_model_and_follow_the_direction():
     with torch.no_grad():
         for param, d in zip(moved.parameters(), d1):
             param.add_(0.5 * d)
-    assert line.values["loss"][2] == pytest.approx(evaluate(moved, F.cross_entropy, batches)["loss"], rel=1e-12)
+    assert line.values["loss"][2] == pytest.approx(
+        evaluate(moved, F.cross_entropy, batches)["loss"], rel=1e-12
+    )
     plane = loss_slice(model, F.cross_entropy, batches, [d1, d2], coordinates=[-0.5, 0.0, 0.5])
     assert plane.values["loss"].shape == (3, 3)
     np.testing.assert_allclose(plane.values["loss"][:, 1], line.values["loss"], rtol=1e-12)
@@ -138,9 +156,13 @@ def test_bad_arguments_raise():
     model = classifier(0)
     state = model.state_dict()
     with pytest.raises(ValueError, match="keys in only one"):
-        interpolate_checkpoints(model, state, {"x": torch.zeros(1)}, F.cross_entropy, {"train": data(16, 0)})
+        interpolate_checkpoints(
+            model, state, {"x": torch.zeros(1)}, F.cross_entropy, {"train": data(16, 0)}
+        )
     with pytest.raises(ValueError, match="Invalid batch_norm: 'sometimes'"):
-        interpolate_checkpoints(model, state, state, F.cross_entropy, {"train": data(16, 0)}, batch_norm="sometimes")
+        interpolate_checkpoints(
+            model, state, state, F.cross_entropy, {"train": data(16, 0)}, batch_norm="sometimes"
+        )
     with pytest.raises(ValueError, match="Invalid one_dim: 'skip'"):
         filter_normalized_direction(model, one_dim="skip")
     with pytest.raises(ValueError, match="Invalid directions: expected 1 or 2, got 3"):

@@ -42,7 +42,9 @@ def closed_form(d, xhat, eps, f0):
 @pytest.mark.parametrize("epsilon", [1e-3, 5e-4])
 @pytest.mark.parametrize("curvature_scale", [1e-3, 1.0, 1e3])
 def test_full_space_sharpness_of_a_diagonal_quadratic(epsilon, curvature_scale):
-    model, loss_fn, batches, xhat, d, f0 = quadratic(spread=(0.5 * curvature_scale, 2 * curvature_scale))
+    model, loss_fn, batches, xhat, d, f0 = quadratic(
+        spread=(0.5 * curvature_scale, 2 * curvature_scale)
+    )
     result = epsilon_sharpness(model, loss_fn, batches, epsilon=epsilon)
     assert result.sharpness == pytest.approx(closed_form(d, xhat, epsilon, f0), rel=1e-2)
     assert result.loss == pytest.approx(f0)
@@ -111,7 +113,9 @@ def test_sharpness_is_never_negative_and_matches_its_fields():
     model, loss_fn, batches, *_ = quadratic(seed=4)
     result = epsilon_sharpness(model, loss_fn, batches, subspace_dim=3, max_iter=1)
     assert result.sharpness >= 0
-    assert result.sharpness == pytest.approx(100 * (result.max_loss - result.loss) / (1 + result.loss))
+    assert result.sharpness == pytest.approx(
+        100 * (result.max_loss - result.loss) / (1 + result.loss)
+    )
     assert set(result.to_dict()) >= {"sharpness", "epsilon", "subspace_dim", "num_evaluations"}
 
 

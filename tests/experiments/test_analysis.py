@@ -29,7 +29,9 @@ def test_learning_rate_is_chosen_on_validation_never_test(synthetic_sweep):
         if p.optimizer == "sgd" and p.batch_size == 4096:
             continue  # see below
         assert p.lr == 0.05, (p.series, p.batch_size)
-        expected = np.mean([synthetic_accuracy(p.optimizer, p.batch_size, 0.05, s, "test") for s in (0, 1)])
+        expected = np.mean(
+            [synthetic_accuracy(p.optimizer, p.batch_size, 0.05, s, "test") for s in (0, 1)]
+        )
         assert p.mean("final_test_accuracy") == pytest.approx(expected)
         assert p.spread("final_test_accuracy") == pytest.approx(
             tuple(synthetic_accuracy(p.optimizer, p.batch_size, 0.05, s, "test") for s in (0, 1))
@@ -87,7 +89,9 @@ def test_critical_batch_size_brackets_and_bounds():
     assert late.reference == 64
     # examples ratio 1 at 64 and 2.4 at 128: ratio 2 at log2(B/64) = log 2 / log 2.4
     assert late.estimate == pytest.approx(64 * 2 ** (math.log(2) / math.log(2.4)))
-    assert analysis.critical_batch_size([64], [inf]).describe() == "undefined (target never reached)"
+    assert (
+        analysis.critical_batch_size([64], [inf]).describe() == "undefined (target never reached)"
+    )
     with pytest.raises(ValueError, match="factor"):
         analysis.critical_batch_size([64], [1], factor=1.0)
 
@@ -113,7 +117,9 @@ def test_synthetic_sweep_critical_batch_sizes(synthetic_sweep):
         assert measured == [round(s) if s <= n else math.inf for s, n in zip(truth, budget)]
     sgd_b = [p.batch_size for p in series["sgd"]]
     sgd = analysis.critical_batch_size(sgd_b, [p.median_to_target() for p in series["sgd"]])
-    exact = analysis.critical_batch_size(sgd_b, mccandlish_steps(sgd_b, S_MIN, SYNTHETIC_CRITICAL["sgd"]))
+    exact = analysis.critical_batch_size(
+        sgd_b, mccandlish_steps(sgd_b, S_MIN, SYNTHETIC_CRITICAL["sgd"])
+    )
     assert 256 < sgd.estimate < 1024
     assert sgd.estimate == pytest.approx(exact.estimate, rel=0.02)  # steps are whole numbers
     # lamb reaches the target up to 1024 still scaling well, then runs out of steps at 4096

@@ -47,7 +47,11 @@ def test_report_files_and_sections(synthetic_sweep, extra_section):
     html, md = html_path.read_text(), md_path.read_text()
 
     titles = re.findall(r"<h2>(.*?)</h2>", html)
-    expected = CORE_TITLES[:3] + ["Steps to target and the critical batch size", "Sharpness vs batch size"] + CORE_TITLES[4:]
+    expected = (
+        CORE_TITLES[:3]
+        + ["Steps to target and the critical batch size", "Sharpness vs batch size"]
+        + CORE_TITLES[4:]
+    )
     assert titles == expected
     assert re.findall(r"^## (.*)$", md, re.MULTILINE) == expected
 

@@ -72,6 +72,8 @@ def test_failed_and_diverged_cells_are_recorded_and_the_sweep_goes_on(tmp_path, 
         by_kind.setdefault(kind, set()).add(row["status"])
         if row["status"] == "failed":
             assert "Invalid beta parameter" in row["error"]
+        if row["status"] == "diverged":
+            assert row["error"].startswith("non-finite loss by step")
     assert by_kind == {
         ("sgd", 0.05): {"done"},
         ("sgd", 1e5): {"diverged"},
@@ -181,3 +183,15 @@ def test_sigkill_mid_sweep_then_rerun_equals_uninterrupted(tmp_path):
             assert (killed_dir / row["run_dir"] / "result.json").stat().st_mtime_ns == before[
                 row["cell_id"]
             ]
+
+
+def test_data_parallel_cell_matches_single_process(tmp_path):
+    """A cell with nproc=2 runs through torchrun (gloo) and trains like one process."""
+    single = prepare(tiny_spec(batch_sizes=[32], optimizers=["sgd"], epochs=1), tmp_path / "one")
+    double = prepare(tiny_spec(batch_sizes=[32], optimizers=["sgd"], epochs=1, nproc=2), tmp_path / "two")
+    run_sweep(single, progress=False)
+    assert run_sweep(double, progress=False) == {double.cells[0].cell_id: "done"}
+    (one,), (two,) = ResultsStore(tmp_path / "one").rows(), ResultsStore(tmp_path / "two").rows()
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert two["steps"] == one["steps"]
+    assert two["final_train_loss"] == pytest.approx(one["final_train_loss"], rel=1e-4)

@@ -101,9 +101,16 @@ def paper_alto(model, batches, *, lr, alpha, betas, weight_decay, eps, eps2, eps
     return trajectory
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+PATHS = {
+    "single_tensor": {"foreach": False},
+    "foreach": {"foreach": True},
+    "compiled": {"compiled": True},
+}
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize(("alpha", "beta1"), [(-5.0, 0.99), (0.5, 0.01)])
-def test_matches_paper_algorithm_2(foreach, alpha, beta1):
+def test_matches_paper_algorithm_2(path, alpha, beta1):
     """Default eps2/eps3 trust ratio on matrices; biases and norm weights: no decay, no ratio."""
     model, batches = make_problem()
     matrix_names = {name for name, p in model.named_parameters() if p.ndim > 1}
@@ -120,7 +127,7 @@ def test_matches_paper_algorithm_2(foreach, alpha, beta1):
         {"params": matrices},
         {"params": vectors, "weight_decay": 0.0, "trust_ratio": False},
     ]
-    optimizer = ALTO(groups, weight_decay=1e-2, foreach=foreach, **hparams)
+    optimizer = ALTO(groups, weight_decay=1e-2, **PATHS[path], **hparams)
     assert_trajectories_close(train(model, optimizer, batches), expected)
 
 

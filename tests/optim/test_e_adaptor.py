@@ -277,3 +277,12 @@ def test_registry_builds_e_over_adamw():
         -5.0,
         0.99,
     )
+
+
+def test_deepcopy_keeps_the_base_optimizer_and_shared_groups():
+    model, batches = make_problem(steps=2)
+    optimizer = E(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9))
+    train(model, optimizer, batches)
+    clone = copy.deepcopy(optimizer)
+    assert clone.param_groups[0] is clone.base_optimizer.param_groups[0]
+    assert set(clone.state_dict()["base_optimizer"]["state"][0]) == {"momentum_buffer"}

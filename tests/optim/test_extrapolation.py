@@ -136,8 +136,14 @@ def make_optimizer(params, variant, **kwargs):
         "sam": ("extrap_rho",),
     }[variant]
     groups = [
-        {"params": [p], "lr": s["lr"], "weight_decay": s["weight_decay"], **{k: s[k] for k in keys}}
-        for p, s in zip(params, GROUP_SETTINGS)
+        {
+            "params": [p],
+            "lr": s["lr"],
+            "weight_decay": s["weight_decay"],
+            "trust_ratio": i == 0,  # only read by the layer-wise extrapolation
+            **{k: s[k] for k in keys},
+        }
+        for i, (p, s) in enumerate(zip(params, GROUP_SETTINGS))
     ]
     base = torch.optim.SGD(groups, lr=0.1, momentum=MOMENTUM, nesterov=True)
     return Extrapolation(base, variant=variant, **kwargs)
@@ -147,7 +153,20 @@ def per_coordinate(key: str) -> np.ndarray:
     return np.concatenate([np.full(n, s[key]) for n, s in zip(SIZES, GROUP_SETTINGS)])
 
 
-def reference_trajectory(variant, problem, w, steps, *, adaptive=False, eta=0.01, noise_seed=0):
+def layerwise_scaled(w: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """``d`` with its first tensor scaled by ``||w|| / ||d||`` (1 if a norm is 0).
+
+    The second tensor's group has ``trust_ratio=False`` and keeps the raw direction.
+    """
+    n = SIZES[0]
+    w_norm, d_norm = np.linalg.norm(w[:n]), np.linalg.norm(d[:n])
+    scale = w_norm / d_norm if w_norm > 0 and d_norm > 0 else 1.0
+    return np.concatenate([scale * d[:n], d[n:]])
+
+
+def reference_trajectory(
+    variant, problem, w, steps, *, layerwise=False, adaptive=False, eta=0.01, noise_seed=0
+):
     """Float64 re-derivation of the variant's equations over torch-semantics Nesterov SGD."""
     lr0, decay = per_coordinate("lr"), per_coordinate("weight_decay")
     ratio, rho, std = (
@@ -161,11 +180,15 @@ def reference_trajectory(variant, problem, w, steps, *, adaptive=False, eta=0.01
         lr = lr0 * schedule(t)
         xi = problem.batch()
         xi_tilde = xi
-        if variant == "extragradient":
-            u = -lr * ratio * problem.gradient(w, xi)
-            xi_tilde = problem.batch()
-        elif variant == "past":
-            u = -lr * ratio * previous_gradient
+        if variant in ("extragradient", "past"):
+            if variant == "extragradient":
+                direction = problem.gradient(w, xi)
+                xi_tilde = problem.batch()
+            else:
+                direction = previous_gradient
+            if layerwise:
+                direction = layerwise_scaled(w, direction)
+            u = -lr * ratio * direction
         elif variant == "noise":
             draws = [torch.randn(n, generator=noise, dtype=torch.float64) for n in SIZES]
             u = std * torch.cat(draws).numpy()
@@ -233,7 +256,9 @@ def test_bilinear_saddle_extragradient_converges_gradient_descent_ascent_spirals
     ("variant", "options"),
     [
         ("extragradient", {}),
+        ("extragradient", {"layerwise": True}),
         ("past", {}),
+        ("past", {"layerwise": True}),
         ("noise", {"noise_seed": 3}),
         ("sam", {}),
         ("sam", {"adaptive": True, "adaptive_eta": 0.05}),
@@ -251,6 +276,7 @@ def test_iterates_equal_float64_equations(variant, options):
         StochasticQuadratic(),
         w0,
         steps,
+        layerwise=options.get("layerwise", False),
         adaptive=options.get("adaptive", False),
         eta=options.get("adaptive_eta", 0.01),
         noise_seed=options.get("noise_seed", 0),
@@ -350,6 +376,8 @@ def test_extragradient_without_gradient_at_current_point_is_an_error():
         ({"variant": "sam", "rho": float("inf")}, "inf"),
         ({"variant": "sam", "adaptive_eta": -0.01}, "-0.01"),
         ({"variant": "sam", "adaptive": "yes"}, "'yes'"),
+        ({"layerwise": 1}, "layerwise: 1"),
+        ({"variant": "noise", "layerwise": True}, "layerwise=True"),
         ({"variant": "extragradient", "rho": 0.1}, "rho=0.1"),
         ({"variant": "sam", "ratio": 2.0}, "ratio=2.0"),
         ({"variant": "past", "noise_seed": 0}, "noise_seed: 0"),
@@ -430,8 +458,8 @@ def test_loading_another_variants_state_is_an_error():
         ("extrap-sgd", {"lr": 0.05, "variant": "past"}),
         ("extrap-sgd", {"lr": 0.05, "variant": "noise", "noise_std": 1e-3}),
         ("sam", {"lr": 0.05, "adaptive": True}),
-        ("extrap-lars", {"lr": 0.5}),
-        ("extrap-lamb", {"lr": 1e-2}),
+        ("extrap-lars", {}),  # registry defaults: lr 1, layer-wise extrapolation
+        ("extrap-lamb", {}),
     ],
 )
 def test_registered_optimizers_decrease_the_loss(name, hparams):

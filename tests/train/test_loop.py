@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import json
+import math
+import sys
+import types
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_train_task import assert_same_params, build, final_checkpoint, read_metrics
 
+from largebatch.optim import list_optimizers
 from largebatch.train import train
 
 
@@ -151,3 +155,47 @@ def test_protocol_without_gradient_or_closure_is_rejected(make_config, probe_reg
     )
     with pytest.raises(ValueError, match="declares neither gradient nor closure"):
         train(config)
+
+
+def test_bf16_autocast_path_trains(make_config):
+    """bf16 autocast (meant for GPUs) also runs on CPU; the model stays float32."""
+    config = make_config(bf16=True, steps=6)
+    result = train(config)
+    assert result.status == "done"
+    params = final_checkpoint(config.out_dir)["model"]
+    assert all(p.dtype == torch.float32 for p in params.values())
+
+
+def test_tensorboard_events_when_installed(make_config, monkeypatch):
+    """With ``tensorboard`` importable, every metrics row also goes to a SummaryWriter."""
+    calls = []
+
+    class FakeWriter:
+        def __init__(self, log_dir, purge_step=None):
+            calls.append(("init", Path(log_dir).name, purge_step))
+
+        def add_scalar(self, tag, value, step):
+            calls.append((tag, step))
+
+        def close(self):
+            calls.append(("close",))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = FakeWriter
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    train(make_config(steps=4, eval_every=2, checkpoint_every=2))
+    assert calls[0] == ("init", "tensorboard", None)
+    assert ("test_accuracy", 4) in calls and ("train_loss", 0) in calls
+    assert calls[-1] == ("close",)
+    calls.clear()
+    train(make_config(steps=4, eval_every=2, checkpoint_every=2, resume=True))
+    assert calls[0] == ("init", "tensorboard", 5)  # events after the checkpoint are purged
+
+
+@pytest.mark.parametrize("name", [spec.name for spec in list_optimizers()])
+def test_every_registered_optimizer_trains_through_the_loop(make_config, name):
+    """Contract with the registry: each optimizer, closures included, runs under ``train``."""
+    result = train(make_config(optimizer=name, lr=None, steps=3, accumulation_steps=2))
+    assert result.status == "done", result.error
+    assert result.extra["gradient_evaluations"] >= 3
+    assert math.isfinite(result.final_train_loss)

@@ -25,11 +25,14 @@ TINY_TASK = "tiny_train_task:build"
 
 
 class SlowModel(nn.Module):
-    """An MLP that can sleep in ``forward`` so a subprocess run is slow enough to kill."""
+    """An MLP (optional dropout, which draws from torch's global RNG) that can sleep in
+    ``forward``, so that a subprocess run is slow enough to kill."""
 
-    def __init__(self, dim: int, classes: int, delay: float) -> None:
+    def __init__(self, dim: int, classes: int, delay: float, dropout: float) -> None:
         super().__init__()
-        self.net = nn.Sequential(nn.Linear(dim, 16), nn.Tanh(), nn.Linear(16, classes))
+        self.net = nn.Sequential(
+            nn.Linear(dim, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, classes)
+        )
         self.delay = delay
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
@@ -38,7 +41,9 @@ class SlowModel(nn.Module):
         return self.net(inputs)
 
 
-def build(num_train: int = 128, dim: int = 6, classes: int = 3, delay: float = 0.0) -> Task:
+def build(
+    num_train: int = 128, dim: int = 6, classes: int = 3, delay: float = 0.0, dropout: float = 0.0
+) -> Task:
     """Gaussian inputs labelled by a fixed random linear map; a small MLP.
 
     Inputs carry their example index in the last feature (scaled down), so tests
@@ -55,7 +60,7 @@ def build(num_train: int = 128, dim: int = 6, classes: int = 3, delay: float = 0
         name="tiny_train_task:build",
         train=train,
         test=test,
-        build_model=lambda: SlowModel(dim, classes, delay),
+        build_model=lambda: SlowModel(dim, classes, delay, dropout),
         loss_fn=F.cross_entropy,
         target_metric=("accuracy", 0.99),
     )

@@ -104,7 +104,7 @@ def plan_blocking(
     grid = list(itertools.product(*(_chunks(size, max_preconditioner_dim) for size in merged)))
     blocks = tuple(
         Block(
-            name=f"{name} block {index}/{len(grid)} {_format_slices(slices)} of merged shape {list(merged)}",
+            name=f"{name} block {index} of {len(grid)}: slice {_format_slices(slices)} of merged shape {list(merged)}",
             slices=slices,
             shape=tuple(s.stop - s.start for s in slices),
         )

@@ -15,7 +15,8 @@ from typing import Any
 import torch
 
 
-def _check(condition: bool, message: str) -> None:
+def require(condition: bool, message: str) -> None:
+    """Raise ``ValueError(message)`` unless ``condition``: the validation of every setting."""
     if not condition:
         raise ValueError(message)
 
@@ -31,8 +32,8 @@ class AdamGraftingConfig:
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
-        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+        require(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
+        require(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -42,7 +43,7 @@ class AdaGradGraftingConfig:
     epsilon: float = 1e-10
 
     def __post_init__(self) -> None:
-        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+        require(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -53,8 +54,8 @@ class RMSpropGraftingConfig:
     epsilon: float = 1e-8
 
     def __post_init__(self) -> None:
-        _check(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
-        _check(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+        require(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
+        require(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
 
 
 @dataclass(frozen=True)
@@ -76,12 +77,12 @@ GRAFTING_CONFIGS: dict[str, type] = {
 def grafting_config(value: GraftingConfig | str) -> GraftingConfig:
     """A grafting config, or the default one for a name (``"adam"``, ``"sgd"``, ...)."""
     if isinstance(value, str):
-        _check(
+        require(
             value in GRAFTING_CONFIGS,
             f"Invalid grafting: {value!r}; valid names: {', '.join(GRAFTING_CONFIGS)}",
         )
         return GRAFTING_CONFIGS[value]()
-    _check(isinstance(value, tuple(GRAFTING_CONFIGS.values())), f"Invalid grafting: {value!r}")
+    require(isinstance(value, tuple(GRAFTING_CONFIGS.values())), f"Invalid grafting: {value!r}")
     return value
 
 
@@ -102,7 +103,7 @@ class EighConfig:
     retry_in_float64: bool = True
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             self.residual_tolerance > 0.0,
             f"Invalid eigh residual_tolerance: {self.residual_tolerance}",
         )
@@ -129,11 +130,13 @@ class CoupledNewtonConfig:
     power_iterations: int = 20
 
     def __post_init__(self) -> None:
-        _check(self.max_iterations >= 1, f"Invalid max_iterations: {self.max_iterations}")
-        _check(self.tolerance >= 0.0, f"Invalid Newton tolerance: {self.tolerance}")
-        _check(self.max_error_ratio >= 1.0, f"Invalid max_error_ratio: {self.max_error_ratio}")
-        _check(self.failure_threshold > 0.0, f"Invalid failure_threshold: {self.failure_threshold}")
-        _check(self.power_iterations >= 1, f"Invalid power_iterations: {self.power_iterations}")
+        require(self.max_iterations >= 1, f"Invalid max_iterations: {self.max_iterations}")
+        require(self.tolerance >= 0.0, f"Invalid Newton tolerance: {self.tolerance}")
+        require(self.max_error_ratio >= 1.0, f"Invalid max_error_ratio: {self.max_error_ratio}")
+        require(
+            self.failure_threshold > 0.0, f"Invalid failure_threshold: {self.failure_threshold}"
+        )
+        require(self.power_iterations >= 1, f"Invalid power_iterations: {self.power_iterations}")
 
 
 ROOT_METHODS: dict[str, type] = {"eigh": EighConfig, "coupled_newton": CoupledNewtonConfig}
@@ -159,16 +162,16 @@ class RootConfig:
     max_consecutive_failures: int = 3
 
     def __post_init__(self) -> None:
-        _check(
+        require(
             isinstance(self.method, tuple(ROOT_METHODS.values())),
             f"Invalid root method: {self.method!r}",
         )
-        _check(
+        require(
             self.compute_dtype in (torch.float32, torch.float64),
             f"Invalid root compute_dtype: {self.compute_dtype}",
         )
-        _check(self.relative_epsilon >= 0.0, f"Invalid relative_epsilon: {self.relative_epsilon}")
-        _check(
+        require(self.relative_epsilon >= 0.0, f"Invalid relative_epsilon: {self.relative_epsilon}")
+        require(
             self.max_consecutive_failures >= 0,
             f"Invalid max_consecutive_failures: {self.max_consecutive_failures}",
         )
@@ -177,12 +180,12 @@ class RootConfig:
 def root_config(value: RootConfig | str) -> RootConfig:
     """A root config, or the default one for a method name (``"eigh"``, ``"coupled_newton"``)."""
     if isinstance(value, str):
-        _check(
+        require(
             value in ROOT_METHODS,
             f"Invalid root method: {value!r}; valid names: {', '.join(ROOT_METHODS)}",
         )
         return RootConfig(method=ROOT_METHODS[value]())
-    _check(isinstance(value, RootConfig), f"Invalid roots config: {value!r}")
+    require(isinstance(value, RootConfig), f"Invalid roots config: {value!r}")
     return value
 
 

@@ -1,7 +1,7 @@
 """The grafted optimizers: each block's step norm comes from one of these, the direction from Shampoo.
 
-A grafting rule turns the momentum ``x`` (or the gradient when there is no momentum) into the
-grafted optimizer's step ``D``; Shampoo's preconditioned direction ``P`` is then rescaled to
+A grafting rule turns ``scale * x``, the bias-corrected momentum (or the gradient when there
+is no momentum), into the grafted optimizer's step ``D``; Shampoo's preconditioned direction ``P`` is then rescaled to
 ``||D||_F / ||P||_F * P`` per block. Before ``start_preconditioning_step``, and for parameters
 that are not preconditioned, ``D`` is the step. Rules act on lists of tensors with
 ``torch._foreach_*`` so all of a group's blocks and parameters are handled in a few kernels.
@@ -34,10 +34,10 @@ class SGDGrafting:
         """Fold this step's gradients into the grafting state."""
 
     def direction(
-        self, xs: list[Tensor], states: dict[str, list[Tensor]], step: int
+        self, xs: list[Tensor], scale: float, states: dict[str, list[Tensor]], step: int
     ) -> list[Tensor]:
-        """The grafted step for inputs ``xs`` (new tensors)."""
-        return [x.clone() for x in xs]
+        """The grafted step for inputs ``scale * xs`` (new tensors)."""
+        return torch._foreach_mul(xs, scale)
 
 
 class _DiagonalGrafting:
@@ -59,13 +59,17 @@ class _DiagonalGrafting:
             torch._foreach_addcmul_(second_moments, grads, grads, value=1.0 - self.beta2)
 
     def direction(
-        self, xs: list[Tensor], states: dict[str, list[Tensor]], step: int
+        self, xs: list[Tensor], scale: float, states: dict[str, list[Tensor]], step: int
     ) -> list[Tensor]:
+        # scale * x / (sqrt(v / c) + eps) as (scale * sqrt(c)) * x / (sqrt(v) + eps * sqrt(c)):
+        # the corrections cost no pass of their own.
+        root_correction = math.sqrt(1.0 - self.beta2**step) if self.bias_correction else 1.0
         denominators = torch._foreach_sqrt(states[SECOND_MOMENT])
-        if self.bias_correction:
-            torch._foreach_div_(denominators, math.sqrt(1.0 - self.beta2**step))
-        torch._foreach_add_(denominators, self.epsilon)
-        return torch._foreach_div(xs, denominators)
+        torch._foreach_add_(denominators, self.epsilon * root_correction)
+        directions = torch._foreach_div(xs, denominators)
+        if scale * root_correction != 1.0:
+            torch._foreach_mul_(directions, scale * root_correction)
+        return directions
 
 
 GraftingRule = SGDGrafting | _DiagonalGrafting

@@ -16,6 +16,7 @@ added; the others may change during training.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +30,7 @@ from largebatch.optim.shampoo.config import (
     GraftingConfig,
     RootConfig,
     grafting_config,
+    require,
     root_config,
 )
 from largebatch.optim.shampoo.distributed import (
@@ -45,6 +47,7 @@ from largebatch.optim.shampoo.preconditioner import (
     KroneckerBucket,
     accumulate_statistics,
     precondition,
+    split_bucket,
 )
 from largebatch.optim.shampoo.root_worker import RootWorker
 
@@ -83,13 +86,14 @@ class _GroupLayout:
 class _ActiveBucket:
     """The slots of a bucket whose parameters have a gradient this step, with their tensors.
 
-    When only some slots are active the tensors are gathered copies, written back by
-    :meth:`write_back`; otherwise they are the bucket's own buffers.
+    When only some slots are active (``rows`` is set) the tensors are gathered copies,
+    written back by :meth:`write_back`; otherwise they are the bucket's own buffers.
     """
 
     index: int  # position in the group's buckets
     bucket: KroneckerBucket
-    slots: list[int] | None  # None: all slots
+    slots: list[int]
+    rows: Tensor | None
     grads: Tensor
     factors: list[Tensor]
     momentum: Tensor
@@ -102,13 +106,21 @@ class _ActiveBucket:
         grads = grad_blocks[0].unsqueeze(0) if len(grad_blocks) == 1 else torch.stack(grad_blocks)
         if len(slots) == len(bucket.members):
             return cls(
-                index, bucket, None, grads, bucket.factors, bucket.momentum, bucket.graft_state
+                index,
+                bucket,
+                slots,
+                None,
+                grads,
+                bucket.factors,
+                bucket.momentum,
+                bucket.graft_state,
             )
         rows = torch.tensor(slots, device=bucket.momentum.device)
         return cls(
             index,
             bucket,
             slots,
+            rows,
             grads,
             [f.index_select(0, rows) for f in bucket.factors],
             bucket.momentum.index_select(0, rows),
@@ -116,29 +128,22 @@ class _ActiveBucket:
         )
 
     def write_back(self) -> None:
-        if self.slots is None:
+        if self.rows is None:
             return
-        index = torch.tensor(self.slots, device=self.momentum.device)
         for full, part in zip(self.bucket.factors, self.factors):
-            full.index_copy_(0, index, part)
-        self.bucket.momentum.index_copy_(0, index, self.momentum)
+            full.index_copy_(0, self.rows, part)
+        self.bucket.momentum.index_copy_(0, self.rows, self.momentum)
         for key, part in self.graft_state.items():
-            self.bucket.graft_state[key].index_copy_(0, index, part)
+            self.bucket.graft_state[key].index_copy_(0, self.rows, part)
 
     def roots(self) -> list[Tensor]:
-        if self.slots is None:
+        if self.rows is None:
             return self.bucket.roots
-        index = torch.tensor(self.slots, device=self.momentum.device)
-        return [r.index_select(0, index) for r in self.bucket.roots]
+        return [r.index_select(0, self.rows) for r in self.bucket.roots]
 
 
 # (bucket index, dim, slots, result) for every root chunk a rank computed
 _RootBatchResult = tuple[int, int, range, RootResult]
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
 
 
 def _is_int(value: Any) -> bool:
@@ -206,7 +211,7 @@ class Shampoo(torch.optim.Optimizer):
         asynchronous: bool = True,
         distributed: DistributedConfig | None = None,
     ) -> None:
-        _check(isinstance(asynchronous, bool), f"Invalid asynchronous: {asynchronous!r}")
+        require(isinstance(asynchronous, bool), f"Invalid asynchronous: {asynchronous!r}")
         self.asynchronous = asynchronous
         self._topology = Topology.resolve(distributed)
         self._rank_loads = [0.0] * self._topology.world_size
@@ -236,36 +241,38 @@ class Shampoo(torch.optim.Optimizer):
     def _resolve(self, settings: dict[str, Any]) -> dict[str, Any]:
         """Validate a group's hyperparameters; fill the defaults that depend on others."""
         lr = settings["lr"]
-        _check(isinstance(lr, (int, float)) and lr >= 0.0, f"Invalid learning rate: {lr}")
+        require(isinstance(lr, (int, float)) and lr >= 0.0, f"Invalid learning rate: {lr}")
         betas = settings["betas"]
-        _check(len(betas) == 2, f"Invalid betas: {betas}")
-        _check(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
-        _check(0.0 < betas[1] <= 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
-        _check(settings["epsilon"] > 0.0, f"Invalid epsilon: {settings['epsilon']}")
-        _check(settings["weight_decay"] >= 0.0, f"Invalid weight_decay: {settings['weight_decay']}")
-        _check(
+        require(len(betas) == 2, f"Invalid betas: {betas}")
+        require(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
+        require(0.0 < betas[1] <= 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
+        require(settings["epsilon"] > 0.0, f"Invalid epsilon: {settings['epsilon']}")
+        require(
+            settings["weight_decay"] >= 0.0, f"Invalid weight_decay: {settings['weight_decay']}"
+        )
+        require(
             isinstance(settings["nesterov"], bool), f"Invalid nesterov: {settings['nesterov']!r}"
         )
         for key in ("max_preconditioner_dim", "max_preconditioned_dim", "precondition_frequency"):
             value = settings[key]
-            _check(_is_int(value) and value >= 1, f"Invalid {key}: {value}")
+            require(_is_int(value) and value >= 1, f"Invalid {key}: {value}")
         frequency = settings["precondition_frequency"]
         staleness = settings["staleness"]
         if staleness is None:
             staleness = max(1, frequency // 4) if self.asynchronous else 0
-        _check(
+        require(
             _is_int(staleness) and 0 <= staleness <= frequency,
             f"Invalid staleness: {staleness} (must be in [0, precondition_frequency={frequency}])",
         )
-        _check(
+        require(
             staleness >= 1 or not self.asynchronous,
             f"Invalid staleness: {staleness} (asynchronous roots need staleness >= 1)",
         )
         start = settings["start_preconditioning_step"]
         if start is None:
             start = frequency + staleness
-        _check(_is_int(start) and start >= 1, f"Invalid start_preconditioning_step: {start}")
-        _check(
+        require(_is_int(start) and start >= 1, f"Invalid start_preconditioning_step: {start}")
+        require(
             settings["factor_dtype"] in (torch.float32, torch.float64),
             f"Invalid factor_dtype: {settings['factor_dtype']}",
         )
@@ -282,9 +289,10 @@ class Shampoo(torch.optim.Optimizer):
         settings = {**self.defaults, **{k: v for k, v in param_group.items() if k != "params"}}
         resolved = {k: v for k, v in self._resolve(settings).items() if k in self.defaults}
         super().add_param_group({**param_group, **resolved})
-        group = self.param_groups[-1]
-        _check(len(group["params"]) > 0, "Invalid parameter group: it has no parameters")
-        self._layouts.append(self._build_layout(len(self.param_groups) - 1, group))
+        if not self.param_groups[-1]["params"]:
+            self.param_groups.pop()
+            raise ValueError("Invalid parameter group: it has no parameters")
+        self._layouts.append(self._build_layout(len(self.param_groups) - 1, self.param_groups[-1]))
 
     def _build_layout(self, group_index: int, group: dict[str, Any]) -> _GroupLayout:
         params: list[Tensor] = group["params"]
@@ -318,7 +326,8 @@ class Shampoo(torch.optim.Optimizer):
                 graft_keys=grafting.state_keys,
                 keep_snapshot=group["staleness"] > 0,
             )
-            for (shape, device, dtype), bucket_members in members.items()
+            for (shape, device, dtype), same_shape in members.items()
+            for bucket_members in split_bucket(same_shape, math.prod(shape))
         ]
         placements: list[list[tuple[int, int]]] = [[(0, 0)] * len(b.blocks) for b in blockings]
         for bucket_index, bucket in enumerate(buckets):
@@ -376,24 +385,11 @@ class Shampoo(torch.optim.Optimizer):
         step = int(step_count)  # a CPU tensor: no device synchronisation
         beta1, beta2 = group["betas"]
 
-        # Units for the element-wise math: unblocked parameters, then active buckets.
+        # Units of the element-wise math: unblocked parameters, then active buckets.
         diagonal = [
             i for i, b in enumerate(layout.blockings) if has_grad[i] and not b.preconditioned
         ]
-        grad_blocks = {
-            i: blocking.block_views(params[i].grad)
-            for i, blocking in enumerate(layout.blockings)
-            if has_grad[i] and blocking.preconditioned
-        }
-        active = []
-        for bucket_index, bucket in enumerate(layout.buckets):
-            slots = [s for s, m in enumerate(bucket.members) if has_grad[m.param_index]]
-            if slots:
-                blocks = [
-                    grad_blocks[bucket.members[s].param_index][bucket.members[s].block_index]
-                    for s in slots
-                ]
-                active.append(_ActiveBucket.gather(bucket_index, bucket, slots, blocks))
+        active = self._active_buckets(layout, params, has_grad)
         grads = [params[i].grad for i in diagonal] + [a.grads for a in active]
         momenta = [self.state[params[i]]["momentum"] for i in diagonal] + [
             a.momentum for a in active
@@ -404,61 +400,101 @@ class Shampoo(torch.optim.Optimizer):
             for key in layout.grafting.state_keys
         }
 
-        if beta1 > 0.0:
+        # inputs * input_scale is the bias-corrected momentum (Nesterov: its look-ahead).
+        # Shampoo's direction is rescaled per block anyway, so only the grafted step needs
+        # the scale, which it folds into its last pass.
+        if beta1 == 0.0:
+            inputs, input_scale = grads, 1.0
+        else:
             torch._foreach_lerp_(momenta, grads, 1.0 - beta1)
             if group["nesterov"]:
                 inputs = torch._foreach_lerp(grads, momenta, beta1)
-                torch._foreach_div_(inputs, 1.0 - beta1 ** (step + 1))
+                input_scale = 1.0 / (1.0 - beta1 ** (step + 1))
             else:
-                inputs = torch._foreach_div(momenta, 1.0 - beta1**step)
-        else:
-            inputs = grads
+                inputs, input_scale = momenta, 1.0 / (1.0 - beta1**step)
         layout.grafting.accumulate(graft_state, grads)
-        grafted = layout.grafting.direction(inputs, graft_state, step)
+        grafted = layout.grafting.direction(inputs, input_scale, graft_state, step)
         for unit in active:
             accumulate_statistics(unit.factors, unit.grads, beta2)
             unit.write_back()
 
         self._update_roots(group_index, group, layout, step)
 
-        preconditioning = step >= group["start_preconditioning_step"]
         offset = len(diagonal)
-        bucket_updates: dict[tuple[int, int], Tensor] = {}
-        for unit_index, unit in enumerate(active):
-            x, d = inputs[offset + unit_index], grafted[offset + unit_index]
-            update = self._grafted_direction(unit, x, d) if preconditioning else d
-            slots = unit.slots if unit.slots is not None else range(len(unit.bucket.members))
-            for row, slot in enumerate(slots):
-                bucket_updates[unit.index, slot] = update[row]
+        block_updates: dict[tuple[int, int], Tensor] = {}
+        for position, unit in enumerate(active):
+            x, d = inputs[offset + position], grafted[offset + position]
+            update = (
+                self._grafted_direction(unit, x, d)
+                if step >= group["start_preconditioning_step"]
+                else d
+            )
+            for row, slot in enumerate(unit.slots):
+                block_updates[unit.index, slot] = update[row]
+        self._apply_updates(group, layout, has_grad, diagonal, grafted[:offset], block_updates)
 
-        updated, updates = [params[i] for i in diagonal], list(grafted[:offset])
+    @staticmethod
+    def _active_buckets(
+        layout: _GroupLayout, params: list[Tensor], has_grad: list[bool]
+    ) -> list[_ActiveBucket]:
+        """Each bucket with a gradient this step, its gradient blocks stacked."""
+        grad_blocks = {
+            i: blocking.block_views(params[i].grad)
+            for i, blocking in enumerate(layout.blockings)
+            if has_grad[i] and blocking.preconditioned
+        }
+        active = []
+        for index, bucket in enumerate(layout.buckets):
+            slots = [s for s, m in enumerate(bucket.members) if has_grad[m.param_index]]
+            if slots:
+                members = [bucket.members[s] for s in slots]
+                blocks = [grad_blocks[m.param_index][m.block_index] for m in members]
+                active.append(_ActiveBucket.gather(index, bucket, slots, blocks))
+        return active
+
+    def _apply_updates(
+        self,
+        group: dict[str, Any],
+        layout: _GroupLayout,
+        has_grad: list[bool],
+        diagonal: list[int],
+        diagonal_updates: list[Tensor],
+        block_updates: dict[tuple[int, int], Tensor],
+    ) -> None:
+        """Decoupled weight decay, then ``p -= lr * update``.
+
+        Block updates go straight into the parameter's block views; a non-contiguous
+        parameter (e.g. channels_last) gets its blocks assembled into one update first.
+        """
+        params = group["params"]
+        targets, updates = [params[i] for i in diagonal], list(diagonal_updates)
         for i, blocking in enumerate(layout.blockings):
             if has_grad[i] and blocking.preconditioned:
-                updated.append(params[i])
-                updates.append(
-                    self._assemble(
-                        params[i], blocking, [bucket_updates[p] for p in layout.placements[i]]
-                    )
-                )
+                pieces = [block_updates[placement] for placement in layout.placements[i]]
+                if params[i].is_contiguous():
+                    targets += blocking.block_views(params[i])
+                    updates += pieces
+                else:
+                    targets.append(params[i])
+                    updates.append(self._assemble(params[i], blocking, pieces))
         if group["weight_decay"] != 0.0:
-            torch._foreach_mul_(updated, 1.0 - group["lr"] * group["weight_decay"])
-        torch._foreach_add_(updated, updates, alpha=-group["lr"])
+            decayed = [p for p, g in zip(params, has_grad) if g]
+            torch._foreach_mul_(decayed, 1.0 - group["lr"] * group["weight_decay"])
+        torch._foreach_add_(targets, updates, alpha=-group["lr"])
 
     @staticmethod
     def _grafted_direction(unit: _ActiveBucket, x: Tensor, grafted: Tensor) -> Tensor:
         """Shampoo's direction for each block, rescaled to the grafted step's norm."""
         direction = precondition(unit.roots(), x)
-        norms = torch.linalg.vector_norm(direction.flatten(1), dim=1)
-        target = torch.linalg.vector_norm(grafted.flatten(1), dim=1)
-        scale = target / norms.clamp_min(torch.finfo(norms.dtype).tiny)
-        return direction.mul_(scale.view(-1, *([1] * (direction.dim() - 1))))
+        block_dims = tuple(range(1, direction.dim()))
+        norms = torch.linalg.vector_norm(direction, dim=block_dims, keepdim=True)
+        target = torch.linalg.vector_norm(grafted, dim=block_dims, keepdim=True)
+        return direction.mul_(target / norms.clamp_min(torch.finfo(norms.dtype).tiny))
 
     @staticmethod
     def _assemble(param: Tensor, blocking: ParamBlocking, pieces: list[Tensor]) -> Tensor:
         """A parameter-shaped update from its blocks' updates."""
-        if len(pieces) == 1:
-            return pieces[0].reshape(param.shape)
-        full = param.new_empty(blocking.merged_shape)
+        full = torch.empty(blocking.merged_shape, dtype=param.dtype, device=param.device)
         for block, piece in zip(blocking.blocks, pieces):
             full[block.slices] = piece
         return full.view(param.shape)

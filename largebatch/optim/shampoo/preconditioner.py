@@ -35,16 +35,27 @@ def accumulate_statistics(factors: list[Tensor], grads: Tensor, beta2: float) ->
 def precondition(roots: list[Tensor], stacked: Tensor) -> Tensor:
     """Multiply every mode of each block by its root: ``stacked x_1 R_1 x_2 R_2 ... x_k R_k``.
 
-    Each pass applies the root of the leading block dimension and rotates that dimension
-    to the end, so after k passes the dimensions are back in order.
+    Each pass contracts the leading block dimension with its (symmetric) root as
+    ``X_(1)^T R``, which leaves that dimension last in a contiguous result; after k passes
+    the dimensions are back in order, and no pass copies its input.
     """
     result = stacked.to(roots[0].dtype)
-    batch = result.shape[0]
+    batch, shape = result.shape[0], result.shape[1:]
     for root in roots:
-        shape = result.shape[1:]
-        product = root @ result.reshape(batch, shape[0], -1)
-        result = product.reshape(batch, *shape).movedim(1, -1)
-    return result.to(stacked.dtype)
+        result = torch.bmm(result.reshape(batch, root.shape[-1], -1).mT, root)
+    return result.reshape(batch, *shape).to(stacked.dtype)
+
+
+# Largest bucket, in elements of its stacked blocks. A step allocates a few bucket-sized
+# temporaries; on the CPU, glibc hands allocations above 32 MiB back to the OS when they are
+# freed, so each step would page-fault them in again (measured in benchmarks/shampoo_step.py).
+MAX_BUCKET_NUMEL = 2**22
+
+
+def split_bucket(members: list[BucketMember], block_numel: int) -> list[list[BucketMember]]:
+    """Same-shape blocks in consecutive buckets of at most ``MAX_BUCKET_NUMEL`` elements (one block at least)."""
+    per_bucket = max(1, MAX_BUCKET_NUMEL // block_numel)
+    return [members[start : start + per_bucket] for start in range(0, len(members), per_bucket)]
 
 
 @dataclass(frozen=True)

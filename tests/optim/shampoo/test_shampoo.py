@@ -473,3 +473,28 @@ def test_optimizer_copies_keep_independent_state():
         saved["state"][0]["block_0.factor_0"],
         optimizer.state_dict()["state"][0]["block_0.factor_0"],
     )
+
+
+def test_non_contiguous_parameters_get_the_same_updates():
+    torch.manual_seed(6)
+    weight = torch.randn(8, 3, 3, 3)
+    plain = torch.nn.Parameter(weight.clone())
+    channels_last = torch.nn.Parameter(weight.clone().to(memory_format=torch.channels_last))
+    assert not channels_last.is_contiguous()
+    # Block size 4 splits the 8 output channels: a parameter of two blocks.
+    settings = dict(
+        max_preconditioner_dim=4, precondition_frequency=1, staleness=0, asynchronous=False
+    )
+    optimizers = [
+        Shampoo([p], start_preconditioning_step=1, **settings) for p in (plain, channels_last)
+    ]
+    assert "block_1.factor_0" in optimizers[1].state[channels_last]
+    for _ in range(3):
+        grad = torch.randn(8, 3, 3, 3)
+        plain.grad = grad.clone()
+        channels_last.grad = grad.clone().to(memory_format=torch.channels_last)
+        for optimizer in optimizers:
+            optimizer.step()
+    assert torch.equal(plain, channels_last)
+    assert channels_last.is_contiguous(memory_format=torch.channels_last)
+    assert not torch.equal(plain, weight)

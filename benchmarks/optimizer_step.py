@@ -1,0 +1,304 @@
+"""Optimizer step time of LARS, LAMB and ALTO next to torch and reference implementations.
+
+Parameter sets: ResNet-50's 161 tensors (25.6M parameters: 53 convolutions, 53
+batch norms, the classifier) and a transformer of ``--layers`` blocks of width
+768 (12 blocks: 85M parameters in 146 tensors; no embeddings). Parameters are
+split like :func:`largebatch.optim.param_groups` does (1-D tensors: no weight
+decay, no trust ratio). Gradients are fixed random tensors, restored before every
+step (some references clip or rescale ``p.grad`` in place) outside the timed
+region; only ``optimizer.step()`` is timed (wall clock, synchronised on GPU).
+
+Every contender steps the same parameter tensors, in interleaved rounds (the
+order rotates each round) after warm-up steps, so machine load affects all of
+them alike. Reported: the median step time, and the median over rounds of the
+ratio to fused AdamW's step in the same round. The first step (state creation,
+compilation for ``compiled`` paths) is reported separately.
+
+Contenders come from section functions in :data:`SECTIONS`; another section (e.g.
+Shampoo) is one more function returning :class:`Contender` records::
+
+    SECTIONS.append(lambda: [Contender("shampoo", lambda groups: create_optimizer("shampoo", groups))])
+
+Run: ``python benchmarks/optimizer_step.py [--quick] [--threads N] [--device cpu|cuda]``
+(full: about 10 minutes on a quiet 2-core CPU; ``--quick``: a 4-block
+transformer and fewer rounds, a few minutes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import inspect
+import statistics
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from largebatch.optim import create_optimizer, list_optimizers
+
+Shapes = list[tuple[int, ...]]
+Groups = list[dict]
+
+
+def resnet50_shapes() -> Shapes:
+    """ResNet-50's parameter shapes (torchvision layout), 25,557,032 parameters."""
+    shapes: Shapes = [(64, 3, 7, 7), (64,), (64,)]
+    in_channels = 64
+    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
+        for index in range(blocks):
+            out_channels = 4 * width
+            shapes += [(width, in_channels, 1, 1), (width,), (width,)]
+            shapes += [(width, width, 3, 3), (width,), (width,)]
+            shapes += [(out_channels, width, 1, 1), (out_channels,), (out_channels,)]
+            if index == 0:
+                shapes += [(out_channels, in_channels, 1, 1), (out_channels,), (out_channels,)]
+            in_channels = out_channels
+    return shapes + [(1000, 2048), (1000,)]
+
+
+def transformer_shapes(layers: int, width: int = 768) -> Shapes:
+    """Pre-norm transformer blocks (fused QKV, 4x MLP) and a final layer norm."""
+    block = [
+        (width,), (width,),  # attention layer norm
+        (3 * width, width), (3 * width,),  # query, key, value
+        (width, width), (width,),  # attention output
+        (width,), (width,),  # MLP layer norm
+        (4 * width, width), (4 * width,),  # MLP in
+        (width, 4 * width), (width,),  # MLP out
+    ]  # fmt: skip
+    return block * layers + [(width,), (width,)]
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One optimizer configuration to time.
+
+    Attributes:
+        name: row label.
+        build: makes the optimizer from parameter groups (dicts with ``params``,
+            ``weight_decay`` and ``trust_ratio``).
+        target: the largest acceptable ratio to fused AdamW, if any.
+    """
+
+    name: str
+    build: Callable[[Groups], torch.optim.Optimizer]
+    target: float | None = None
+
+
+def _registered(name: str) -> bool:
+    return any(spec.name == name for spec in list_optimizers())
+
+
+def _accepts(name: str, keyword: str) -> bool:
+    spec = next(spec for spec in list_optimizers() if spec.name == name)
+    return keyword in inspect.signature(spec.load()).parameters
+
+
+def baseline_contenders() -> list[Contender]:
+    """torch's fastest AdamW and momentum SGD (the yardsticks)."""
+    return [
+        Contender("torch AdamW (fused)", lambda g: torch.optim.AdamW(g, lr=1e-4, fused=True)),
+        Contender(
+            "torch SGD momentum (foreach)",
+            lambda g: torch.optim.SGD(g, lr=1e-4, momentum=0.9, foreach=True),
+        ),
+    ]
+
+
+TARGETS = {"lars": 1.5, "lamb": 2.0, "alto": 2.2}
+"""Largest acceptable step time relative to fused AdamW on CPU (issue #2)."""
+
+PATHS = {"foreach": {"foreach": True}, "compiled": {"compiled": True}}
+
+
+def largebatch_contenders() -> list[Contender]:
+    """Our layer-wise optimizers, multi-tensor and compiled paths (ALTO when registered)."""
+    contenders = []
+    for name, target in TARGETS.items():
+        if not _registered(name):
+            continue
+        for path, switch in PATHS.items():
+            if path == "compiled" and not _accepts(name, "compiled"):
+                continue
+            contenders.append(
+                Contender(
+                    f"largebatch {name} ({path})",
+                    lambda g, name=name, switch=switch: create_optimizer(name, g, lr=1e-4, **switch),
+                    target,
+                )
+            )
+    return contenders
+
+
+def reference_contenders() -> list[Contender]:
+    """pytorch-optimizer's Lamb and LARS, e-optimizer-adaptor's ALTO (where installed)."""
+    contenders = []
+    if importlib.util.find_spec("pytorch_optimizer") is not None:
+        from pytorch_optimizer import LARS, Lamb
+
+        contenders += [
+            Contender("pytorch-optimizer LARS", lambda g: LARS(g, lr=1e-4, momentum=0.9)),
+            Contender("pytorch-optimizer Lamb", lambda g: Lamb(g, lr=1e-4)),
+        ]
+    if importlib.util.find_spec("ALTO") is not None:
+        from ALTO import ALTO
+
+        contenders.append(
+            Contender(
+                "e-optimizer-adaptor ALTO",
+                lambda g: ALTO(g, lr=1e-4, betas=(0.99, 0.9, 0.99), alp=-5.0, eps=1e-6),
+            )
+        )
+    return contenders
+
+
+SECTIONS: list[Callable[[], list[Contender]]] = [
+    baseline_contenders,
+    largebatch_contenders,
+    reference_contenders,
+]
+"""Functions returning contenders; their rows are printed in this order."""
+
+BASELINE = "torch AdamW (fused)"
+
+
+@dataclass
+class Timing:
+    """Measurements of one contender on one parameter set."""
+
+    first_step_s: float
+    step_s: list[float]
+
+
+def make_parameters(shapes: Shapes, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Parameters (small random values) and fixed gradients of the given shapes."""
+    generator = torch.Generator().manual_seed(0)
+    params = [
+        (0.02 * torch.randn(shape, generator=generator)).to(device).requires_grad_()
+        for shape in shapes
+    ]
+    grads = [(1e-3 * torch.randn(shape, generator=generator)).to(device) for shape in shapes]
+    return params, grads
+
+
+def parameter_groups(params: Sequence[torch.Tensor]) -> Groups:
+    """Decayed, trust-ratio weights and exempt 1-D tensors, as ``param_groups`` splits a model."""
+    matrices = [p for p in params if p.ndim > 1]
+    vectors = [p for p in params if p.ndim <= 1]
+    return [
+        {"params": matrices, "weight_decay": 1e-4, "trust_ratio": True},
+        {"params": vectors, "weight_decay": 0.0, "trust_ratio": False},
+    ]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_step(
+    optimizer: torch.optim.Optimizer,
+    params: Sequence[torch.Tensor],
+    grads: Sequence[torch.Tensor],
+    device: torch.device,
+) -> float:
+    """Seconds of one ``optimizer.step()`` after restoring the gradients (not timed)."""
+    for param, grad in zip(params, grads):
+        if param.grad is None:
+            param.grad = grad.clone()
+        else:
+            param.grad.copy_(grad)
+    _synchronize(device)
+    start = time.perf_counter()
+    optimizer.step()
+    _synchronize(device)
+    return time.perf_counter() - start
+
+
+def measure(
+    contenders: Sequence[Contender],
+    shapes: Shapes,
+    *,
+    device: torch.device,
+    warmup: int,
+    rounds: int,
+) -> dict[str, Timing]:
+    """Interleaved timings of every contender on one parameter set."""
+    params, grads = make_parameters(shapes, device)
+    optimizers = {c.name: c.build(parameter_groups(params)) for c in contenders}
+    timings = {}
+    for name, optimizer in optimizers.items():
+        first = time_step(optimizer, params, grads, device)
+        for _ in range(warmup - 1):
+            time_step(optimizer, params, grads, device)
+        timings[name] = Timing(first_step_s=first, step_s=[])
+    names = list(optimizers)
+    for index in range(rounds):
+        shift = index % len(names)
+        for name in names[shift:] + names[:shift]:
+            timings[name].step_s.append(time_step(optimizers[name], params, grads, device))
+    return timings
+
+
+def markdown_table(title: str, timings: dict[str, Timing], targets: dict[str, float | None]) -> str:
+    """Rows: median step time, median ratio to fused AdamW, target, first step."""
+    baseline = timings[BASELINE].step_s
+    lines = [
+        f"**{title}**",
+        "",
+        "| optimizer | median step (ms) | ratio to fused AdamW | target | first step (s) |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for name, timing in timings.items():
+        ratio = statistics.median(t / b for t, b in zip(timing.step_s, baseline))
+        target = targets.get(name)
+        verdict = "" if target is None else f"<= {target} {'met' if ratio <= target else 'MISSED'}"
+        lines.append(
+            f"| {name} | {1e3 * statistics.median(timing.step_s):.1f} | {ratio:.2f}x "
+            f"| {verdict} | {timing.first_step_s:.2f} |"
+        )
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="4 transformer blocks, fewer rounds")
+    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25, quick 7)")
+    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default 12, quick 4)")
+    parser.add_argument("--only", nargs="*", default=None, help="substrings of contender names to run")
+    args = parser.parse_args(argv)
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    torch.set_flush_denormal(True)
+    device = torch.device(args.device)
+    rounds = args.rounds or (7 if args.quick else 25)
+    layers = args.layers or (4 if args.quick else 12)
+    warmup = 3
+
+    contenders = [c for section in SECTIONS for c in section()]
+    if args.only:
+        contenders = [
+            c for c in contenders if c.name == BASELINE or any(s in c.name for s in args.only)
+        ]
+    targets = {c.name: c.target for c in contenders}
+    print(
+        f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
+        f"{rounds} rounds after {warmup} warm-up steps\n"
+    )
+    for title, shapes in [
+        ("ResNet-50", resnet50_shapes()),
+        (f"Transformer, {layers} blocks of width 768", transformer_shapes(layers)),
+    ]:
+        numel = sum(torch.Size(s).numel() for s in shapes)
+        timings = measure(contenders, shapes, device=device, warmup=warmup, rounds=rounds)
+        print(markdown_table(f"{title}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters", timings, targets))
+        print()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,168 @@
+"""Compiled optimizer steps: one ``torch.compile`` machinery shared by LARS, LAMB and ALTO.
+
+An algorithm supplies a *per-tensor step*: a function that updates one
+parameter and its state in place using only tensor ops, written so that its
+hyperparameters may be Python floats (eager single-tensor path) or 0-dim
+tensors (compiled path). :class:`CompiledStep` runs that function over a whole
+parameter group through ``torch.compile`` (inductor), so each parameter's update
+becomes one or two fused loops (one memory pass for the norms, one for the
+update) instead of one pass per ``torch._foreach_*`` op.
+
+Design, chosen by measurement on CPU (see ``benchmarks/optimizer_step.py``):
+
+* **Flat aliases + dynamic shapes.** Every tensor is passed as a flat, non-view
+  alias (``t.view(-1).detach()``) and compiled with ``dynamic=True`` and duck
+  sizing off, so one graph serves every parameter shape of every model: compile
+  cost does not grow with the model and inductor's on-disk cache is reused
+  across models and runs.
+* **Chunks.** Tensors go through the compiled function :data:`CHUNK_SIZE` at a
+  time (the remainder one at a time), which keeps Python/guard overhead per step
+  low without unrolling a whole model into one graph (a 161-tensor graph took
+  minutes to compile). At most two graphs per algorithm, dtype and option set.
+* **Hyperparameters as tensors.** Floats (``lr``, betas, ...) become 0-dim
+  tensors on the parameters' device (``torch.full``, no host copy), so a learning
+  rate scheduler never triggers recompilation and nothing synchronises with the
+  host. Options that change the code (Nesterov on/off, trust ratio on/off, clamp
+  bounds) stay Python values and specialise the graph.
+* **Per-tensor scalars precomputed.** Values such as Adam's bias corrections are
+  computed once per group on stacked step counts by the caller and passed in as
+  0-dim tensors; inside a fused loop inductor would otherwise recompute e.g.
+  ``beta ** step`` for every vector of elements.
+
+Tensors whose memory is not contiguous (e.g. channels-last parameters) run the
+same per-tensor step eagerly, which is slower but exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+import torch._dynamo
+import torch.fx.experimental._config as fx_config
+from torch import Tensor
+
+CHUNK_SIZE = 8
+"""Tensors per compiled call; calls of one tensor take the remainder."""
+
+RECOMPILE_LIMIT = 64
+"""Graphs allowed for the shared chunk runner (algorithms x dtypes x options x 2 sizes)."""
+
+TensorStep = Callable[..., None]
+
+
+def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
+    """Precision of hyperparameter tensors for parameters of ``dtype`` (float32 at least)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def hyperparameter_tensors(
+    values: Mapping[str, float], device: torch.device, dtype: torch.dtype
+) -> dict[str, Tensor]:
+    """Each float as a 0-dim tensor filled on ``device`` (no host-to-device copy, no sync)."""
+    dtype = scalar_dtype(dtype)
+    return {name: torch.full((), value, dtype=dtype, device=device) for name, value in values.items()}
+
+
+def _run_chunk(
+    tensor_step: TensorStep,
+    tensor_lists: Sequence[Sequence[Tensor]],
+    hyperparameters: Mapping[str, Any],
+) -> None:
+    """Apply ``tensor_step`` to each tensor of a chunk (this is what gets compiled)."""
+    for tensors in zip(*tensor_lists):
+        tensor_step(*tensors, **hyperparameters)
+
+
+def _flat_alias(tensor: Tensor) -> Tensor:
+    """A 1-D alias of a contiguous tensor that is not a view (so graphs ignore the base's shape)."""
+    return tensor.view(-1).detach() if tensor.dim() else tensor
+
+
+class CompiledStep:
+    """A per-tensor step function, run over many tensors through ``torch.compile``.
+
+    Example (one group; the state lists are parallel to ``params``)::
+
+        lars_compiled = CompiledStep(lars_tensor_step_)
+        lars_compiled(
+            [params, grads, momentum_buffers],
+            hyperparameters={"lr": 0.1, "momentum": 0.9, ...},   # floats -> 0-dim tensors
+            options={"nesterov": False, "trust_ratio": True},     # Python values, static
+        )
+
+    Args:
+        tensor_step: ``tensor_step(*tensors, **hyperparameters, **options)`` updates
+            one parameter's tensors in place. ``tensors`` holds, in order, one entry
+            of each list in ``tensor_lists`` then of each list in ``scalar_lists``.
+    """
+
+    def __init__(self, tensor_step: TensorStep) -> None:
+        self.tensor_step = tensor_step
+        self._compiled: Callable[..., None] | None = None
+
+    def _compiled_runner(self) -> Callable[..., None]:
+        if self._compiled is None:
+            self._compiled = torch.compile(_run_chunk, fullgraph=True, dynamic=True)
+        return self._compiled
+
+    def __call__(
+        self,
+        tensor_lists: Sequence[Sequence[Tensor]],
+        *,
+        scalar_lists: Sequence[Sequence[Tensor]] = (),
+        hyperparameters: Mapping[str, float],
+        options: Mapping[str, Any] | None = None,
+    ) -> None:
+        """Update every tensor of one parameter group in place.
+
+        Args:
+            tensor_lists: parallel lists of same-shape tensors (parameters first,
+                then gradients and state); all on one device with one dtype.
+            scalar_lists: parallel lists of per-tensor 0-dim tensors (e.g. bias
+                corrections), precomputed by the caller.
+            hyperparameters: floats shared by the group; passed as 0-dim tensors.
+            options: values that change the code path; passed unchanged.
+        """
+        params = tensor_lists[0]
+        if not params:
+            return
+        kwargs: dict[str, Any] = hyperparameter_tensors(
+            hyperparameters, params[0].device, params[0].dtype
+        )
+        kwargs.update(options or {})
+
+        contiguous = [
+            i
+            for i in range(len(params))
+            if all(tensors[i].is_contiguous() for tensors in tensor_lists)
+        ]
+        if len(contiguous) < len(params):
+            kept = set(contiguous)
+            eager = [i for i in range(len(params)) if i not in kept]
+            _run_chunk(self.tensor_step, _select(tensor_lists, scalar_lists, eager), kwargs)
+
+        flat = [[_flat_alias(tensors[i]) for i in contiguous] for tensors in tensor_lists]
+        scalars = [[scalar[i] for i in contiguous] for scalar in scalar_lists]
+        lists = flat + scalars
+        runner = self._compiled_runner()
+        with (
+            fx_config.patch(use_duck_shape=False),
+            torch._dynamo.config.patch(recompile_limit=RECOMPILE_LIMIT),
+        ):
+            start = 0
+            for size in (CHUNK_SIZE, 1):
+                while len(contiguous) - start >= size:
+                    chunk = [tensors[start : start + size] for tensors in lists]
+                    runner(self.tensor_step, chunk, kwargs)
+                    start += size
+
+
+def _select(
+    tensor_lists: Sequence[Sequence[Tensor]],
+    scalar_lists: Sequence[Sequence[Tensor]],
+    indices: Sequence[int],
+) -> list[list[Tensor]]:
+    """The entries at ``indices`` of every list."""
+    return [[tensors[i] for i in indices] for tensors in (*tensor_lists, *scalar_lists)]
