@@ -125,7 +125,9 @@ def largebatch_contenders() -> list[Contender]:
             contenders.append(
                 Contender(
                     f"largebatch {name} ({path})",
-                    lambda g, name=name, switch=switch: create_optimizer(name, g, lr=1e-4, **switch),
+                    lambda g, name=name, switch=switch: create_optimizer(
+                        name, g, lr=1e-4, **switch
+                    ),
                     target,
                 )
             )
@@ -172,7 +174,9 @@ class Timing:
     step_s: list[float]
 
 
-def make_parameters(shapes: Shapes, device: torch.device) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+def make_parameters(
+    shapes: Shapes, device: torch.device
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Parameters (small random values) and fixed gradients of the given shapes."""
     generator = torch.Generator().manual_seed(0)
     params = [
@@ -198,11 +202,17 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
+"""``cpu`` counts only this process's CPU time (all its threads): on a shared machine
+with ``--threads 1`` it leaves out the time other processes hold the core."""
+
+
 def time_step(
     optimizer: torch.optim.Optimizer,
     params: Sequence[torch.Tensor],
     grads: Sequence[torch.Tensor],
     device: torch.device,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> float:
     """Seconds of one ``optimizer.step()`` after restoring the gradients (not timed)."""
     for param, grad in zip(params, grads):
@@ -211,10 +221,10 @@ def time_step(
         else:
             param.grad.copy_(grad)
     _synchronize(device)
-    start = time.perf_counter()
+    start = clock()
     optimizer.step()
     _synchronize(device)
-    return time.perf_counter() - start
+    return clock() - start
 
 
 def measure(
@@ -224,21 +234,22 @@ def measure(
     device: torch.device,
     warmup: int,
     rounds: int,
+    clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
     """Interleaved timings of every contender on one parameter set."""
     params, grads = make_parameters(shapes, device)
     optimizers = {c.name: c.build(parameter_groups(params)) for c in contenders}
     timings = {}
     for name, optimizer in optimizers.items():
-        first = time_step(optimizer, params, grads, device)
+        first = time_step(optimizer, params, grads, device, clock)
         for _ in range(warmup - 1):
-            time_step(optimizer, params, grads, device)
+            time_step(optimizer, params, grads, device, clock)
         timings[name] = Timing(first_step_s=first, step_s=[])
     names = list(optimizers)
     for index in range(rounds):
         shift = index % len(names)
         for name in names[shift:] + names[:shift]:
-            timings[name].step_s.append(time_step(optimizers[name], params, grads, device))
+            timings[name].step_s.append(time_step(optimizers[name], params, grads, device, clock))
     return timings
 
 
@@ -265,17 +276,33 @@ def markdown_table(title: str, timings: dict[str, Timing], targets: dict[str, fl
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 transformer blocks, fewer rounds")
-    parser.add_argument("--threads", type=int, default=None, help="intra-op threads (default: torch's)")
+    parser.add_argument(
+        "--threads", type=int, default=None, help="intra-op threads (default: torch's)"
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--rounds", type=int, default=None, help="timed rounds (default 25, quick 7)")
-    parser.add_argument("--layers", type=int, default=None, help="transformer blocks (default 12, quick 4)")
-    parser.add_argument("--only", nargs="*", default=None, help="substrings of contender names to run")
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timed rounds (default 25, quick 7)"
+    )
+    parser.add_argument(
+        "--layers", type=int, default=None, help="transformer blocks (default 12, quick 4)"
+    )
+    parser.add_argument(
+        "--clock",
+        choices=sorted(CLOCKS),
+        default="wall",
+        help="wall time, or process CPU time (CPU only)",
+    )
+    parser.add_argument(
+        "--only", nargs="*", default=None, help="substrings of contender names to run"
+    )
     args = parser.parse_args(argv)
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     torch.set_flush_denormal(True)
     device = torch.device(args.device)
+    if args.clock == "cpu" and device.type != "cpu":
+        parser.error("--clock cpu measures CPU work; use --clock wall on an accelerator")
     rounds = args.rounds or (7 if args.quick else 25)
     layers = args.layers or (4 if args.quick else 12)
     warmup = 3
@@ -288,15 +315,26 @@ def main(argv: Sequence[str] | None = None) -> None:
     targets = {c.name: c.target for c in contenders}
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{rounds} rounds after {warmup} warm-up steps\n"
+        f"{rounds} rounds after {warmup} warm-up steps, {args.clock} clock\n"
     )
     for title, shapes in [
         ("ResNet-50", resnet50_shapes()),
         (f"Transformer, {layers} blocks of width 768", transformer_shapes(layers)),
     ]:
         numel = sum(torch.Size(s).numel() for s in shapes)
-        timings = measure(contenders, shapes, device=device, warmup=warmup, rounds=rounds)
-        print(markdown_table(f"{title}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters", timings, targets))
+        timings = measure(
+            contenders,
+            shapes,
+            device=device,
+            warmup=warmup,
+            rounds=rounds,
+            clock=CLOCKS[args.clock],
+        )
+        print(
+            markdown_table(
+                f"{title}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters", timings, targets
+            )
+        )
         print()
 
 

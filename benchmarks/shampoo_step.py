@@ -2,33 +2,37 @@
 
 Parameter sets: ResNet-50's 161 tensors (25.6M parameters) and a transformer (6 layers,
 width 512, 32k vocabulary; the embedding exceeds ``max_preconditioned_dim`` and gets the
-grafted step only). Gradients are fixed random tensors; only ``optimizer.step()`` is timed
-(wall clock, ``time.perf_counter``), with ``--threads`` intra-op threads (default 1: the
-machine's matrix-product rate is then one core's, and the root thread can use another).
+grafted step only). Gradients are fixed random tensors; only ``optimizer.step()`` is timed.
 
-Measured per parameter set and block size (root frequency F = 100):
+Every time is reported twice: wall clock, and the CPU time of the stepping thread
+(``time.thread_time``). On a shared machine the wall clock mostly measures the neighbours'
+load; thread CPU time measures our work, and the root thread's work is not in it. Variants
+that are compared are stepped round-robin, so they see the same load; figures are medians.
+``--threads`` sets the intra-op threads (default 1: the matrix-product rate is then one
+core's, and the root thread can use another).
 
-* the floor: statistics FLOPs per step (``2 n_d numel(block)`` per block and dimension)
-  divided by the matrix-product rate measured in the same run (1024 x 1024 float32);
-  preconditioning ``X x_d R_d`` costs the same FLOPs again, so a second floor counts both;
-* Shampoo steps: statistics only (before ``start_preconditioning_step``); roots disabled
-  (preconditioning with fixed roots, the step between root computations; median of plain
-  steps); amortized with asynchronous roots: one root cycle of F steps, i.e. the measured
-  window from the snapshot to the install (``staleness + 1`` steps, the roots computed on the
-  background thread meanwhile) plus ``F - staleness - 1`` plain steps, divided by F;
-  in full mode also amortized with synchronous roots (the root step measured);
-* ScalableShampoo at the same block size and frequency: ``((F - 1) * regular + root step) / F``
-  with its regular step (median) and its root step measured;
+Per parameter set and block size (root frequency F = 100):
+
+* floor: statistics FLOPs per step (``2 n_d numel(block)`` per block and dimension) over the
+  float32 1024 x 1024 matrix-product rate measured in the same run (thread CPU time).
+  Preconditioning costs the same FLOPs again, so a second floor counts both;
+* Shampoo, statistics only: a step before ``start_preconditioning_step`` (grafted step);
+* Shampoo, roots disabled: a step that preconditions with fixed roots (between root
+  computations);
+* Shampoo, async roots, amortized: one root cycle of F steps, i.e. the measured window from
+  the snapshot to the install (``staleness + 1`` steps, roots computed on the background
+  thread meanwhile) plus ``F - staleness - 1`` plain steps, over F. The plain steps are the
+  median of 3 steps just before and 3 just after the window. Full mode also gives the
+  synchronous amortized time (the root step measured);
+* ScalableShampoo at the same block size and frequency: ``((F - 1) regular + root step) / F``;
 * fused AdamW.
 
-Full mode also measures the implementation choices on ResNet-50 at block 1024: float64
-statistics and roots, blocks of one shape not batched, one bucket per shape (no 16 MiB
-cap), and coupled-Newton against eigh roots. ``--literal`` instead times 2F consecutive
-steps of Shampoo with asynchronous roots (slow: minutes per configuration).
+Full mode also compares implementation choices on ResNet-50: float64 statistics and roots,
+one block per bucket (no batching), one bucket per shape (no size cap), and coupled-Newton
+against eigh roots.
 
-Run: ``python benchmarks/shampoo_step.py [--quick] [--threads 1] [--literal]``
-(full: a few minutes on an idle core; ``--quick``: block 256 only, staleness 5 instead of
-the default 25, under a minute).
+Run: ``python benchmarks/shampoo_step.py [--quick] [--threads 1] [--staleness 10]``
+(full: a few minutes on an idle machine; ``--quick``: block 256 only, staleness 5).
 """
 
 from __future__ import annotations
@@ -37,7 +41,7 @@ import argparse
 import gc
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
@@ -47,6 +51,7 @@ from largebatch.optim.shampoo import CoupledNewtonConfig, RootConfig, Shampoo, p
 from largebatch.optim.shampoo.blocking import plan_blocking
 
 FREQUENCY = 100
+DISABLED = 10**9  # a frequency or start step that is never reached
 Shapes = list[tuple[int, ...]]
 Row = dict[str, object]
 
@@ -96,20 +101,41 @@ PARAM_SETS: dict[str, Callable[[], Shapes]] = {
 }
 
 
-def median_seconds(run: Callable[[], object], repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
+class Timer:
+    """Wall-clock and thread-CPU seconds of repeated calls; medians."""
+
+    def __init__(self) -> None:
+        self.wall: list[float] = []
+        self.cpu: list[float] = []
+
+    def __call__(self, run: Callable[[], object]) -> None:
+        wall, cpu = time.perf_counter(), time.thread_time()
         run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        self.cpu.append(time.thread_time() - cpu)
+        self.wall.append(time.perf_counter() - wall)
+
+    @property
+    def median(self) -> tuple[float, float]:
+        return statistics.median(self.wall), statistics.median(self.cpu)
+
+
+def round_robin(
+    runs: dict[str, Callable[[], object]], rounds: int
+) -> dict[str, tuple[float, float]]:
+    """Median (wall, cpu) seconds of each run, the runs called in turn ``rounds`` times."""
+    timers = {name: Timer() for name in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            timers[name](run)
+    return {name: timer.median for name, timer in timers.items()}
 
 
 def matmul_gflops(size: int = 1024, repeats: int = 9) -> float:
-    """Measured float32 matrix-product rate."""
+    """float32 matrix-product rate, by thread CPU time."""
     a, b = torch.randn(size, size), torch.randn(size, size)
     a @ b
-    return 2 * size**3 / median_seconds(lambda: a @ b, repeats) / 1e9
+    _, cpu = round_robin({"mm": lambda: a @ b}, repeats)["mm"]
+    return 2 * size**3 / cpu / 1e9
 
 
 def statistics_gflop(shapes: Shapes, block: int) -> float:
@@ -131,90 +157,139 @@ def parameters_with_grads(shapes: Shapes) -> list[torch.nn.Parameter]:
     return params
 
 
-def set_group(optimizer: torch.optim.Optimizer, **settings: object) -> None:
-    for group in optimizer.param_groups:
-        group.update(settings)
+def set_groups(optimizer: torch.optim.Optimizer, **settings: object) -> Callable[[], None]:
+    """A step after setting hyperparameters (as a schedule would)."""
+
+    def run() -> None:
+        for group in optimizer.param_groups:
+            group.update(settings)
+        optimizer.step()
+
+    return run
 
 
-def shampoo_cycle(
-    shapes: Shapes, block: int, plain_steps: int, **options: object
-) -> dict[str, float]:
-    """Shampoo's plain step, statistics-only step and one root cycle (see the module docstring).
-
-    The frequency is lowered for one step so that the cycle starts at once (a
-    hyperparameter change, as a schedule would make), then restored to F.
-    """
-    params = parameters_with_grads(shapes)
-    optimizer = Shampoo(
-        params, max_preconditioner_dim=block, precondition_frequency=FREQUENCY, **options
+def shampoo(shapes: Shapes, block: int, **options: object) -> Shampoo:
+    """Shampoo preconditioning from step 1, roots never due until a window asks for them."""
+    settings = dict(
+        max_preconditioner_dim=block, precondition_frequency=DISABLED, start_preconditioning_step=1
     )
-    staleness = optimizer.param_groups[0]["staleness"]
+    optimizer = Shampoo(parameters_with_grads(shapes), **{**settings, **options})
     optimizer.step()  # first touch of every buffer
-    statistics_only = median_seconds(
-        optimizer.step, plain_steps
-    )  # before start_preconditioning_step
-    set_group(optimizer, start_preconditioning_step=1)
-    plain = median_seconds(optimizer.step, plain_steps)
+    return optimizer
 
-    set_group(optimizer, precondition_frequency=int(optimizer.state[params[0]]["step"]) + 1)
-    start = time.perf_counter()
-    optimizer.step()  # snapshot (and, when staleness is 0, the roots)
-    set_group(optimizer, precondition_frequency=FREQUENCY)
+
+def root_window(optimizer: Shampoo, staleness: int) -> Timer:
+    """Time the steps from the statistics snapshot to the roots' install (one step when synchronous)."""
+    timer = Timer()
+    step = int(optimizer.state[optimizer.param_groups[0]["params"][0]]["step"])
+    timer(set_groups(optimizer, precondition_frequency=step + 1, staleness=staleness))
     for _ in range(staleness):
-        optimizer.step()  # the last one installs the roots
-    window = time.perf_counter() - start
+        timer(set_groups(optimizer, precondition_frequency=DISABLED))
     assert optimizer.root_staleness == staleness and optimizer.root_failure_count == 0
-    amortized = (window + (FREQUENCY - staleness - 1) * plain) / FREQUENCY
+    return timer
+
+
+def amortized(window: Timer, plain: tuple[float, float], staleness: int) -> tuple[float, float]:
+    """(wall, cpu) per step over one cycle of F steps."""
+    return tuple(
+        (sum(times) + (FREQUENCY - staleness - 1) * p) / FREQUENCY
+        for times, p in zip((window.wall, window.cpu), plain)
+    )
+
+
+def row(
+    param_set: str,
+    shapes: Shapes,
+    block: int,
+    variant: str,
+    times: tuple[float, float],
+    **extra: object,
+) -> Row:
     return {
-        "statistics_only": statistics_only,
-        "plain": plain,
-        "window": window,
-        "amortized": amortized,
-        "staleness": staleness,
+        "param_set": param_set,
+        "params_m": round(sum(torch.Size(s).numel() for s in shapes) / 1e6, 1),
+        "tensors": len(shapes),
+        "block": block,
+        "frequency": FREQUENCY,
+        "variant": variant,
+        "wall_s": times[0],
+        "cpu_s": times[1],
+        **extra,
     }
 
 
-def shampoo_literal(shapes: Shapes, block: int) -> float:
-    """Mean step time over 2F consecutive steps with asynchronous roots, after F warm-up steps."""
-    params = parameters_with_grads(shapes)
-    optimizer = Shampoo(
-        params,
-        max_preconditioner_dim=block,
-        precondition_frequency=FREQUENCY,
-        start_preconditioning_step=1,
+def benchmark_set(
+    param_set: str, shapes: Shapes, block: int, rounds: int, staleness: int, full: bool
+) -> list[Row]:
+    rate = matmul_gflops()
+    gflop = statistics_gflop(shapes, block)
+    floor = gflop / rate
+    ours = shampoo(shapes, block, staleness=staleness)
+    theirs = ScalableShampoo(
+        parameters_with_grads(shapes), lr=1e-3, block_size=block,
+        preconditioning_compute_steps=FREQUENCY, start_preconditioning_step=1,
+    )  # fmt: skip
+    theirs.step()
+    adamw = torch.optim.AdamW(parameters_with_grads(shapes), lr=1e-3, fused=True)
+    adamw.step()
+    steps = round_robin(
+        {
+            "statistics only": set_groups(ours, start_preconditioning_step=DISABLED),
+            "roots disabled": set_groups(ours, start_preconditioning_step=1),
+            "scalable": theirs.step,
+            "adamw": adamw.step,
+        },
+        rounds,
     )
-    for _ in range(FREQUENCY):
-        optimizer.step()
-    start = time.perf_counter()
-    for _ in range(2 * FREQUENCY):
-        optimizer.step()
-    return (time.perf_counter() - start) / (2 * FREQUENCY)
+    plain = steps["roots disabled"]
 
+    before = round_robin({"plain": ours.step}, 3)["plain"]
+    window = root_window(ours, staleness)
+    after = round_robin({"plain": ours.step}, 3)["plain"]
+    around = tuple(statistics.median(pair) for pair in zip(before, after, plain))
+    async_cycle = amortized(window, around, staleness)
 
-def scalable_shampoo(shapes: Shapes, block: int, regular_steps: int) -> dict[str, float]:
-    """pytorch-optimizer's ScalableShampoo: regular step, root step, amortized over F."""
-    optimizer = ScalableShampoo(
-        parameters_with_grads(shapes),
-        lr=1e-3,
-        block_size=block,
-        preconditioning_compute_steps=FREQUENCY,
-        start_preconditioning_step=1,
+    theirs.preconditioning_compute_steps = theirs.param_groups[0]["step"] + 1
+    root_step = Timer()
+    root_step(theirs.step)
+    theirs_cycle = tuple(
+        ((FREQUENCY - 1) * r + s) / FREQUENCY for r, s in zip(steps["scalable"], root_step.median)
     )
-    optimizer.step()
-    regular = median_seconds(optimizer.step, regular_steps)
-    optimizer.preconditioning_compute_steps = optimizer.param_groups[0]["step"] + 1
-    root_step = median_seconds(optimizer.step, 1)
-    return {
-        "regular": regular,
-        "root_step": root_step,
-        "amortized": ((FREQUENCY - 1) * regular + root_step) / FREQUENCY,
-    }
 
-
-def fused_adamw(shapes: Shapes, steps: int) -> float:
-    optimizer = torch.optim.AdamW(parameters_with_grads(shapes), lr=1e-3, fused=True)
-    optimizer.step()
-    return median_seconds(optimizer.step, steps)
+    rows = [
+        row(param_set, shapes, block, "floor: statistics products", (floor, floor), gflop=round(gflop, 1), gflops=round(rate)),
+        row(param_set, shapes, block, "floor: statistics + preconditioning", (2 * floor, 2 * floor)),
+        row(param_set, shapes, block, "shampoo: statistics only", steps["statistics only"], cpu_vs_floor=steps["statistics only"][1] / floor),
+        row(param_set, shapes, block, "shampoo: roots disabled", plain, cpu_vs_floor=plain[1] / floor, cpu_vs_2floor=plain[1] / (2 * floor)),
+        row(
+            param_set, shapes, block, f"shampoo: async roots (staleness {staleness}), amortized", async_cycle,
+            wall_vs_roots_disabled=async_cycle[0] / around[0], cpu_vs_roots_disabled=async_cycle[1] / around[1],
+            window_wall_s=round(sum(window.wall), 2), window_steps=staleness + 1,
+        ),
+    ]  # fmt: skip
+    if full:
+        synchronous = root_window(shampoo(shapes, block, staleness=0, asynchronous=False), 0)
+        rows.append(
+            row(
+                param_set,
+                shapes,
+                block,
+                "shampoo: sync roots, amortized",
+                amortized(synchronous, around, 0),
+                root_step_wall_s=round(synchronous.wall[0], 2),
+            )
+        )
+    rows += [
+        row(
+            param_set, shapes, block, "ScalableShampoo (pytorch-optimizer), amortized", theirs_cycle,
+            regular_step_cpu_s=round(steps["scalable"][1], 3), root_step_cpu_s=round(root_step.cpu[0], 2),
+            wall_vs_ours=theirs_cycle[0] / async_cycle[0], cpu_vs_ours=theirs_cycle[1] / async_cycle[1],
+        ),
+        row(param_set, shapes, block, "AdamW (fused)", steps["adamw"]),
+    ]  # fmt: skip
+    del ours, theirs, adamw
+    gc.collect()
+    return rows
 
 
 @contextmanager
@@ -227,235 +302,111 @@ def bucket_cap(numel: int):
         preconditioner.MAX_BUCKET_NUMEL = saved
 
 
-def batched_against_per_block(shapes: Shapes, block: int, repeats: int) -> tuple[float, float]:
-    """Statistics + preconditioning kernels: same-shape blocks stacked, against one block at a time."""
-    stacks: dict[tuple[int, ...], list[torch.Tensor]] = {}
-    for shape in shapes:
-        for b in plan_blocking("p", shape, block, 8192).blocks:
-            stacks.setdefault(b.shape, []).append(torch.randn(b.shape))
-    batched = [torch.stack(blocks) for blocks in stacks.values()]
-    single = [block.unsqueeze(0) for blocks in stacks.values() for block in blocks]
-
-    def kernels(units: Sequence[torch.Tensor]) -> Callable[[], None]:
-        state = [([torch.eye(n).repeat(len(u), 1, 1) for n in u.shape[1:]], u) for u in units]
-
-        def run() -> None:
-            for factors, grads in state:
-                preconditioner.accumulate_statistics(factors, grads, 1.0)
-                preconditioner.precondition(factors, grads)
-
-        return run
-
-    return median_seconds(kernels(batched), repeats), median_seconds(kernels(single), repeats)
-
-
-def root_seconds(shapes: Shapes, block: int, roots: RootConfig) -> float:
-    """Time of one synchronous computation of every root (the statistics of 3 steps)."""
-    optimizer = Shampoo(
-        parameters_with_grads(shapes), max_preconditioner_dim=block, precondition_frequency=3,
-        staleness=0, asynchronous=False, roots=roots,
-    )  # fmt: skip
-    optimizer.step()
-    optimizer.step()
-    return median_seconds(optimizer.step, 1)
-
-
-def row(
-    param_set: str, shapes: Shapes, block: int, variant: str, seconds: float, **extra: object
-) -> Row:
-    return {
-        "param_set": param_set,
-        "params_m": round(sum(torch.Size(s).numel() for s in shapes) / 1e6, 1),
-        "tensors": len(shapes),
-        "block": block,
-        "frequency": FREQUENCY,
-        "variant": variant,
-        "seconds": seconds,
-        **extra,
-    }
-
-
-def benchmark_set(
-    param_set: str, shapes: Shapes, block: int, quick: bool, literal: bool
-) -> list[Row]:
-    repeats = 3 if quick else 5
-    rate = matmul_gflops()
-    gflop = statistics_gflop(shapes, block)
-    floor = gflop / rate
-    rows = [
-        row(
-            param_set,
-            shapes,
-            block,
-            "floor: statistics products",
-            floor,
-            gflop=round(gflop, 1),
-            gflops=round(rate),
-        ),
-        row(
-            param_set,
-            shapes,
-            block,
-            "floor: statistics + preconditioning",
-            2 * floor,
-            gflop=round(2 * gflop, 1),
-        ),
-    ]
-    # Quick mode shortens the root window: staleness 5 instead of the default F // 4 = 25.
-    ours = shampoo_cycle(shapes, block, repeats, **({"staleness": 5} if quick else {}))
+def implementation_choices(shapes: Shapes, rounds: int) -> list[Row]:
+    """Each implementation choice against its alternative, stepped round-robin on ResNet-50."""
+    rows = []
+    for block in (1024, 256):
+        variants = {
+            "default": shampoo(shapes, block),
+            "float64": shampoo(shapes, block, factor_dtype=torch.float64),
+        }
+        for name, cap in (("unbatched", 1), ("uncapped", 2**40)):
+            with bucket_cap(cap):
+                variants[name] = shampoo(shapes, block)
+        times = round_robin({name: optimizer.step for name, optimizer in variants.items()}, rounds)
+        base = times["default"][1]
+        labels = {
+            "default": f"float32 statistics/roots, buckets <= {preconditioner.MAX_BUCKET_NUMEL} elements (default)",
+            "float64": "float64 statistics/roots",
+            "unbatched": "one block per bucket (no batching)",
+            "uncapped": "one bucket per shape (no size cap)",
+        }
+        rows += [
+            row(
+                "resnet50",
+                shapes,
+                block,
+                f"choice, roots disabled: {labels[name]}",
+                t,
+                cpu_vs_default=t[1] / base,
+            )
+            for name, t in times.items()
+        ]
+        del variants
+        gc.collect()
+    roots = {}
+    for name, config in (
+        ("eigh (default)", RootConfig()),
+        ("coupled Newton", RootConfig(method=CoupledNewtonConfig())),
+    ):
+        optimizer = shampoo(shapes, 256, staleness=0, asynchronous=False, roots=config)
+        roots[name] = root_window(optimizer, 0)
     rows += [
-        row(param_set, shapes, block, "shampoo: statistics only (grafted step)", ours["statistics_only"], vs_floor=ours["statistics_only"] / floor),
-        row(param_set, shapes, block, "shampoo: roots disabled", ours["plain"], vs_floor=ours["plain"] / floor),
         row(
-            param_set, shapes, block, "shampoo: async roots, amortized", ours["amortized"],
-            vs_roots_disabled=ours["amortized"] / ours["plain"],
-            window=f"{ours['window']:.2f}s over {ours['staleness'] + 1} steps",
-        ),
-    ]  # fmt: skip
-    if literal:
-        mean = shampoo_literal(shapes, block)
-        rows.append(
-            row(
-                param_set,
-                shapes,
-                block,
-                "shampoo: async roots, 2F consecutive steps",
-                mean,
-                vs_roots_disabled=mean / ours["plain"],
-            )
+            "resnet50",
+            shapes,
+            256,
+            f"choice: all roots once, {name}",
+            timer.median,
+            cpu_vs_eigh=timer.cpu[0] / roots["eigh (default)"].cpu[0],
         )
-    if not quick:
-        sync = shampoo_cycle(shapes, block, repeats, staleness=0, asynchronous=False)
-        rows.append(
-            row(
-                param_set,
-                shapes,
-                block,
-                "shampoo: sync roots, amortized",
-                sync["amortized"],
-                root_step=round(sync["window"], 2),
-            )
-        )
-    gc.collect()
-    theirs = scalable_shampoo(shapes, block, repeats)
-    rows.append(
-        row(
-            param_set, shapes, block, "ScalableShampoo (pytorch-optimizer), amortized", theirs["amortized"],
-            regular_step=round(theirs["regular"], 3), root_step=round(theirs["root_step"], 2),
-            vs_ours=theirs["amortized"] / ours["amortized"],
-        )
-    )  # fmt: skip
-    rows.append(row(param_set, shapes, block, "AdamW (fused)", fused_adamw(shapes, repeats)))
-    gc.collect()
+        for name, timer in roots.items()
+    ]
     return rows
 
 
-def implementation_choices(shapes: Shapes, block: int) -> list[Row]:
-    """Each implementation choice against its alternative, on one parameter set."""
-    name = "resnet50"
-    default = shampoo_cycle(shapes, block, 3)["plain"]
-    float64 = shampoo_cycle(shapes, block, 3, factor_dtype=torch.float64)["plain"]
-    with bucket_cap(2**40):
-        uncapped = shampoo_cycle(shapes, block, 3)["plain"]
-    batched, per_block = batched_against_per_block(shapes, block, 3)
-    eigh = root_seconds(shapes, block, RootConfig())
-    newton = root_seconds(shapes, block, RootConfig(method=CoupledNewtonConfig()))
-    return [
-        row(
-            name,
-            shapes,
-            block,
-            "choice: float32 statistics/roots (default), roots disabled",
-            default,
-        ),
-        row(
-            name,
-            shapes,
-            block,
-            "choice: float64 statistics/roots, roots disabled",
-            float64,
-            vs_default=float64 / default,
-        ),
-        row(
-            name,
-            shapes,
-            block,
-            "choice: one bucket per shape (no 16 MiB cap), roots disabled",
-            uncapped,
-            vs_default=uncapped / default,
-        ),
-        row(
-            name,
-            shapes,
-            block,
-            "choice: same-shape blocks batched (default), kernels only",
-            batched,
-        ),
-        row(
-            name,
-            shapes,
-            block,
-            "choice: one block at a time, kernels only",
-            per_block,
-            vs_default=per_block / batched,
-        ),
-        row(name, shapes, block, "choice: eigh roots (default), all roots once", eigh),
-        row(
-            name,
-            shapes,
-            block,
-            "choice: coupled Newton roots, all roots once",
-            newton,
-            vs_default=newton / eigh,
-        ),
-    ]
-
-
 def run_shampoo_benchmark(
-    quick: bool, literal: bool = False, param_sets: dict[str, Shapes] | None = None
+    quick: bool, staleness: int | None = None, param_sets: dict[str, Shapes] | None = None
 ) -> list[Row]:
     """All rows: per parameter set and block size (256 only when quick; 1024 and 256 otherwise)."""
     sets = param_sets or {name: make() for name, make in PARAM_SETS.items()}
+    staleness = staleness or (5 if quick else 10)
+    rounds = 3 if quick else 5
     blocks = [256] if quick else [1024, 256]
     rows = [
-        row
+        r
         for name, shapes in sets.items()
         for block in blocks
-        for row in benchmark_set(name, shapes, block, quick, literal)
+        for r in benchmark_set(name, shapes, block, rounds, staleness, full=not quick)
     ]
     if not quick and param_sets is None:
-        rows += implementation_choices(sets["resnet50"], 1024)
+        rows += implementation_choices(sets["resnet50"], rounds)
     return rows
 
 
 def format_rows(rows: list[Row]) -> str:
-    lines = []
+    fixed = ("param_set", "params_m", "tensors", "block", "frequency", "variant", "wall_s", "cpu_s")
+    lines = [
+        f"{'set':<11} {'params':>6}/{'n':<3} {'block':<5} {'variant':<76} {'wall s':>8} {'cpu s':>8}"
+    ]
     for r in rows:
         extra = ", ".join(
             f"{k}={v:.2f}" if isinstance(v, float) else f"{k}={v}"
             for k, v in r.items()
-            if k
-            not in ("param_set", "params_m", "tensors", "block", "frequency", "variant", "seconds")
+            if k not in fixed
         )
         lines.append(
-            f"{r['param_set']:<11} {r['params_m']:>5}M/{r['tensors']:<3} block {r['block']:<4} {r['variant']:<62} {r['seconds']:8.3f} s  {extra}"
+            f"{r['param_set']:<11} {r['params_m']:>5}M/{r['tensors']:<3} {r['block']:<5} {r['variant']:<76} "
+            f"{r['wall_s']:8.3f} {r['cpu_s']:8.3f}  {extra}"
         )
     return "\n".join(lines)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="block 256 only, fewer repeats")
     parser.add_argument(
-        "--literal", action="store_true", help="also time 2F consecutive async steps"
+        "--quick", action="store_true", help="block 256 only, staleness 5, 3 rounds"
+    )
+    parser.add_argument(
+        "--staleness", type=int, default=None, help="root window length (default 10; quick 5)"
     )
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(
-        f"torch {torch.__version__}, {args.threads} thread(s); seconds are medians of wall-clock step times"
+        f"torch {torch.__version__}, {args.threads} thread(s); medians of wall-clock and thread-CPU seconds"
     )
-    print(format_rows(run_shampoo_benchmark(args.quick, args.literal)))
+    print(format_rows(run_shampoo_benchmark(args.quick, args.staleness)))
 
 
 if __name__ == "__main__":

@@ -21,23 +21,6 @@ from largebatch.cli.run import parse_pairs, parse_target, parse_value
 DEFAULT_SWEEP_DIR = "studies/sweep"
 DEMO_DIR = "studies/demo"
 
-#: grid and budget flags of ``largebatch sweep`` -> sweep key (the TOML file's names)
-_SWEEP_FLAGS = {
-    "task": "task",
-    "task_options": "task_options",
-    "batch_sizes": "batch_sizes",
-    "optimizers": "optimizers",
-    "seeds": "seeds",
-    "lrs": "lrs",
-    "lr_factors": "lr_factors",
-    "epochs": "epochs",
-    "steps": "steps",
-    "target": "target",
-    "evals_per_run": "evals_per_run",
-    "nproc": "nproc",
-}
-
-
 def _list(ctx: click.Context, param: click.Parameter, text: str | None) -> list | None:
     """``"64,256,full"`` -> ``[64, 256, "full"]`` (types are checked with the sweep)."""
     if text is None:
@@ -46,7 +29,8 @@ def _list(ctx: click.Context, param: click.Parameter, text: str | None) -> list 
 
 
 def _flag_name(key: str) -> str:
-    return "--" + key.replace("_", "-")
+    """The ``largebatch sweep`` flag that sets sweep key ``key`` (for error messages)."""
+    return "--task-opt" if key == "task_options" else "--" + key.replace("_", "-")
 
 
 def _load(file: str | None, directory: Path, flags: dict[str, Any]) -> Any:
@@ -176,7 +160,7 @@ def sweep(
     --file, the sweep saved in DIRECTORY (if any) is the starting point for the flags.
     """
     directory_path = Path(directory)
-    spec = _load(file, directory_path, {_SWEEP_FLAGS[k]: v for k, v in flags.items()})
+    spec = _load(file, directory_path, flags)
     _run_and_report(spec, directory_path, jobs, retry_failed, report, progress)
 
 

@@ -27,7 +27,7 @@ the largest loss seen, never below ``f(x)`` (``y = 0`` is feasible).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -145,6 +145,7 @@ def epsilon_sharpness(
     bound = epsilon * (coordinates.abs() + 1)
 
     def loss_and_box_gradient(u: np.ndarray) -> tuple[float, np.ndarray]:
+        """f(x + A (bound * u)) and its gradient with respect to u."""
         step = bound * torch.from_numpy(u).to(bound)
         with torch.no_grad():
             weights = origin + (step if basis is None else basis @ step)
@@ -155,35 +156,29 @@ def epsilon_sharpness(
         box_grad = bound * (grad if basis is None else basis.T @ grad)
         return loss.item(), box_grad.cpu().numpy()
 
+    dim = bound.numel()
     try:
-        loss_at_x, _ = loss_and_box_gradient(np.zeros(bound.numel()))
-        rng = np.random.default_rng(seed)
-        u0 = rng.uniform(-1.0, 1.0, bound.numel()) if start == "random" else np.zeros(bound.numel())
-        seen = {"u": u0, "value": loss_and_box_gradient(u0), "max": loss_at_x, "count": 2}
-        largest_slope = np.abs(seen["value"][1]).max()
-        scale = 1.0 / (SLOPE_RATIO * largest_slope) if largest_slope > 0 else 1.0
-
-        def negative_rise(u: np.ndarray) -> tuple[float, np.ndarray]:
-            if not np.array_equal(u, seen["u"]):
-                seen["u"], seen["value"] = u.copy(), loss_and_box_gradient(u)
-                seen["count"] += 1
-            loss, grad = seen["value"]
-            seen["max"] = max(seen["max"], loss)
-            return -scale * (loss - loss_at_x), -scale * grad
-
+        at_origin = loss_and_box_gradient(np.zeros(dim))
+        objective = _RiseObjective(loss_and_box_gradient, at_origin)
+        u0 = (
+            np.random.default_rng(seed).uniform(-1.0, 1.0, dim)
+            if start == "random"
+            else np.zeros(dim)
+        )
         outcome = scipy.optimize.minimize(
-            negative_rise,
+            objective,
             u0,
             jac=True,
             method="L-BFGS-B",
-            bounds=[(-1.0, 1.0)] * bound.numel(),
+            bounds=scipy.optimize.Bounds(-np.ones(dim), np.ones(dim)),
             options={"maxiter": max_iter},
         )
     finally:
         with torch.no_grad():
             for param, value in zip(params, unflatten(origin, params)):
                 param.copy_(value)
-    max_loss = seen["max"]
+    loss_at_x = at_origin[0]
+    max_loss = objective.max_loss
     return SharpnessResult(
         sharpness=100.0 * (max_loss - loss_at_x) / (1.0 + loss_at_x),
         epsilon=epsilon,
@@ -191,9 +186,42 @@ def epsilon_sharpness(
         loss=loss_at_x,
         max_loss=max_loss,
         num_iterations=int(outcome.nit),
-        num_evaluations=seen["count"],
+        num_evaluations=objective.num_evaluations,
         start=start,
         seed=seed,
         message=str(outcome.message),
         wall_time_s=time.perf_counter() - began,
     )
+
+
+class _RiseObjective:
+    """``-(f(u) - f(0)) * scale`` and its gradient for scipy, remembering the largest f seen.
+
+    ``scale`` is fixed at the first (start) point: see :data:`SLOPE_RATIO`.
+    """
+
+    def __init__(
+        self,
+        loss_and_gradient: Callable[[np.ndarray], tuple[float, np.ndarray]],
+        at_origin: tuple[float, np.ndarray],
+    ) -> None:
+        self.loss_and_gradient = loss_and_gradient
+        self.baseline = at_origin[0]
+        self.max_loss = at_origin[0]
+        self.num_evaluations = 1
+        self.scale: float | None = None
+        self._last: tuple[np.ndarray, tuple[float, np.ndarray]] = (
+            np.zeros_like(at_origin[1]),
+            at_origin,
+        )
+
+    def __call__(self, u: np.ndarray) -> tuple[float, np.ndarray]:
+        if not np.array_equal(u, self._last[0]):
+            self._last = (u.copy(), self.loss_and_gradient(u))
+            self.num_evaluations += 1
+        loss, grad = self._last[1]
+        self.max_loss = max(self.max_loss, loss)
+        if self.scale is None:
+            largest_slope = np.abs(grad).max()
+            self.scale = 1.0 / (SLOPE_RATIO * largest_slope) if largest_slope > 0 else 1.0
+        return -self.scale * (loss - self.baseline), -self.scale * grad

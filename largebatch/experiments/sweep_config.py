@@ -227,8 +227,14 @@ class SweepSpec:
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly form (what ``DIR/sweep.json`` holds)."""
-        return {f.name: getattr(self, f.name) for f in fields(self)}
+        """The keys of an equivalent sweep file (what ``DIR/sweep.json`` holds)."""
+        sections = ("optimizer_settings", "hyperparameters")
+        data = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in sections}
+        data["optimizer"] = {
+            name: {**self.optimizer_settings.get(name, {}), **self.hyperparameters.get(name, {})}
+            for name in {**self.optimizer_settings, **self.hyperparameters}
+        }
+        return data
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SweepSpec:
@@ -450,20 +456,14 @@ def _build_spec(data: Mapping[str, Any], origins: Origins) -> SweepSpec:
     optimizer_settings: dict[str, dict[str, Any]] = {}
     hyperparameters: dict[str, dict[str, Any]] = {}
     for key, value in data.items():
-        if key in ("optimizer", "optimizer_settings", "hyperparameters"):
+        if key == "optimizer":
             continue
         if key not in SWEEP_KEYS:
             valid = sorted({*SWEEP_KEYS, "optimizer"})
             raise _fail(origins, (key,), unknown_name_message("key", key, valid))
         values[key] = _check_value(origins, (key,), SWEEP_KEYS[key], value)
 
-    # sections come from a file ([optimizer.NAME]) or from a saved spec (sweep.json)
-    sections: dict[str, dict[str, Any]] = {}
-    for name, settings in data.get("optimizer_settings", {}).items():
-        sections.setdefault(name, {}).update(settings)
-    for name, hparams in data.get("hyperparameters", {}).items():
-        sections.setdefault(name, {}).update(hparams)
-    sections.update(_check_value(origins, ("optimizer",), _table, data.get("optimizer", {})))
+    sections = _check_value(origins, ("optimizer",), _table, data.get("optimizer", {}))
     for name, section in sections.items():
         optimizer_settings[name], hyperparameters[name] = _check_optimizer_section(
             origins, name, section

@@ -56,7 +56,9 @@ def path_of(foreach: bool | None, compiled: bool) -> Path:
         raise ValueError(f"Invalid foreach value: {foreach}; expected None, True or False")
     if compiled:
         if foreach is False:
-            raise ValueError("compiled=True runs a multi-tensor step; it cannot be combined with foreach=False")
+            raise ValueError(
+                "compiled=True runs a multi-tensor step; it cannot be combined with foreach=False"
+            )
         return Path.COMPILED
     return Path.SINGLE_TENSOR if foreach is False else Path.MULTI_TENSOR
 
@@ -75,7 +77,10 @@ def run_step(
     """Run one group's step (tensors on one device, one dtype) on ``path``."""
     if path is Path.COMPILED:
         compiled_step(
-            tensor_lists, scalar_lists=scalar_lists, hyperparameters=hyperparameters, options=options
+            tensor_lists,
+            scalar_lists=scalar_lists,
+            hyperparameters=hyperparameters,
+            options=options,
         )
     elif path is Path.MULTI_TENSOR:
         multi_tensor_step(*tensor_lists, *scalar_lists, **hyperparameters, **options)
@@ -91,7 +96,9 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     value) and :meth:`_step_group`.
     """
 
-    def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]):
+    def __init__(
+        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
+    ):
         self._check_group(defaults)
         super().__init__(params, defaults)
 

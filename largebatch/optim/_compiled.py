@@ -62,7 +62,9 @@ def hyperparameter_tensors(
 ) -> dict[str, Tensor]:
     """Each float as a 0-dim tensor filled on ``device`` (no host-to-device copy, no sync)."""
     dtype = scalar_dtype(dtype)
-    return {name: torch.full((), value, dtype=dtype, device=device) for name, value in values.items()}
+    return {
+        name: torch.full((), value, dtype=dtype, device=device) for name, value in values.items()
+    }
 
 
 def _run_chunk(
@@ -133,19 +135,17 @@ class CompiledStep:
         )
         kwargs.update(options or {})
 
-        contiguous = [
-            i
-            for i in range(len(params))
-            if all(tensors[i].is_contiguous() for tensors in tensor_lists)
+        flat = [
+            all(tensors[i].is_contiguous() for tensors in tensor_lists) for i in range(len(params))
         ]
-        if len(contiguous) < len(params):
-            kept = set(contiguous)
-            eager = [i for i in range(len(params)) if i not in kept]
-            _run_chunk(self.tensor_step, _select(tensor_lists, scalar_lists, eager), kwargs)
+        eager = [i for i, is_flat in enumerate(flat) if not is_flat]
+        if eager:
+            _run_chunk(self.tensor_step, _select([*tensor_lists, *scalar_lists], eager), kwargs)
+        compiled = [i for i, is_flat in enumerate(flat) if is_flat]
+        lists = [
+            [_flat_alias(t) for t in tensors] for tensors in _select(tensor_lists, compiled)
+        ] + _select(scalar_lists, compiled)
 
-        flat = [[_flat_alias(tensors[i]) for i in contiguous] for tensors in tensor_lists]
-        scalars = [[scalar[i] for i in contiguous] for scalar in scalar_lists]
-        lists = flat + scalars
         runner = self._compiled_runner()
         with (
             fx_config.patch(use_duck_shape=False),
@@ -153,16 +153,11 @@ class CompiledStep:
         ):
             start = 0
             for size in (CHUNK_SIZE, 1):
-                while len(contiguous) - start >= size:
-                    chunk = [tensors[start : start + size] for tensors in lists]
-                    runner(self.tensor_step, chunk, kwargs)
+                while len(compiled) - start >= size:
+                    runner(self.tensor_step, [t[start : start + size] for t in lists], kwargs)
                     start += size
 
 
-def _select(
-    tensor_lists: Sequence[Sequence[Tensor]],
-    scalar_lists: Sequence[Sequence[Tensor]],
-    indices: Sequence[int],
-) -> list[list[Tensor]]:
+def _select(lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> list[list[Tensor]]:
     """The entries at ``indices`` of every list."""
-    return [[tensors[i] for i in indices] for tensors in (*tensor_lists, *scalar_lists)]
+    return [[tensors[i] for i in indices] for tensors in lists]

@@ -34,7 +34,12 @@ from largebatch.optim._base import (
     run_step,
 )
 from largebatch.optim._compiled import CompiledStep, scalar_dtype
-from largebatch.optim.trust_ratio import group_uses_trust_ratio, lamb_trust_ratio, norms, scale_by_ratio_
+from largebatch.optim.trust_ratio import (
+    group_uses_trust_ratio,
+    lamb_trust_ratio,
+    norms,
+    scale_by_ratio_,
+)
 
 
 def adam_direction_scalars(
@@ -104,7 +109,9 @@ def lamb_tensor_step_(
         step_size = lr * lamb_trust_ratio(
             torch.linalg.vector_norm(param), update_norm, **_clamp_bounds(weight_norm_clamp)
         )
-    param.sub_(step_size * _lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay))
+    param.sub_(
+        step_size * _lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay)
+    )
 
 
 def _multi_tensor_lamb(

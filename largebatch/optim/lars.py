@@ -31,7 +31,12 @@ from largebatch.optim._base import (
     run_step,
 )
 from largebatch.optim._compiled import CompiledStep
-from largebatch.optim.trust_ratio import group_uses_trust_ratio, lars_trust_ratio, norms, scale_by_ratio_
+from largebatch.optim.trust_ratio import (
+    group_uses_trust_ratio,
+    lars_trust_ratio,
+    norms,
+    scale_by_ratio_,
+)
 
 
 def lars_tensor_step_(

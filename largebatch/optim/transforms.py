@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 
-def extrapolation_coefficient(alpha: float, beta1: float) -> float:
+def extrapolation_coefficient(alpha: float | Tensor, beta1: float | Tensor) -> float | Tensor:
     """``c = alpha * (1 - beta1)``: the weight of ``g_k - mu_{k-1}`` added to ``g_k``."""
     return alpha * (1.0 - beta1)
 
@@ -50,11 +50,16 @@ def check_e_hyperparameters(alpha: float, beta1: float) -> None:
         )
 
 
-def e_gradient_(grad: Tensor, mu: Tensor, alpha: float, beta1: float) -> Tensor:
-    """E on one tensor: return ``ghat`` (a new tensor) and advance ``mu`` in place."""
-    extrapolated = torch.lerp(mu, grad, 1.0 + extrapolation_coefficient(alpha, beta1))
-    mu.lerp_(grad, 1.0 - beta1)
-    return extrapolated
+def e_gradient_(grad: Tensor, mu: Tensor, alpha: float | Tensor, beta1: float | Tensor) -> Tensor:
+    """E on one tensor: return ``ghat`` (a new tensor) and advance ``mu`` in place.
+
+    Written as ``ghat = g + c (g - mu)``, ``mu += (1 - beta1)(g - mu)`` rather than with
+    ``lerp`` so that, compiled, the element-wise work is a few multiply-adds; the
+    hyperparameters may be floats or 0-dim tensors.
+    """
+    difference = grad - mu
+    mu.add_((1.0 - beta1) * difference)
+    return grad + extrapolation_coefficient(alpha, beta1) * difference
 
 
 def e_gradients_(

@@ -60,6 +60,7 @@ def test_file_values_and_sections(tmp_path):
         """,
     )
     spec = load_sweep(path)
+    assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
     assert spec.batch_sizes == (32, "full") and spec.seeds == (0, 1)
     assert spec.steps == 50 and spec.epochs is None
     assert spec.task_options == {"num_train": 500}
@@ -243,3 +244,4 @@ def test_demo_spec_is_valid():
     assert spec.optimizers == ("sgd", "adamw", "lamb", "alto")
     assert spec.batch_sizes[0] == 64 and spec.batch_sizes[-1] == "full"
     assert spec.settings_for("adamw")["lr"] == 0.01 and spec.settings_for("sgd")["lr"] is None
+    assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec

@@ -431,7 +431,10 @@ class Shampoo(torch.optim.Optimizer):
             )
             for row, slot in enumerate(unit.slots):
                 block_updates[unit.index, slot] = update[row]
-        self._apply_updates(group, layout, has_grad, diagonal, grafted[:offset], block_updates)
+        diagonal_params = [params[i] for i in diagonal]
+        self._apply_updates(
+            group, layout, has_grad, diagonal_params, grafted[:offset], block_updates
+        )
 
     @staticmethod
     def _active_buckets(
@@ -457,7 +460,7 @@ class Shampoo(torch.optim.Optimizer):
         group: dict[str, Any],
         layout: _GroupLayout,
         has_grad: list[bool],
-        diagonal: list[int],
+        diagonal_targets: list[Tensor],
         diagonal_updates: list[Tensor],
         block_updates: dict[tuple[int, int], Tensor],
     ) -> None:
@@ -467,7 +470,7 @@ class Shampoo(torch.optim.Optimizer):
         parameter (e.g. channels_last) gets its blocks assembled into one update first.
         """
         params = group["params"]
-        targets, updates = [params[i] for i in diagonal], list(diagonal_updates)
+        targets, updates = list(diagonal_targets), list(diagonal_updates)
         for i, blocking in enumerate(layout.blockings):
             if has_grad[i] and blocking.preconditioned:
                 pieces = [block_updates[placement] for placement in layout.placements[i]]

@@ -46,10 +46,12 @@ def precondition(roots: list[Tensor], stacked: Tensor) -> Tensor:
     return result.reshape(batch, *shape).to(stacked.dtype)
 
 
-# Largest bucket, in elements of its stacked blocks. A step allocates a few bucket-sized
-# temporaries; on the CPU, glibc hands allocations above 32 MiB back to the OS when they are
-# freed, so each step would page-fault them in again (measured in benchmarks/shampoo_step.py).
-MAX_BUCKET_NUMEL = 2**22
+# Largest bucket, in elements of its stacked blocks (4 MiB of float32). On the CPU, batching
+# big blocks gains nothing over looping, while bucket-sized temporaries that outgrow the
+# caches cost memory traffic, and ones above 32 MiB are page-faulted in at every step (glibc
+# returns them to the OS when freed): measured in benchmarks/shampoo_step.py. Small blocks
+# are still batched by the hundreds.
+MAX_BUCKET_NUMEL = 2**20
 
 
 def split_bucket(members: list[BucketMember], block_numel: int) -> list[list[BucketMember]]:
