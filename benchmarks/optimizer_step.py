@@ -8,16 +8,20 @@ decay, no trust ratio). Gradients are fixed random tensors, restored before ever
 step (some references clip or rescale ``p.grad`` in place) outside the timed
 region; only ``optimizer.step()`` is timed (wall clock, synchronised on GPU).
 
-Every contender steps the same parameter tensors, in interleaved rounds (the
-order rotates each round) after warm-up steps, so machine load affects all of
-them alike. Reported: the median step time, and the median over rounds of the
-ratio to fused AdamW's step in the same round. The first step (state creation,
+Every contender steps the same parameter tensors. After warm-up steps, each
+contender's steps alternate with fused AdamW's (which goes first in every other
+round), one contender at a time, so machine load affects both sides of each
+ratio alike and only one contender's state is in memory beside AdamW's.
+Reported: the median step time, and the median over rounds of the ratio to
+fused AdamW's step in the same round. The first step (state creation,
 compilation for ``compiled`` paths) is reported separately.
 
 Contenders come from section functions in :data:`SECTIONS`; another section (e.g.
 Shampoo) is one more function returning :class:`Contender` records::
 
-    SECTIONS.append(lambda: [Contender("shampoo", lambda groups: create_optimizer("shampoo", groups))])
+    SECTIONS.append(
+        lambda settings: [Contender("shampoo", lambda groups: create_optimizer("shampoo", groups))]
+    )
 
 Run: ``python benchmarks/optimizer_step.py [--quick] [--threads N] [--device cpu|cuda]``
 (full: about 10 minutes on a quiet 2-core CPU; ``--quick``: a 4-block
@@ -27,12 +31,13 @@ transformer and fewer rounds, a few minutes).
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import inspect
 import statistics
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -96,7 +101,15 @@ def _accepts(name: str, keyword: str) -> bool:
     return keyword in inspect.signature(spec.load()).parameters
 
 
-def baseline_contenders() -> list[Contender]:
+@dataclass(frozen=True)
+class Settings:
+    """What the command line chose that sections may read."""
+
+    paths: tuple[str, ...]
+    device: torch.device
+
+
+def baseline_contenders(settings: Settings) -> list[Contender]:
     """torch's fastest AdamW and momentum SGD (the yardsticks)."""
     return [
         Contender("torch AdamW (fused)", lambda g: torch.optim.AdamW(g, lr=1e-4, fused=True)),
@@ -110,16 +123,23 @@ def baseline_contenders() -> list[Contender]:
 TARGETS = {"lars": 1.5, "lamb": 2.0, "alto": 2.2}
 """Largest acceptable step time relative to fused AdamW on CPU (issue #2)."""
 
-PATHS = {"foreach": {"foreach": True}, "compiled": {"compiled": True}}
+PATHS = {
+    "single": {"foreach": False},
+    "foreach": {"foreach": True},
+    "compiled": {"compiled": True},
+}
+"""Execution paths of our optimizers, by the ``--paths`` name."""
+DEFAULT_PATHS = ("foreach", "compiled")
 
 
-def largebatch_contenders() -> list[Contender]:
-    """Our layer-wise optimizers, multi-tensor and compiled paths (ALTO when registered)."""
+def largebatch_contenders(settings: Settings) -> list[Contender]:
+    """Our layer-wise optimizers on the chosen paths (ALTO when registered)."""
     contenders = []
     for name, target in TARGETS.items():
         if not _registered(name):
             continue
-        for path, switch in PATHS.items():
+        for path in settings.paths:
+            switch = PATHS[path]
             if path == "compiled" and not _accepts(name, "compiled"):
                 continue
             contenders.append(
@@ -134,7 +154,7 @@ def largebatch_contenders() -> list[Contender]:
     return contenders
 
 
-def reference_contenders() -> list[Contender]:
+def reference_contenders(settings: Settings) -> list[Contender]:
     """pytorch-optimizer's Lamb and LARS, e-optimizer-adaptor's ALTO (where installed)."""
     contenders = []
     if importlib.util.find_spec("pytorch_optimizer") is not None:
@@ -156,7 +176,7 @@ def reference_contenders() -> list[Contender]:
     return contenders
 
 
-SECTIONS: list[Callable[[], list[Contender]]] = [
+SECTIONS: list[Callable[[Settings], list[Contender]]] = [
     baseline_contenders,
     largebatch_contenders,
     reference_contenders,
@@ -171,7 +191,14 @@ class Timing:
     """Measurements of one contender on one parameter set."""
 
     first_step_s: float
-    step_s: list[float]
+    step_s: list[float] = field(default_factory=list)
+    baseline_s: list[float] = field(default_factory=list)
+    """Fused AdamW's step in the same rounds, for the ratio."""
+
+    @property
+    def ratio(self) -> float:
+        """Median over rounds of this step time over fused AdamW's."""
+        return statistics.median(t / b for t, b in zip(self.step_s, self.baseline_s))
 
 
 def make_parameters(
@@ -236,26 +263,42 @@ def measure(
     rounds: int,
     clock: Callable[[], float] = time.perf_counter,
 ) -> dict[str, Timing]:
-    """Interleaved timings of every contender on one parameter set."""
+    """Each contender's steps interleaved with fused AdamW's, one contender at a time.
+
+    Only one contender's state exists beside AdamW's at any time, so the 85M-parameter
+    transformer fits in a few GiB.
+    """
     params, grads = make_parameters(shapes, device)
-    optimizers = {c.name: c.build(parameter_groups(params)) for c in contenders}
-    timings = {}
-    for name, optimizer in optimizers.items():
+    groups = parameter_groups(params)
+
+    def warmed_up(contender: Contender) -> tuple[torch.optim.Optimizer, float]:
+        optimizer = contender.build(groups)
         first = time_step(optimizer, params, grads, device, clock)
         for _ in range(warmup - 1):
             time_step(optimizer, params, grads, device, clock)
-        timings[name] = Timing(first_step_s=first, step_s=[])
-    names = list(optimizers)
-    for index in range(rounds):
-        shift = index % len(names)
-        for name in names[shift:] + names[:shift]:
-            timings[name].step_s.append(time_step(optimizers[name], params, grads, device, clock))
+        return optimizer, first
+
+    baseline_contender = next(c for c in contenders if c.name == BASELINE)
+    baseline, baseline_first = warmed_up(baseline_contender)
+    timings = {BASELINE: Timing(baseline_first)}
+    for contender in contenders:
+        if contender is baseline_contender:
+            continue
+        optimizer, first = warmed_up(contender)
+        timing = timings[contender.name] = Timing(first)
+        for index in range(rounds):
+            pair = [(optimizer, timing.step_s), (baseline, timing.baseline_s)]
+            for stepped, samples in pair[:: 1 if index % 2 else -1]:
+                samples.append(time_step(stepped, params, grads, device, clock))
+        timings[BASELINE].step_s += timing.baseline_s
+        timings[BASELINE].baseline_s += timing.baseline_s
+        del optimizer, pair
+        gc.collect()
     return timings
 
 
 def markdown_table(title: str, timings: dict[str, Timing], targets: dict[str, float | None]) -> str:
     """Rows: median step time, median ratio to fused AdamW, target, first step."""
-    baseline = timings[BASELINE].step_s
     lines = [
         f"**{title}**",
         "",
@@ -263,7 +306,7 @@ def markdown_table(title: str, timings: dict[str, Timing], targets: dict[str, fl
         "|---|---:|---:|---:|---:|",
     ]
     for name, timing in timings.items():
-        ratio = statistics.median(t / b for t, b in zip(timing.step_s, baseline))
+        ratio = timing.ratio
         target = targets.get(name)
         verdict = "" if target is None else f"<= {target} {'met' if ratio <= target else 'MISSED'}"
         lines.append(
@@ -295,6 +338,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument(
         "--only", nargs="*", default=None, help="substrings of contender names to run"
     )
+    parser.add_argument(
+        "--paths",
+        default=",".join(DEFAULT_PATHS),
+        help=f"our optimizers' execution paths, comma-separated, from {sorted(PATHS)}",
+    )
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -307,7 +355,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     layers = args.layers or (4 if args.quick else 12)
     warmup = 3
 
-    contenders = [c for section in SECTIONS for c in section()]
+    paths = tuple(args.paths.split(","))
+    if unknown := sorted(set(paths) - set(PATHS)):
+        parser.error(f"unknown path(s) {unknown}; choose from {sorted(PATHS)}")
+    settings = Settings(paths=paths, device=device)
+    contenders = [c for section in SECTIONS for c in section(settings)]
     if args.only:
         contenders = [
             c for c in contenders if c.name == BASELINE or any(s in c.name for s in args.only)

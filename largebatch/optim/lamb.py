@@ -129,14 +129,17 @@ def _multi_tensor_lamb(
     weight_norm_clamp: tuple[float, float] | None,
     trust_ratio: bool,
 ) -> None:
-    """LAMB update of many tensors (one device and dtype) with ``torch._foreach_*`` ops."""
+    """LAMB update of many tensors (one device and dtype) with ``torch._foreach_*`` ops.
+
+    ``r`` is built in one temporary per tensor (no second allocation for the quotient).
+    """
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1.0 - beta2)
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, list(eps_hats))
-    updates = torch._foreach_div(exp_avgs, denominators)
-    del denominators
+    updates = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_add_(updates, list(eps_hats))
+    torch._foreach_reciprocal_(updates)
+    torch._foreach_mul_(updates, exp_avgs)
     torch._foreach_mul_(updates, list(scales))
     if weight_decay != 0.0:
         torch._foreach_add_(updates, params, alpha=weight_decay)

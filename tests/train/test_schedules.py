@@ -15,6 +15,7 @@ from torch.optim.lr_scheduler import (
     SequentialLR,
 )
 
+from largebatch.optim import get_spec
 from largebatch.tasks import Task
 from largebatch.train import RunConfig, plan_run
 from largebatch.train.schedules import WarmupThenDecay, build_scheduler, scale_lr
@@ -121,11 +122,11 @@ def _task_with(num_train: int) -> Task:
 def test_plan_uses_registry_recommendations_and_epoch_units(tmp_path):
     task = _task_with(1000)
     base = dict(out_dir=str(tmp_path), batch_size=100, base_batch_size=50)
-    # SGD: linear scaling and 5% warm-up by default (registry), default lr 0.1
+    # SGD: linear scaling, 5% warm-up and the base lr from the registry
     plan = plan_run(RunConfig(optimizer="sgd", epochs=20, **base), task)
     assert (plan.steps_per_epoch, plan.total_steps) == (10, 200)
     assert plan.scaling == "linear"
-    assert plan.lr == pytest.approx(0.2)
+    assert plan.lr == pytest.approx(2 * get_spec("sgd").defaults["lr"])
     assert plan.schedule.warmup_steps == 10
     # AdamW: square-root scaling; warm-up given in epochs
     plan = plan_run(

@@ -151,13 +151,11 @@ def _is_int(value: Any) -> bool:
 
 
 def _compute_roots(
-    batches: list[tuple[int, int, range, Callable[[], Tensor]]],
-    exponents: list[int],
-    config: RootConfig,
+    batches: list[tuple[int, int, range, Tensor]], exponents: list[int], config: RootConfig
 ) -> list[_RootBatchResult]:
-    """Run a rank's root batches (``matrices()`` is read here, on whichever thread runs this)."""
+    """The inverse roots of a rank's chunks (run on the root thread or in the step)."""
     return [
-        (bucket, dim, slots, inverse_roots(matrices(), exponents[bucket], config))
+        (bucket, dim, slots, inverse_roots(matrices, exponents[bucket], config))
         for bucket, dim, slots, matrices in batches
     ]
 
@@ -516,7 +514,9 @@ class Shampoo(torch.optim.Optimizer):
         if pending != _NO_STEP:
             if self.asynchronous and not self._worker.has_job(group_index):
                 self._submit(group_index, group, layout)  # e.g. resumed from a state_dict
-            if step >= pending + staleness:
+            # Due after `staleness` steps, and at the latest when the next computation starts
+            # (staleness may have been raised since): one computation in flight per group.
+            if step >= pending + staleness or step % group["precondition_frequency"] == 0:
                 results = (
                     self._worker.result(group_index)
                     if self.asynchronous
@@ -543,16 +543,15 @@ class Shampoo(torch.optim.Optimizer):
 
     def _root_batches(
         self, group: dict[str, Any], layout: _GroupLayout, snapshot: bool
-    ) -> tuple[list[tuple[int, int, range, Callable[[], Tensor]]], list[int], RootConfig]:
-        """This rank's root chunks, each read lazily from the statistics or their snapshot."""
+    ) -> tuple[list[tuple[int, int, range, Tensor]], list[int], RootConfig]:
+        """This rank's root chunks: views of the statistics or of their snapshot."""
         batches = []
         for bucket_index, bucket in enumerate(layout.buckets):
             sources = bucket.snapshots if snapshot else bucket.factors
             for dim, source in enumerate(sources):
                 for slots, owner in bucket.root_chunks[dim]:
                     if owner == self._topology.rank:
-                        matrices = source[slots.start : slots.stop]
-                        batches.append((bucket_index, dim, slots, lambda m=matrices: m))
+                        batches.append((bucket_index, dim, slots, source[slots.start : slots.stop]))
         return batches, [b.exponent for b in layout.buckets], group["roots"]
 
     def _submit(self, group_index: int, group: dict[str, Any], layout: _GroupLayout) -> None:

@@ -9,7 +9,13 @@ import pytest
 import torch
 
 from largebatch.optim import create_optimizer, get_spec
-from largebatch.optim.shampoo import RootComputationError, RootConfig, Shampoo
+from largebatch.optim.shampoo import (
+    CoupledNewtonConfig,
+    EighConfig,
+    RootComputationError,
+    RootConfig,
+    Shampoo,
+)
 
 
 def matrix_power(matrix: np.ndarray, exponent: float) -> np.ndarray:
@@ -44,10 +50,16 @@ def take_step(
 # --- the preconditioned direction ----------------------------------------------------
 
 
-def test_matrix_direction_is_left_and_right_inverse_fourth_roots():
+@pytest.mark.parametrize(
+    ("method", "rtol"),
+    [(EighConfig(), 1e-10), (CoupledNewtonConfig(tolerance=1e-12), 1e-7)],
+    ids=["eigh", "newton"],
+)
+def test_matrix_direction_is_left_and_right_inverse_fourth_roots(method, rtol):
     torch.manual_seed(0)
     weight = torch.nn.Parameter(torch.randn(5, 7, dtype=torch.float64))
-    optimizer = exact([weight], betas=(0.0, 1.0), grafting="sgd")
+    roots = RootConfig(method=method, compute_dtype=torch.float64, relative_epsilon=0.0)
+    optimizer = exact([weight], betas=(0.0, 1.0), grafting="sgd", roots=roots)
     left, right = 1e-3 * np.eye(5), 1e-3 * np.eye(7)
     for _ in range(3):
         grad = torch.randn(5, 7, dtype=torch.float64)
@@ -57,7 +69,7 @@ def test_matrix_direction_is_left_and_right_inverse_fourth_roots():
         direction = matrix_power(left, -0.25) @ g @ matrix_power(right, -0.25)
         # SGD grafting: the step has the gradient's norm and Shampoo's direction.
         expected = -0.1 * np.linalg.norm(g) / np.linalg.norm(direction) * direction
-        np.testing.assert_allclose(update, expected, rtol=1e-10, atol=1e-12)
+        np.testing.assert_allclose(update, expected, rtol=rtol, atol=rtol / 100)
 
         # The -1/k bug (exponent -1/2 for a matrix) gives a visibly different step.
         wrong = matrix_power(left, -0.5) @ g @ matrix_power(right, -0.5)
@@ -315,6 +327,19 @@ def test_staleness_is_exposed_and_bounded_by_frequency_plus_staleness():
     # Roots from step 4 arrive at step 6, from step 8 at step 10, from step 12 at step 14.
     assert seen == [None] * 5 + [2, 3, 4, 5, 2, 3, 4, 5, 2]
     assert optimizer.param_groups[0]["start_preconditioning_step"] == 6
+
+
+def test_raising_staleness_mid_flight_installs_at_the_next_computation():
+    model = small_model(0)
+    optimizer = blocked_shampoo(model, precondition_frequency=3, staleness=1)
+    data = batches(7)
+    train(model, optimizer, data[:3])  # roots of step 3 submitted
+    optimizer.param_groups[0]["staleness"] = 10
+    train(model, optimizer, data[3:5])
+    assert optimizer.root_staleness is None  # still pending at step 5
+    train(model, optimizer, data[5:6])  # step 6: installed before the next snapshot
+    assert optimizer.root_staleness == 3
+    assert int(optimizer.state[model[0].weight]["pending_roots_step"]) == 6
 
 
 # --- checkpoints ---------------------------------------------------------------------
