@@ -269,10 +269,9 @@ def measure(
     transformer fits in a few GiB.
     """
     params, grads = make_parameters(shapes, device)
-    groups = parameter_groups(params)
 
     def warmed_up(contender: Contender) -> tuple[torch.optim.Optimizer, float]:
-        optimizer = contender.build(groups)
+        optimizer = contender.build(parameter_groups(params))  # fresh dicts: torch fills them in
         first = time_step(optimizer, params, grads, device, clock)
         for _ in range(warmup - 1):
             time_step(optimizer, params, grads, device, clock)

@@ -1,8 +1,8 @@
 """Shampoo's optimizer step time, next to fused AdamW and pytorch-optimizer's ScalableShampoo.
 
-Parameter sets: ResNet-50's 161 tensors (25.6M parameters) and a transformer (6 layers,
-width 512, 32k vocabulary; the embedding exceeds ``max_preconditioned_dim`` and gets the
-grafted step only). Gradients are fixed random tensors; only ``optimizer.step()`` is timed.
+Parameter sets: those of ``optimizer_step.py``: ResNet-50's 161 tensors (25.6M parameters)
+and a transformer of 4 blocks of width 768 (28.3M parameters in 50 tensors). Gradients are
+fixed random tensors; only ``optimizer.step()`` is timed.
 
 Every time is reported twice: wall clock, and the CPU time of the stepping thread
 (``time.thread_time``). On a shared machine the wall clock mostly measures the neighbours'
@@ -33,6 +33,7 @@ against eigh roots.
 
 Run: ``python benchmarks/shampoo_step.py [--quick] [--threads 1] [--staleness 10]``
 (full: a few minutes on an idle machine; ``--quick``: block 256 only, staleness 5).
+``run_shampoo_benchmark(quick)`` returns the rows, for ``optimizer_step.py``.
 """
 
 from __future__ import annotations
@@ -45,59 +46,19 @@ from collections.abc import Callable
 from contextlib import contextmanager
 
 import torch
+from optimizer_step import Shapes, resnet50_shapes, transformer_shapes  # the shared parameter sets
 from pytorch_optimizer import ScalableShampoo
 
 from largebatch.optim.shampoo import CoupledNewtonConfig, RootConfig, Shampoo, preconditioner
 from largebatch.optim.shampoo.blocking import plan_blocking
 
 FREQUENCY = 100
+TRANSFORMER_LAYERS = 4  # 28.3M parameters in 50 tensors: the full 12 would take many minutes
 DISABLED = 10**9  # a frequency or start step that is never reached
-Shapes = list[tuple[int, ...]]
 Row = dict[str, object]
-
-
-def resnet50_shapes() -> Shapes:
-    """ResNet-50's parameter shapes: 53 convolutions, 53 batch norms (weight, bias), the classifier."""
-    shapes: Shapes = [(64, 3, 7, 7), (64,), (64,)]
-    channels = 64
-    for width, blocks in [(64, 3), (128, 4), (256, 6), (512, 3)]:
-        for index in range(blocks):
-            shapes += [
-                (width, channels, 1, 1),
-                (width,),
-                (width,),
-                (width, width, 3, 3),
-                (width,),
-                (width,),
-            ]
-            shapes += [(4 * width, width, 1, 1), (4 * width,), (4 * width,)]
-            if index == 0:
-                shapes += [(4 * width, channels, 1, 1), (4 * width,), (4 * width,)]
-            channels = 4 * width
-    return shapes + [(1000, 2048), (1000,)]
-
-
-def transformer_shapes(
-    layers: int = 6, width: int = 512, vocabulary: int = 32000, context: int = 1024
-) -> Shapes:
-    """A GPT-style decoder: token and position embeddings, attention and MLP blocks, layer norms."""
-    shapes: Shapes = [(vocabulary, width), (context, width)]
-    for _ in range(layers):
-        shapes += [(width,), (width,), (3 * width, width), (3 * width,), (width, width), (width,)]
-        shapes += [
-            (width,),
-            (width,),
-            (4 * width, width),
-            (4 * width,),
-            (width, 4 * width),
-            (width,),
-        ]
-    return shapes + [(width,), (width,)]
-
-
 PARAM_SETS: dict[str, Callable[[], Shapes]] = {
     "resnet50": resnet50_shapes,
-    "transformer": transformer_shapes,
+    "transformer": lambda: transformer_shapes(TRANSFORMER_LAYERS),
 }
 
 

@@ -7,11 +7,16 @@
    step, free of set-up, evaluation and checkpoint costs. Times are this
    process's CPU time with one thread, which other processes on a shared
    machine disturb far less than wall time. Target: <= 10% on mnist1d-cnn.
-2. Examples per second (wall clock) of 1 vs 2 gloo processes
+2. Cost of logging the gradient noise scale: the same per-step CPU time of
+   ``train`` with ``accumulation_steps=2`` (where it is measured for free), with
+   ``noise_scale`` off and on (measured every ``--noise-every`` steps). Reported,
+   to be read against the 10% budget of (1).
+3. Examples per second (wall clock) of 1 vs 2 gloo processes
    (``largebatch run --nproc``), from the ``wall_time`` in ``result.json`` of runs
    of two lengths, as above. Reported, no target.
 
-Run: ``python benchmarks/train_loop.py [--batch-size 64 256] [--steps 400] [--repeats 7] [--skip-ddp]``.
+Run: ``python benchmarks/train_loop.py [--batch-size 64 256] [--steps 400] [--repeats 7]
+[--noise-every 1 10] [--skip-overhead] [--skip-ddp]``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -60,12 +66,16 @@ def bare_loop_seconds(steps: int, batch_size: int) -> float:
     return time.process_time() - start
 
 
-def our_loop_seconds(steps: int, batch_size: int) -> float:
-    """CPU time of ``train`` for ``steps`` steps (evaluations only at start and end)."""
+def our_loop_seconds(steps: int, batch_size: int, **settings) -> float:
+    """CPU time of ``train`` for ``steps`` steps (evaluations only at start and end).
+
+    ``settings`` are further ``RunConfig`` fields (accumulation, noise scale).
+    """
     with tempfile.TemporaryDirectory() as out:
         config = RunConfig(
             task=TASK, optimizer="sgd", optimizer_options=OPTIMIZER, lr=0.1,
             batch_size=batch_size, warmup_steps=0, steps=steps, eval_every=steps, out_dir=out,
+            **settings,
         )  # fmt: skip
         start = time.process_time()
         train(config)
@@ -99,13 +109,15 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256])
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--repeats", type=int, default=7)
-    parser.add_argument("--skip-ddp", action="store_true", help="only the overhead benchmark")
+    parser.add_argument("--noise-every", type=int, nargs="+", default=[1, 10])
+    parser.add_argument("--skip-overhead", action="store_true", help="skip benchmark 1")
+    parser.add_argument("--skip-ddp", action="store_true", help="skip benchmark 3")
     args = parser.parse_args()
     torch.set_num_threads(1)
     get_task(TASK)  # generate and cache the data outside the timings
 
     print(f"CPU time per step on {TASK}, SGD+momentum, 1 thread (median of {args.repeats})")
-    for batch_size in args.batch_size:
+    for batch_size in args.batch_size if not args.skip_overhead else []:
         # alternate the two loops so that load changes on the machine hit both alike
         bare, ours = [], []
         for _ in range(args.repeats):
@@ -118,6 +130,26 @@ def main() -> None:
             f" overhead {statistics.median(overheads):+.1%} (target <= +10%;"
             f" repeats {min(overheads):+.1%} to {max(overheads):+.1%})"
         )
+
+    print(f"\nNoise-scale logging, accumulation_steps=2 (median of {args.repeats})")
+    settings = {"off": {"noise_scale": False}}
+    settings.update({f"every {n}": {"noise_scale": True, "noise_scale_every": n}
+                     for n in args.noise_every})  # fmt: skip
+    for batch_size in args.batch_size:
+        times = {name: [] for name in settings}
+        for _ in range(args.repeats):
+            for name, fields in settings.items():
+                measure = partial(our_loop_seconds, accumulation_steps=2, **fields)
+                times[name].append(per_step(measure, args.steps, batch_size))
+        parts = [f"off {statistics.median(times['off']) * 1e3:.3f} ms"]
+        for name in list(settings)[1:]:
+            overheads = [t / o - 1 for t, o in zip(times[name], times["off"])]
+            parts.append(
+                f"{name} {statistics.median(times[name]) * 1e3:.3f} ms"
+                f" ({statistics.median(overheads):+.1%},"
+                f" repeats {min(overheads):+.1%} to {max(overheads):+.1%})"
+            )
+        print(f"  batch {batch_size:>5}: " + ", ".join(parts))
 
     if args.skip_ddp:
         return

@@ -19,6 +19,7 @@ COMMANDS = {
     "results": "largebatch.cli.sweep:results",
     "report": "largebatch.cli.sweep:report_cmd",
     "demo": "largebatch.cli.sweep:demo",
+    "diagnose": "largebatch.cli.diagnose:diagnose",
 }
 
 

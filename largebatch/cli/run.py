@@ -110,7 +110,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     return config
 
 
-def _message(error: Exception) -> str:
+def error_message(error: Exception) -> str:
     """An exception's message (``KeyError`` would add quotes)."""
     return str(error.args[0]) if error.args else type(error).__name__
 
@@ -124,7 +124,7 @@ def _check(config: RunConfig) -> None:
         validate(config)
         plan_run(config, get_task(config.task, **config.task_options))
     except SETUP_ERRORS as error:
-        raise click.UsageError(_message(error)) from None
+        raise click.UsageError(error_message(error)) from None
 
 
 @click.command("run")
@@ -172,6 +172,11 @@ def _check(config: RunConfig) -> None:
 @click.option("--resume", is_flag=True, default=None,
               help="Continue from the run directory's newest checkpoint, if any.")
 @click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: on]")
+@click.option("--noise-scale/--no-noise-scale", default=None,
+              help="Log the gradient noise scale B_simple (free with --nproc >= 2 or "
+              "--accumulation-steps >= 2).  [default: when free]")
+@click.option("--noise-scale-every", type=int,
+              help="Measure the noise scale on every N-th step.  [default: 10]")
 def run(config_file: str | None, **options: Any) -> None:
     """Train one model and write its run directory (config, metrics, checkpoints, result)."""
     config = build_config(config_file, options)
@@ -185,7 +190,7 @@ def run(config_file: str | None, **options: Any) -> None:
     try:
         result = train(config)
     except SETUP_ERRORS as error:
-        raise click.UsageError(_message(error)) from None
+        raise click.UsageError(error_message(error)) from None
     if int(os.environ.get("RANK", 0)) == 0:
         _print_summary(result, config.out_dir)
     if result.status == "failed":

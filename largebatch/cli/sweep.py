@@ -7,6 +7,7 @@ per finished run), ``runs/<cell-id>/`` (each run's files) and, once reported,
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -20,6 +21,7 @@ from largebatch.cli.run import parse_pairs, parse_target, parse_value
 
 DEFAULT_SWEEP_DIR = "studies/sweep"
 DEMO_DIR = "studies/demo"
+
 
 def _list(ctx: click.Context, param: click.Parameter, text: str | None) -> list | None:
     """``"64,256,full"`` -> ``[64, 256, "full"]`` (types are checked with the sweep)."""
@@ -44,16 +46,26 @@ def _load(file: str | None, directory: Path, flags: dict[str, Any]) -> Any:
         saved = None if file is not None else load_saved_spec(directory)
         base = {k: v for k, v in saved.to_dict().items() if v is not None} if saved else None
         return load_sweep(
-            file, overrides=given, origins=origins, base=base, base_origin=str(directory / SWEEP_FILE)
+            file,
+            overrides=given,
+            origins=origins,
+            base=base,
+            base_origin=str(directory / SWEEP_FILE),
         )
     except SweepConfigError as error:
         raise click.UsageError(str(error)) from None
 
 
 def _run_and_report(
-    spec: Any, directory: Path, jobs: int, retry_failed: bool, report: bool, progress: bool
+    spec: Any,
+    directory: Path,
+    jobs: int,
+    retry_failed: bool,
+    report: bool,
+    progress: bool,
+    diagnose: bool = False,
 ) -> None:
-    """Prepare, run, summarise and (optionally) report; errors become click errors."""
+    """Prepare, run, summarise, (optionally) diagnose and report; errors become click errors."""
     from largebatch.experiments.report import report as write_report
     from largebatch.experiments.report import summary
     from largebatch.experiments.results_store import ResultsStore, ResultsStoreError
@@ -64,6 +76,10 @@ def _run_and_report(
         sweep = prepare(spec, directory)
         click.echo(f"{len(sweep.cells)} runs in {directory} ({jobs} at a time)", err=True)
         statuses = run_sweep(sweep, jobs=jobs, retry_failed=retry_failed, progress=progress)
+        if diagnose:
+            from largebatch.experiments.diagnose import diagnose_sweep
+
+            click.echo(diagnose_sweep(directory, progress=progress).describe(), err=True)
         rows = [r for r in ResultsStore(directory).rows() if r["cell_id"] in statuses]
     except SweepConfigError as error:
         raise click.UsageError(str(error)) from None
@@ -142,6 +158,13 @@ def _run_and_report(
 )
 @click.option("--retry-failed", is_flag=True, help="Run again the cells recorded as failed.")
 @click.option(
+    "--diagnose",
+    is_flag=True,
+    help="Add sharpness, top Hessian eigenvalue and trace of every finished run to the "
+    "results (only for runs that lack them) and the interpolation between the smallest- "
+    "and largest-batch solutions to the report.",
+)
+@click.option(
     "--report/--no-report", default=True, show_default=True, help="Write the report at the end."
 )
 @click.option("--progress/--no-progress", default=True, help="Progress bar.")
@@ -150,6 +173,7 @@ def sweep(
     file: str | None,
     jobs: int,
     retry_failed: bool,
+    diagnose: bool,
     report: bool,
     progress: bool,
     **flags: Any,
@@ -161,7 +185,7 @@ def sweep(
     """
     directory_path = Path(directory)
     spec = _load(file, directory_path, flags)
-    _run_and_report(spec, directory_path, jobs, retry_failed, report, progress)
+    _run_and_report(spec, directory_path, jobs, retry_failed, report, progress, diagnose)
 
 
 @click.command("demo")
@@ -179,8 +203,9 @@ def sweep(
     default=None,
     help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
 )
+@click.option("--diagnose", is_flag=True, help="Also measure sharpness and curvature (as sweep).")
 @click.option("--progress/--no-progress", default=True, help="Progress bar.")
-def demo(directory: str, jobs: int | None, progress: bool) -> None:
+def demo(directory: str, jobs: int | None, diagnose: bool, progress: bool) -> None:
     """The default study: mnist1d-cnn, batch 64 to full batch, SGD, AdamW, LAMB and ALTO.
 
     About 10 minutes on 2 CPU cores; writes DIRECTORY/report.html. Re-running continues.
@@ -192,7 +217,10 @@ def demo(directory: str, jobs: int | None, progress: bool) -> None:
     except SweepConfigError as error:
         raise click.ClickException(str(error)) from None
     jobs = jobs or max(1, min(os.cpu_count() or 1, 4))
-    _run_and_report(spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress)
+    _run_and_report(
+        spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress,
+        diagnose=diagnose,
+    )  # fmt: skip
 
 
 @click.command("report")
@@ -279,16 +307,19 @@ def results(
 
 
 def _write_csv(rows: list, path: str) -> None:
-    """Every column; ``config`` and ``extra`` as JSON."""
+    """Every column; ``config`` and ``extra`` as JSON. The file is written atomically."""
+    from largebatch.utils.atomic import atomic_write
+
     keys = list(dict.fromkeys(k for row in rows for k in row))
-    out = sys.stdout if path == "-" else open(path, "w", newline="")  # noqa: SIM115 (closed below)
-    try:
+    output = (
+        contextlib.nullcontext(sys.stdout)
+        if path == "-"
+        else atomic_write(Path(path).absolute(), "w", newline="")
+    )
+    with output as out:
         writer = csv.DictWriter(out, keys)
         writer.writeheader()
         for row in rows:
             writer.writerow(
                 {k: json.dumps(v) if isinstance(v, dict) else v for k, v in row.items()}
             )
-    finally:
-        if out is not sys.stdout:
-            out.close()

@@ -142,8 +142,11 @@ def fixed_function(model: nn.Module, *, train: bool, seed: int) -> Iterator[None
 def on_device(
     batches: Batches, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, int]]:
-    """Yield ``(inputs, targets, batch size)`` with tensors moved to ``device``."""
-    for inputs, targets in check_batches(batches):
+    """Yield ``(inputs, targets, batch size)`` with tensors moved to ``device``.
+
+    One pass; callers that pass over the data again check it with :func:`check_batches`.
+    """
+    for inputs, targets in batches:
         yield inputs.to(device), targets.to(device), len(targets)
 
 
@@ -162,10 +165,14 @@ def evaluate(
     *,
     train: bool = False,
     seed: int = 0,
+    autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
 ) -> dict[str, float]:
     """Mean loss and mean per-example metrics of ``model`` over ``batches``.
 
     Returns ``{"loss": ..., name: ...}`` for each metric (e.g. ``accuracy``).
+    One pass over ``batches`` (any iterable). Forward passes and losses run
+    inside ``autocast()`` (the training loop's bfloat16 autocast, if any). The
+    training loop evaluates with this function too.
     """
     model = unwrap(model)
     device = model_device(model)
@@ -173,10 +180,11 @@ def evaluate(
     sums = torch.zeros(len(names) + 1, dtype=torch.float64, device=device)
     with fixed_function(model, train=train, seed=seed), torch.no_grad():
         for inputs, targets, n in on_device(batches, device):
-            outputs = model(inputs)
-            sums[0] += n * loss_fn(outputs, targets).double()
-            for i, metric in enumerate((metrics or {}).values(), start=1):
-                sums[i] += metric(outputs, targets).double().sum()
+            with autocast():
+                outputs = model(inputs)
+                sums[0] += n * loss_fn(outputs, targets).double()
+                for i, metric in enumerate((metrics or {}).values(), start=1):
+                    sums[i] += metric(outputs, targets).double().sum()
             sums[-1] += n
     all_reduce_sum(sums)
     if sums[-1] == 0:

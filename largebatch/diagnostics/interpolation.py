@@ -103,6 +103,7 @@ def interpolate_checkpoints(
         )
     if not splits:
         raise ValueError("Invalid splits: none given")
+    splits = {name: check_batches(batches) for name, batches in splits.items()}
     device = model_device(model)
     saved = {name: value.detach().clone() for name, value in model.state_dict().items()}
     curves: dict[str, dict[str, list[float]]] = {name: {} for name in splits}

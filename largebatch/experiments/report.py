@@ -36,6 +36,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from largebatch.experiments import analysis
 from largebatch.experiments.results_store import ResultsStore
+from largebatch.utils.atomic import write_bytes_atomic, write_text_atomic
 
 FIGURES_DIR = "figures"
 
@@ -166,7 +167,7 @@ def pct(value: float) -> str:
     return "-" if math.isnan(value) else f"{100 * value:.1f}"
 
 
-def _batch_ticks(ax: Any, batch_sizes: list[int]) -> None:
+def batch_size_axis(ax: Any, batch_sizes: list[int]) -> None:
     """Log2 x-axis with a labelled tick at every batch size of the sweep."""
     ax.set_xscale("log", base=2)
     ax.xaxis.set_major_locator(FixedLocator(batch_sizes))
@@ -175,13 +176,14 @@ def _batch_ticks(ax: Any, batch_sizes: list[int]) -> None:
     ax.set_xlabel("batch size (log scale)")
 
 
-def _log_label(value: float, _: int) -> str:
+def log_tick_label(value: float, _: int) -> str:
     """Plain tick labels on a log axis, only at 1, 2 and 5 times a power of ten."""
     mantissa = round(value / 10 ** math.floor(math.log10(value)), 6) if value > 0 else 0
     return f"{value:g}" if mantissa in (1, 2, 5) else ""
 
 
-def _legend(ax: Any, **kwargs: Any) -> None:
+def add_legend(ax: Any, **kwargs: Any) -> None:
+    """A legend in the report's style, if the axes have labelled artists."""
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=9, framealpha=0.9, **kwargs)
 
@@ -250,11 +252,11 @@ def accuracy_section(ctx: ReportContext) -> Section:
             markersize=9,
             clip_on=False,
         )
-    _batch_ticks(ax, ctx.batch_sizes)
+    batch_size_axis(ax, ctx.batch_sizes)
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title("Test accuracy vs batch size")
     ax.grid(True, alpha=0.3)
-    _legend(ax, loc="lower left")
+    add_legend(ax, loc="lower left")
     text = (
         "Mean over seeds (shaded: min-max over seeds when there are several); "
         "× on the bottom axis: every run at that point diverged or failed."
@@ -283,12 +285,12 @@ def gap_section(ctx: ReportContext) -> Section:
         (acc_ax, "train − test accuracy (points)", "Accuracy gap"),
         (loss_ax, "test − train loss", "Loss gap"),
     ):
-        _batch_ticks(ax, ctx.batch_sizes)
+        batch_size_axis(ax, ctx.batch_sizes)
         ax.set_ylabel(ylabel)
         ax.set_title(title)
         ax.axhline(0, color="0.5", linewidth=0.8)
         ax.grid(True, alpha=0.3)
-    _legend(acc_ax, loc="best")
+    add_legend(acc_ax, loc="best")
     text = (
         "The generalization gap at the end of training, mean over seeds. A gap that grows "
         "with the batch is the large-batch generalization problem; a small gap with low "
@@ -301,8 +303,11 @@ def gap_section(ctx: ReportContext) -> Section:
     )
 
 
-def _steps_table(ctx: ReportContext) -> tuple[dict[str, dict[str, Any]], Table]:
-    """Per series: measured steps-to-target, critical batch size, fitted model."""
+def steps_to_target_table(ctx: ReportContext) -> tuple[dict[str, dict[str, Any]], Table]:
+    """Per series: measured steps-to-target, critical batch size and fitted model, and their table.
+
+    The dict maps each series to ``{"b", "steps", "critical", "model"}``.
+    """
     results, rows = {}, []
     for series, pts in ctx.series.items():
         b = [p.batch_size for p in pts]
@@ -336,7 +341,7 @@ def steps_section(ctx: ReportContext) -> Section | None:
             "No run reached its target, so steps-to-target and the critical batch size are "
             'undefined. Lower the target (`target = ["accuracy", 0.8]`) or raise the budget.',
         )
-    results, table = _steps_table(ctx)
+    results, table = steps_to_target_table(ctx)
     fig = Figure(figsize=(7.5, 5), layout="constrained")
     ax = fig.subplots()
     reached = [s for r in results.values() for s in r["steps"] if 0 < s < math.inf]
@@ -375,11 +380,11 @@ def steps_section(ctx: ReportContext) -> Section | None:
     if any(not math.isfinite(s) for r in results.values() for s in r["steps"]):
         ax.plot([], [], "^", color="0.3", markerfacecolor="none", label="target not reached")
     ax.set_yscale("log")
-    _batch_ticks(ax, ctx.batch_sizes)
+    batch_size_axis(ax, ctx.batch_sizes)
     ax.set_ylabel("steps to target (log scale)")
     ax.set_title("Steps to target vs batch size")
     ax.grid(True, which="both", alpha=0.3)
-    _legend(ax, loc="best")
+    add_legend(ax, loc="best")
     text = (
         "Steps to first reach the target (median over seeds; ▵ at the top: not reached within "
         "the budget). Dotted: perfect scaling from each optimizer's smallest batch size that "
@@ -431,8 +436,8 @@ def curves_section(ctx: ReportContext) -> Section | None:
         ax.set_yscale("log")
         if initial and np.isfinite(max(initial)):
             ax.set_ylim(top=3 * max(initial))  # a loss blowing up leaves the panel
-        ax.yaxis.set_major_formatter(FuncFormatter(_log_label))
-        ax.yaxis.set_minor_formatter(FuncFormatter(_log_label))
+        ax.yaxis.set_major_formatter(FuncFormatter(log_tick_label))
+        ax.yaxis.set_minor_formatter(FuncFormatter(log_tick_label))
         ax.set_xlabel("epoch")
         ax.set_ylabel("loss")
         ax.grid(True, which="both", alpha=0.3)
@@ -520,7 +525,8 @@ def problems_section(ctx: ReportContext) -> Section | None:
 # --- rendering ------------------------------------------------------------------------
 
 
-def _png(fig: Figure) -> bytes:
+def png_bytes(fig: Figure) -> bytes:
+    """``fig`` as PNG bytes, at the resolution of every report figure."""
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png", dpi=110)
     return buffer.getvalue()
@@ -576,8 +582,8 @@ def report(sweep_dir: str | Path) -> tuple[Path, Path]:
             md_parts.append(paragraph + "\n")
         for plot in section.plots:
             stem, caption = plot.stem, plot.caption
-            png = _png(plot.figure)
-            (figures_dir / f"{stem}.png").write_bytes(png)
+            png = png_bytes(plot.figure)
+            write_bytes_atomic(figures_dir / f"{stem}.png", png)
             encoded = base64.b64encode(png).decode()
             html_parts.append(
                 f"<figure><img alt='{html.escape(caption)}' src='data:image/png;base64,{encoded}'>"
@@ -597,8 +603,8 @@ def report(sweep_dir: str | Path) -> tuple[Path, Path]:
             md_parts.append("")
     html_parts.append("</body></html>")
     html_path, md_path = sweep_dir / "report.html", sweep_dir / "report.md"
-    html_path.write_text("\n".join(html_parts))
-    md_path.write_text("\n".join(md_parts))
+    write_text_atomic(html_path, "\n".join(html_parts))
+    write_text_atomic(md_path, "\n".join(md_parts))
     return html_path, md_path
 
 

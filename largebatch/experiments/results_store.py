@@ -236,9 +236,7 @@ class ResultsStore:
             **{name: getattr(result, name) for name in RESULT_COLUMNS},
             "extra": json.dumps(result.extra, sort_keys=True, default=str),
             "run_dir": run_dir,
-            "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(
-                timespec="seconds"
-            ),
+            "recorded_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
         }
         names = ", ".join(row)
         marks = ", ".join("?" for _ in row)

@@ -30,7 +30,7 @@ from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, cell_name, expand
 from largebatch.tasks import get_task
 from largebatch.train import RunConfig, RunResult, plan_run, train, validate
-from largebatch.train.checkpoint import write_atomically
+from largebatch.utils.atomic import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
 LOCK_FILE = ".lock"
@@ -89,7 +89,7 @@ def load_saved_spec(directory: str | Path) -> SweepSpec | None:
 
 
 @contextlib.contextmanager
-def _exclusive(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
     """Hold an exclusive lock on ``path`` (released by the OS if the process dies)."""
     with open(path, "a") as file:
         fcntl.flock(file, fcntl.LOCK_EX)
@@ -148,7 +148,7 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
     run_dir = cell.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(store_path)
-    with _exclusive(run_dir / LOCK_FILE):
+    with locked(run_dir / LOCK_FILE):
         recorded = store.statuses().get(cell.cell_id)
         if recorded is not None and not (retry_failed and recorded == "failed"):
             return recorded
@@ -198,9 +198,7 @@ def run_sweep(
     if jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
     sweep.directory.mkdir(parents=True, exist_ok=True)
-    write_atomically(
-        sweep.directory / SWEEP_FILE, json.dumps(sweep.spec.to_dict(), indent=2).encode()
-    )
+    write_json_atomic(sweep.directory / SWEEP_FILE, sweep.spec.to_dict())
     store = ResultsStore(sweep.directory)
     todo = pending_cells(sweep, store, retry_failed)
     bar = tqdm(

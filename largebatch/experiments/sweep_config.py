@@ -27,13 +27,12 @@ import hashlib
 import inspect
 import json
 import re
+import tomllib
 import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
-
-import tomllib
 
 from largebatch.optim.registry import get_spec as get_optimizer_spec
 from largebatch.optim.registry import list_optimizers, unknown_name_message

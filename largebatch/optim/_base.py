@@ -1,4 +1,4 @@
-"""Plumbing shared by the layer-wise optimizers (LARS, LAMB): validation, paths, state.
+"""Plumbing shared by the layer-wise optimizers (LARS, LAMB, ALTO): validation, paths, state.
 
 Each algorithm provides its math three ways that :func:`run_step` dispatches to:
 a per-tensor step (the single-tensor path, and what the compiled path traces),
@@ -90,7 +90,7 @@ def run_step(
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """Base of LARS and LAMB: validated groups, closure handling, step counts on device.
+    """Base of LARS, LAMB and ALTO: validated groups, closure handling, step counts on device.
 
     Subclasses implement :meth:`_check_group` (raise ``ValueError`` naming the bad
     value) and :meth:`_step_group`.

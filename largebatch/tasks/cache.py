@@ -12,7 +12,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Mapping
@@ -20,6 +19,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from largebatch.utils.atomic import atomic_write
 
 CACHE_ENV = "LARGEBATCH_CACHE"
 # Bump when the stored layout changes, so old files are not read back.
@@ -41,19 +42,10 @@ def cache_path(kind: str, args: Mapping[str, Any]) -> Path:
 
 
 def atomic_save_npz(path: Path, arrays: Arrays) -> None:
-    """Write ``arrays`` to ``path`` via a temporary file in the same directory, fsync, rename."""
+    """Write ``arrays`` to ``path`` atomically (see :mod:`largebatch.utils.atomic`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp's 0600 would hide a shared cache from other users
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp_name, path)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
+    with atomic_write(path) as file:
+        np.savez(file, **arrays)
 
 
 def _load(path: Path) -> Arrays | None:

@@ -1,9 +1,8 @@
 """Atomic, verified checkpoints, and the random-number state they must carry.
 
 A checkpoint file is ``torch.save`` bytes followed by a footer (a magic string
-and the SHA-256 of those bytes), written to a temporary file, fsync'ed, renamed
-into place, and the directory fsync'ed: a crash leaves either the old file or
-the new one, never half of one. The newest two are kept; loading checks the
+and the SHA-256 of those bytes), written atomically (:mod:`largebatch.utils.atomic`):
+a crash leaves either the old file or the new one, never half of one. The newest two are kept; loading checks the
 footer and falls back to the older file, with a clear message, when the newest
 is truncated or corrupt.
 """
@@ -12,7 +11,6 @@ from __future__ import annotations
 
 import hashlib
 import io
-import os
 import random
 import warnings
 from pathlib import Path
@@ -21,6 +19,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from largebatch.utils.atomic import write_bytes_atomic
+
 MAGIC = b"LBCKPT01"
 FOOTER_SIZE = len(MAGIC) + hashlib.sha256().digest_size
 KEEP = 2
@@ -28,21 +28,6 @@ KEEP = 2
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used (truncated, corrupt, or not a checkpoint)."""
-
-
-def write_atomically(path: Path, data: bytes) -> None:
-    """Replace ``path`` by ``data`` so that readers see the old or the new content only."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as file:
-        file.write(data)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(tmp, path)
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)
-    finally:
-        os.close(directory)
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -61,7 +46,7 @@ def save_checkpoint(directory: Path, step: int, state: dict[str, Any]) -> Path:
     torch.save(state, buffer)
     payload = buffer.getvalue()
     path = checkpoint_path(directory, step)
-    write_atomically(path, payload + MAGIC + hashlib.sha256(payload).digest())
+    write_bytes_atomic(path, payload + MAGIC + hashlib.sha256(payload).digest())
     for old in list_checkpoints(directory)[:-KEEP]:
         old.unlink()
     return path

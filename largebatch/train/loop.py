@@ -3,7 +3,8 @@
 Read :func:`train` top to bottom: set-up, data, model, optimizer and schedule,
 resume, then the loop (one global batch per optimizer step, driven by the
 optimizer's step protocol), evaluation, target, checkpoint and result. Under
-torchrun every process runs this same code (see ``distributed.py``).
+torchrun every process runs this same code (see ``distributed.py``). The
+gradient noise scale is read off the gradients as they pass (``noise_scale.py``).
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from largebatch.diagnostics.evaluation import evaluate
+from largebatch.diagnostics.noise_scale import gradient_sqnorm
 from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
@@ -30,6 +33,7 @@ from largebatch.train.checkpoint import load_latest, rng_state, save_checkpoint,
 from largebatch.train.config import RunConfig, RunResult
 from largebatch.train.data import Batch, BatchStream, shard_batches
 from largebatch.train.distributed import Distributed
+from largebatch.train.noise_scale import NoiseScaleMonitor
 from largebatch.train.plan import RunPlan, plan_run, validate
 from largebatch.train.run_dir import RunDirectory
 from largebatch.train.schedules import build_scheduler
@@ -103,6 +107,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     protocol = step_protocol_of(optimizer)
     if not protocol.gradient_before_step and protocol.closure is None:
         raise ValueError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
+    noise = NoiseScaleMonitor.for_run(
+        config, protocol, ddp_model, plan.micro_batch_size, ddp.device
+    )
 
     # --- resume: the newest usable checkpoint, if any -----------------------------------
     progress = Progress()
@@ -113,10 +120,12 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         progress = Progress(**saved["progress"])
+        if "noise_scale" in saved:  # absent if the run started without it
+            noise.load_state_dict(saved["noise_scale"])
         set_rng_state(saved["rng"][ddp.rank])
         stream.position = progress.batches_drawn
     saved_step = progress.step if found is not None else None
-    run_dir.open_metrics(metric_columns(task), resume_step=saved_step)
+    run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
     clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
     def save() -> None:
@@ -128,16 +137,18 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             "scheduler": scheduler.state_dict(),
             "progress": asdict(progress),
             "rng": distributed.gather_objects(rng_state(), ddp),
+            "noise_scale": noise.state_dict(),
         }
         if ddp.is_main:
             save_checkpoint(run_dir.checkpoints, progress.step, state)
 
     def evaluate_and_log() -> bool:
         """Evaluate, log a row; False if the training loss is no longer finite."""
-        metrics = evaluate(model, task, plan.eval_batch_size, ddp, autocast)
+        metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
         progress.elapsed = time.perf_counter() - clock_start
         record_evaluation(progress, metrics, plan, config.batch_size)
-        run_dir.log(metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan, config))
+        row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan, config)
+        run_dir.log(row | noise.row())
         progress.loss_sum, progress.loss_count = 0.0, 0
         return math.isfinite(metrics["train"]["loss"])
 
@@ -153,9 +164,11 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         while (
             status == "done" and progress.step < plan.total_steps and not stop_now(progress, config)
         ):
+            sqnorms = noise.sqnorms_for(progress.step)
             loss, evaluations = optimizer_step(
-                ddp_model, optimizer, protocol, stream, task.loss_fn, autocast
+                ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
             )
+            noise.update(progress.step, sqnorms)
             scheduler.step()
             progress.step += 1
             progress.batches_drawn = stream.position
@@ -184,7 +197,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         bar.close()
     progress.elapsed = time.perf_counter() - clock_start
 
-    result = make_result(status, error, progress, plan, config)
+    result = make_result(status, error, progress, plan, config, noise.result())
     run_dir.write_result(result)
     run_dir.close()
     return result
@@ -203,6 +216,7 @@ def forward_backward(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     autocast: Callable,
     sync: bool = True,
+    sqnorms: list[torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Accumulate in ``.grad`` the gradient of the mean loss over ``micro_batches``.
 
@@ -210,6 +224,10 @@ def forward_backward(
     gradients is the gradient of the global batch. Under DDP, gradients are
     averaged across processes on the last micro-batch only, and not at all
     unless ``sync``. Returns this process's mean loss.
+
+    ``sqnorms``, if given, receives the squared norms of the first micro-batch's
+    gradient (as if alone) and of the whole batch's: the noise-scale estimate's
+    two batch sizes, read without changing the gradients.
     """
     count = len(micro_batches)
     total = None
@@ -220,7 +238,11 @@ def forward_backward(
                 if count > 1:
                     loss = loss / count
             loss.backward()
+        if sqnorms is not None and i == 0:
+            sqnorms.append(gradient_sqnorm(model.parameters()) * count**2)
         total = loss.detach() if total is None else total + loss.detach()
+    if sqnorms is not None:
+        sqnorms.append(gradient_sqnorm(model.parameters()))
     return total
 
 
@@ -231,6 +253,7 @@ def optimizer_step(
     stream: BatchStream,
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     autocast: Callable,
+    sqnorms: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, int]:
     """One update from the next global batch, as the optimizer's protocol asks.
 
@@ -238,6 +261,7 @@ def optimizer_step(
     ``step(closure)``, the closure recomputing the gradient on the same batch or
     on a fresh one. Returns the loss at the current parameters and the number of
     gradient evaluations (forward/backward passes over a global batch).
+    ``sqnorms`` goes to the first gradient's :func:`forward_backward`.
     """
     micro_batches = stream.next()
     evaluations = 0
@@ -245,7 +269,7 @@ def optimizer_step(
     optimizer.zero_grad(set_to_none=True)
     if protocol.gradient_before_step:
         loss = forward_backward(
-            model, micro_batches, loss_fn, autocast, sync=not protocol.local_first_gradient
+            model, micro_batches, loss_fn, autocast, not protocol.local_first_gradient, sqnorms
         )
         evaluations += 1
     if protocol.closure is None:
@@ -263,35 +287,26 @@ def optimizer_step(
     return (loss if loss is not None else torch.as_tensor(closure_loss)), evaluations
 
 
-@torch.no_grad()
-def evaluate(
+def evaluate_splits(
     model: nn.Module, task: Task, batch_size: int, ddp: Distributed, autocast: Callable
 ) -> dict[str, dict[str, float]]:
     """Loss and metrics of ``model`` on every split: ``{"train": {"loss": ..}, ..}``.
 
-    Each process evaluates every ``world_size``-th example; sums are all-reduced.
+    Each process evaluates every ``world_size``-th example (in eval mode);
+    :func:`~largebatch.diagnostics.evaluation.evaluate` all-reduces the sums.
     """
-    model.eval()
     splits = {"train": task.train, "val": task.val, "test": task.test}
-    results = {}
-    for split, dataset in splits.items():
-        if dataset is None:
-            continue
-        sums = torch.zeros(2 + len(task.metrics), dtype=torch.float64, device=ddp.device)
-        for inputs, targets in shard_batches(
-            dataset, batch_size, ddp.rank, ddp.world_size, ddp.device
-        ):
-            with autocast():
-                outputs = model(inputs)
-                loss = task.loss_fn(outputs, targets)
-            values = [loss * len(targets), torch.tensor(len(targets), device=ddp.device)]
-            values += [metric(outputs, targets).sum() for metric in task.metrics.values()]
-            sums += torch.stack([v.double() for v in values])
-        total_loss, count, *metric_sums = distributed.all_reduce_sum(sums, ddp).tolist()
-        results[split] = {"loss": total_loss / count}
-        results[split].update(zip(task.metrics, (s / count for s in metric_sums)))
-    model.train()
-    return results
+    return {
+        split: evaluate(
+            model,
+            task.loss_fn,
+            shard_batches(dataset, batch_size, ddp.rank, ddp.world_size, ddp.device),
+            task.metrics,
+            autocast=autocast,
+        )
+        for split, dataset in splits.items()
+        if dataset is not None
+    }
 
 
 def record_evaluation(
@@ -359,9 +374,17 @@ def progress_postfix(progress: Progress) -> dict[str, str]:
 
 
 def make_result(
-    status: str, error: str | None, progress: Progress, plan: RunPlan, config: RunConfig
+    status: str,
+    error: str | None,
+    progress: Progress,
+    plan: RunPlan,
+    config: RunConfig,
+    noise_scale: dict[str, float],
 ) -> RunResult:
-    """The :class:`RunResult`: final values from the last evaluation (none if diverged)."""
+    """The :class:`RunResult`: final values from the last evaluation (none if diverged).
+
+    ``noise_scale`` (the final noise-scale averages, if measured) goes into ``extra``.
+    """
     examples = progress.batches_drawn * config.batch_size
     fields = {}
     if status != "diverged":
@@ -388,5 +411,6 @@ def make_result(
             "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
             "final": progress.last_eval if status != "diverged" else {},
             "best": progress.best,
+            **noise_scale,
         },
     )

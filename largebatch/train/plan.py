@@ -121,7 +121,13 @@ def validate(config: RunConfig) -> None:
     spec = _optimizer_spec(config.optimizer)
     if "lr" in config.optimizer_options:
         raise ValueError("Set the learning rate with lr (--lr), not as an optimizer option")
-    for name in ("batch_size", "base_batch_size", "accumulation_steps", "nproc"):
+    for name in (
+        "batch_size",
+        "base_batch_size",
+        "accumulation_steps",
+        "nproc",
+        "noise_scale_every",
+    ):
         value = getattr(config, name)
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
@@ -156,6 +162,13 @@ def validate(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and (not isinstance(value, int) or value < 1):
             raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
+    if config.noise_scale not in (None, True, False):
+        raise ValueError(f"Invalid noise_scale: {config.noise_scale!r} (None, True or False)")
+    if config.noise_scale and config.nproc == 1 and config.accumulation_steps == 1:
+        raise ValueError(
+            "noise_scale=True needs two gradients of different batch sizes per step: "
+            "set nproc >= 2 or accumulation_steps >= 2"
+        )
     if config.target is not None and len(config.target) != 2:
         raise ValueError(f"Invalid target: {config.target!r} (expected (metric, value))")
     if config.device != "auto" and config.device.split(":")[0] not in ("cpu", "cuda"):

@@ -21,12 +21,13 @@ from typing import Any
 
 import torch
 
-from largebatch.train.checkpoint import write_atomically
 from largebatch.train.config import RunConfig, RunResult
+from largebatch.utils.atomic import write_json_atomic, write_text_atomic
 
-# config fields that may change when a run is resumed
+# config fields that may change when a run is resumed (none changes the trained parameters)
 RESUMABLE_CHANGES = (
     "resume", "progress", "device", "out_dir", "checkpoint_every", "eval_batch_size",
+    "noise_scale", "noise_scale_every",
 )  # fmt: skip
 
 
@@ -99,7 +100,7 @@ class RunDirectory:
             "versions": _versions(),
             "git": _git_hash(),
         }
-        write_atomically(file, json.dumps(content, indent=2).encode())
+        write_json_atomic(file, content)
 
     def open_metrics(self, columns: list[str], resume_step: int | None) -> None:
         """Start ``metrics.csv``; when resuming, keep only rows up to ``resume_step``."""
@@ -119,7 +120,7 @@ class RunDirectory:
         writer = csv.DictWriter(content, columns, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(kept)
-        write_atomically(file, content.getvalue().encode())
+        write_text_atomic(file, content.getvalue())
         self._metrics_file = open(file, "a", newline="")  # noqa: SIM115 (closed in close())
         self._writer = csv.DictWriter(self._metrics_file, columns, extrasaction="ignore")
         purge = None if resume_step is None else resume_step + 1
@@ -139,8 +140,7 @@ class RunDirectory:
     def write_result(self, result: RunResult) -> None:
         """Write ``result.json`` atomically."""
         if self.enabled:
-            text = json.dumps(result.to_dict(), indent=2)
-            write_atomically(self.path / "result.json", text.encode())
+            write_json_atomic(self.path / "result.json", result.to_dict())
 
     def close(self) -> None:
         if self._metrics_file is not None:

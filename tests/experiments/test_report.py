@@ -25,15 +25,21 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.fixture
-def extra_section(monkeypatch):
-    """A section registered the way a later package would, for this test only."""
+def sections_copy(monkeypatch):
+    """The section registry (plug-ins imported first), restored after the test."""
+    report_module._import_section_plugins()
     monkeypatch.setattr(report_module, "_SECTIONS", list(report_module._SECTIONS))
 
-    @register_section("sharpness", order=45)
-    def sharpness(ctx):
-        values = [row.get("sharpness") for row in ctx.rows]
-        return Section("Sharpness vs batch size", "From the metrics table.",
-                       tables=[Table(["runs with sharpness"], [[str(sum(v is not None for v in values))]])])  # fmt: skip
+
+@pytest.fixture
+def extra_section(sections_copy):
+    """A section registered the way a later package would, for this test only."""
+
+    @register_section("example-plugin", order=45)
+    def example(ctx):
+        values = [row.get("example_metric") for row in ctx.rows]
+        return Section("Example plug-in", "From the metrics table.",
+                       tables=[Table(["runs with the metric"], [[str(sum(v is not None for v in values))]])])  # fmt: skip
 
     @register_section("empty", order=46)
     def empty(ctx):
@@ -41,17 +47,14 @@ def extra_section(monkeypatch):
 
 
 def test_report_files_and_sections(synthetic_sweep, extra_section):
+    """Without diagnostics, the report has the core sections and the plug-in's, nothing more."""
     store = ResultsStore(synthetic_sweep)
-    store.record_metrics(store.rows()[0]["cell_id"], {"sharpness": 3.5})
+    store.record_metrics(store.rows()[0]["cell_id"], {"example_metric": 3.5})
     html_path, md_path = report(synthetic_sweep)
     html, md = html_path.read_text(), md_path.read_text()
 
     titles = re.findall(r"<h2>(.*?)</h2>", html)
-    expected = (
-        CORE_TITLES[:3]
-        + ["Steps to target and the critical batch size", "Sharpness vs batch size"]
-        + CORE_TITLES[4:]
-    )
+    expected = CORE_TITLES[:4] + ["Example plug-in"] + CORE_TITLES[4:]
     assert titles == expected
     assert re.findall(r"^## (.*)$", md, re.MULTILINE) == expected
 
@@ -89,7 +92,20 @@ def test_report_of_an_empty_sweep_is_an_error(tmp_path):
         report(tmp_path)
 
 
-def test_duplicate_section_names_are_refused(monkeypatch):
-    monkeypatch.setattr(report_module, "_SECTIONS", list(report_module._SECTIONS))
+def test_sharpness_section_from_database_columns(synthetic_sweep):
+    """The diagnostics plug-in draws the sharpness columns when some runs have them."""
+    store = ResultsStore(synthetic_sweep)
+    for row in store.rows():
+        if row["optimizer"] == "sgd":
+            store.record_metrics(row["cell_id"], {"sharpness": row["batch_size"] / 64})
+    html = report(synthetic_sweep)[0].read_text()
+    section = html.split("<h2>Sharpness and curvature vs batch size</h2>")[1].split("<h2>")[0]
+    assert section.count("<tr>") == 1 + 2 * 4  # header, 2 optimizers x 4 batch sizes
+    assert "<td>sgd</td><td>4,096</td><td>64</td>" in section  # mean over the selected runs
+    assert "<td>lamb</td><td>64</td><td>-</td>" in section  # no value: a dash
+    assert "Interpolation from" not in html and "noise scale" not in html.lower()
+
+
+def test_duplicate_section_names_are_refused(sections_copy):
     with pytest.raises(ValueError, match="already registered"):
         register_section("overview")(lambda ctx: None)

@@ -26,7 +26,6 @@ from largebatch.train.checkpoint import (
     rng_state,
     save_checkpoint,
     set_rng_state,
-    write_atomically,
 )
 
 HERE = Path(__file__).parent
@@ -40,22 +39,6 @@ def _assert_bitwise_equal(a: dict, b: dict) -> None:
 
 def _rows_without_time(out_dir: str) -> list[dict[str, str]]:
     return [{k: v for k, v in row.items() if k != "time"} for row in read_metrics(out_dir)]
-
-
-def test_write_atomically_keeps_old_content_if_writing_fails(tmp_path, monkeypatch):
-    target = tmp_path / "file"
-    write_atomically(target, b"old")
-
-    def broken_fsync(fd):
-        raise OSError("disk full")
-
-    monkeypatch.setattr(os, "fsync", broken_fsync)
-    with pytest.raises(OSError, match="disk full"):
-        write_atomically(target, b"new")
-    assert target.read_bytes() == b"old"
-    monkeypatch.undo()
-    write_atomically(target, b"new")
-    assert target.read_bytes() == b"new"
 
 
 def test_truncated_or_corrupt_checkpoint_gives_clear_error_and_falls_back(tmp_path):

@@ -6,6 +6,7 @@ import importlib
 import json
 import os
 import socket
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,13 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
-from tiny_train_task import PROBE_SPEC, TINY_TASK, assert_same_params, final_checkpoint
+from tiny_train_task import (
+    PROBE_SPEC,
+    TINY_TASK,
+    assert_same_params,
+    final_checkpoint,
+    read_metrics,
+)
 
 from largebatch.cli.run import run
 from largebatch.optim import registry
@@ -38,6 +45,12 @@ def _config(out_root: Path, optimizer: str, nproc: int) -> RunConfig:
     )  # fmt: skip
 
 
+def _quiet_config(out_root: Path) -> RunConfig:
+    """The two-process SGD run without noise-scale logging (on by default under DDP)."""
+    config = _config(out_root, "sgd", nproc=2)
+    return replace(config, noise_scale=False, out_dir=config.out_dir + "-quiet")
+
+
 def _worker(rank: int, port: int, out_root: Path, optimizers: list[str]) -> None:
     """One of two processes, set up as torchrun would, running every optimizer in turn."""
     os.environ.update(
@@ -48,8 +61,9 @@ def _worker(rank: int, port: int, out_root: Path, optimizers: list[str]) -> None
     registry._REGISTRY.setdefault(PROBE_SPEC.name, PROBE_SPEC)
     dist.init_process_group("gloo")
     try:
-        for optimizer in optimizers:
-            result = train(_config(out_root, optimizer, nproc=2))
+        configs = [_config(out_root, optimizer, nproc=2) for optimizer in optimizers]
+        for config in [*configs, _quiet_config(out_root)]:
+            result = train(config)
             assert result.status == "done", result.error
     finally:
         dist.destroy_process_group()
@@ -91,6 +105,21 @@ def test_two_processes_match_one_process(two_process_runs, tmp_path, optimizer):
         assert not torch.allclose(probe_two["first_grad"], probe_two["closure_grad"], atol=1e-4)
         torch.testing.assert_close(probe_two["closure_grad"], probe_one["closure_grad"])
         torch.testing.assert_close(probe_one["first_grad"], probe_one["closure_grad"])
+
+
+def test_noise_scale_is_logged_under_ddp_and_changes_nothing(two_process_runs):
+    """The comm hook reads the per-process and averaged gradient norms; parameters are bitwise
+    those of the run without it."""
+    logged = _config(two_process_runs, "sgd", nproc=2).out_dir
+    quiet = _quiet_config(two_process_runs).out_dir
+    logged_params, quiet_params = (final_checkpoint(d)["model"] for d in (logged, quiet))
+    for name in logged_params:
+        assert torch.equal(logged_params[name], quiet_params[name]), name
+    values = [float(row["noise_scale_ema"]) for row in read_metrics(logged)[1:]]
+    assert len(values) == 2 and all(v > 0 for v in values)
+    result = json.loads((Path(logged) / "result.json").read_text())
+    assert result["extra"]["noise_scale"] == values[-1]
+    assert "noise_scale" not in read_metrics(quiet)[0]
 
 
 def test_cli_nproc_relaunches_through_torchrun(tmp_path, capfd):

@@ -196,10 +196,15 @@ def root_config(value: RootConfig | str) -> RootConfig:
 class DistributedConfig:
     """Share root computations across the ranks of a process group.
 
+    The ranks must hold the same gradients (data parallelism) and step together.
+
     Attributes:
+        enabled: ``False`` keeps every root on this process even under torch.distributed
+            (e.g. ranks that train different models).
         process_group: the ``torch.distributed`` group; ``None`` means the default group.
     """
 
+    enabled: bool = True
     process_group: Any = None
 
 

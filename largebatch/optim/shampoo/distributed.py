@@ -64,11 +64,13 @@ class Topology:
 
     @classmethod
     def resolve(cls, config: DistributedConfig | None) -> Topology:
-        """The process group's topology; one rank when torch.distributed is not initialised."""
-        if config is None and not (dist.is_available() and dist.is_initialized()):
-            return cls()
+        """The process group's topology; one rank when disabled or torch.distributed is not initialised."""
         if config is None:
+            if not (dist.is_available() and dist.is_initialized()):
+                return cls()
             config = DistributedConfig()
+        if not config.enabled:
+            return cls()
         if not dist.is_initialized():
             raise ValueError(
                 f"Invalid distributed config {config!r}: torch.distributed is not initialized"

@@ -186,8 +186,9 @@ class Shampoo(torch.optim.Optimizer):
         factor_dtype: dtype of statistics and roots (float32 or float64).
         asynchronous: compute roots on a background thread (needs ``staleness >= 1``);
             the result is identical to the synchronous computation.
-        distributed: share root computations across ranks; by default the default process
-            group when ``torch.distributed`` is initialised.
+        distributed: share root computations across data-parallel ranks; by default across
+            the default process group when ``torch.distributed`` is initialised
+            (``DistributedConfig(enabled=False)`` opts out).
     """
 
     def __init__(

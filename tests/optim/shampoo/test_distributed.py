@@ -2,23 +2,31 @@
 
 from pathlib import Path
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from largebatch.optim.shampoo import Shampoo
-from largebatch.optim.shampoo.distributed import balanced_owners
+from largebatch.optim.shampoo import DistributedConfig, Shampoo
+from largebatch.optim.shampoo.distributed import Topology, balanced_owners
 
 WORLD_SIZE = 2
 
 
-def train_small_model() -> tuple[torch.nn.Module, Shampoo]:
+def train_small_model(
+    distributed: DistributedConfig | None = None,
+) -> tuple[torch.nn.Module, Shampoo]:
     """Deterministic training; under data parallelism every rank sees the same (reduced) gradients."""
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(12, 10), torch.nn.Tanh(), torch.nn.Linear(10, 6))
     # Block size 4 gives 19 blocks in 5 shapes; roots every 2 steps, asynchronous, 1 step stale.
     optimizer = Shampoo(
-        model.parameters(), lr=0.01, max_preconditioner_dim=4, precondition_frequency=2, staleness=1
+        model.parameters(),
+        lr=0.01,
+        max_preconditioner_dim=4,
+        precondition_frequency=2,
+        staleness=1,
+        distributed=distributed,
     )
     generator = torch.Generator().manual_seed(1)
     for _ in range(7):
@@ -43,6 +51,9 @@ def run_rank(rank: int, init_file: str, out_dir: str) -> None:
             "params": [p.detach() for p in model.parameters()],
             "computed": optimizer.factors_computed,
             "owners": [report.owner for report in optimizer.root_report()],
+            "computed_alone": train_small_model(DistributedConfig(enabled=False))[
+                1
+            ].factors_computed,
         }
         torch.save(result, Path(out_dir) / f"rank{rank}.pt")
     finally:
@@ -62,6 +73,7 @@ def test_two_gloo_ranks_share_roots_and_match_a_single_process(tmp_path):
     computed = [result["computed"] for result in results]
     assert all(0 < c < total for c in computed), computed
     assert sum(computed) == total
+    assert [result["computed_alone"] for result in results] == [total, total]  # opted out
     assert results[0]["owners"] == results[1]["owners"]
     assert set(results[0]["owners"]) == {0, 1}
 
@@ -76,3 +88,9 @@ def test_owners_balance_the_cost():
     assert max(per_rank) <= 4 / 3 * max(max(costs), sum(costs) / 3)
     assert owners[:2] == [0, 1]  # the two big roots go to different ranks
     assert balanced_owners(costs, [0.0, 0.0, 0.0]) == owners  # deterministic on every rank
+
+
+def test_an_explicit_config_needs_an_initialized_process_group():
+    with pytest.raises(ValueError, match="not initialized"):
+        Topology.resolve(DistributedConfig())
+    assert Topology.resolve(DistributedConfig(enabled=False)).world_size == 1
