@@ -9,12 +9,19 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import LogFormatter
 
 
+class PlainLogFormatter(LogFormatter):
+    """Labels the ticks :class:`LogFormatter` would label, as plain numbers (0.2, 30, 1e+04)."""
+
+    def __call__(self, x: float, pos: int | None = None) -> str:
+        return f"{x:g}" if super().__call__(x, pos) else ""
+
+
 def log_axis(ax: Axes) -> None:
-    """Log-scale y axis with plain numbers (2, 1.5) rather than powers of ten."""
+    """Log-scale y axis labelled with plain numbers rather than powers of ten."""
     ax.set_yscale("log")
-    ax.yaxis.set_major_formatter(LogFormatter(labelOnlyBase=False))
+    ax.yaxis.set_major_formatter(PlainLogFormatter(labelOnlyBase=False))
     # minor ticks are labelled only when the axis spans less than two decades
-    ax.yaxis.set_minor_formatter(LogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
+    ax.yaxis.set_minor_formatter(PlainLogFormatter(labelOnlyBase=False, minor_thresholds=(2, 0.4)))
 
 
 #: split -> (line style, colour)

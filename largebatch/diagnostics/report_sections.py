@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from largebatch.diagnostics.plots import interpolation_figure
+from largebatch.diagnostics.plots import interpolation_figure, log_axis
 from largebatch.experiments.analysis import CriticalBatch
 from largebatch.experiments.diagnose import INTERPOLATION_FILE
 from largebatch.experiments.report import (
@@ -66,7 +66,7 @@ def sharpness_section(ctx: ReportContext) -> Section | None:
                 ax.fill_between(b, low, high, color=ctx.colors[series], alpha=0.2, linewidth=0)
             positive &= bool(np.all(mean[np.isfinite(mean)] > 0))
         if positive:
-            ax.set_yscale("log")
+            log_axis(ax)
         batch_size_axis(ax, ctx.batch_sizes)
         ax.set_ylabel(CURVATURE_COLUMNS[column])
         ax.grid(True, which="both", alpha=0.3)
@@ -149,7 +149,7 @@ def noise_scale_section(ctx: ReportContext) -> Section | None:
     def color(batch_size: int):
         return colormap(0.9 * (math.log2(batch_size) - shades.min()) / span)
 
-    rows = []
+    rows, marks = [], set()
     for ax, (series, runs) in zip(axes.flat, logged.items()):
         measured = critical[series]["critical"]
         for p, curves in runs:
@@ -160,19 +160,22 @@ def noise_scale_section(ctx: ReportContext) -> Section | None:
             median = float(np.median(interval)) if interval.size else math.nan
             final = p.mean("noise_scale")
             rows.append([series, f"{p.batch_size:,}", fmt(median), fmt(final), measured.describe()])
-        _critical_band(ax, measured)
-        ax.set_yscale("log")
+        log_axis(ax)
+        marks.add(_critical_band(ax, measured))
         ax.set_title(series, fontsize=10)
         ax.set_xlabel("epoch")
         ax.set_ylabel("B_simple (moving average)")
         ax.grid(True, which="both", alpha=0.3)
     for ax in axes.flat[len(logged) :]:
         ax.axis("off")
-    handles = [Line2D([], [], color=color(b), label=f"batch {b:,}") for b in ctx.batch_sizes]
-    handles += [
-        Line2D([], [], color="0.2", linestyle="--", label="critical batch size (measured)"),
-        Patch(color="0.2", alpha=0.12, label="critical batch size (bracket)"),
-    ]
+    shown = sorted({p.batch_size for runs in logged.values() for p, _ in runs})
+    handles = [Line2D([], [], color=color(b), label=f"batch {b:,}") for b in shown]
+    if "line" in marks:
+        handles.append(
+            Line2D([], [], color="0.2", linestyle="--", label="critical batch size (measured)")
+        )
+    if "band" in marks:
+        handles.append(Patch(color="0.2", alpha=0.12, label="critical batch size (bracket)"))
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 5), fontsize=9)
     text = (
         "The simple gradient noise scale `B_simple = tr(Σ) / |G|²` (McCandlish et al. 2018), "
@@ -197,12 +200,13 @@ def noise_scale_section(ctx: ReportContext) -> Section | None:
     )
 
 
-def _critical_band(ax: Axes, critical: CriticalBatch) -> None:
-    """A dashed line at the measured critical batch size, or a shaded bracket around it."""
+def _critical_band(ax: Axes, critical: CriticalBatch) -> str | None:
+    """A dashed line at the measured critical batch size ("line"), or a shaded bracket ("band")."""
     if critical.estimate is not None:
         ax.axhline(critical.estimate, color="0.2", linestyle="--", linewidth=1.2)
-    elif critical.low is not None:
-        top = (
-            critical.high if critical.high is not None else max(ax.get_ylim()[1], critical.low * 4)
-        )
-        ax.axhspan(critical.low, top, color="0.2", alpha=0.12, linewidth=0)
+        return "line"
+    if critical.low is None:
+        return None
+    top = critical.high if critical.high is not None else max(ax.get_ylim()[1], 4 * critical.low)
+    ax.axhspan(critical.low, top, color="0.2", alpha=0.12, linewidth=0)
+    return "band"

@@ -22,11 +22,11 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from largebatch.optim.protocol import StepProtocol, step_protocol_of
 from largebatch.optim.transforms import check_e_hyperparameters, e_gradients_
+from largebatch.optim.wrapper import OptimizerWrapper
 
 
-class E(torch.optim.Optimizer):
+class E(OptimizerWrapper):
     """Wrap ``base_optimizer`` so that it steps on E-transformed gradients.
 
     Args:
@@ -45,54 +45,11 @@ class E(torch.optim.Optimizer):
     def __init__(
         self, base_optimizer: torch.optim.Optimizer, alpha: float = -5.0, beta1: float = 0.99
     ) -> None:
-        if not isinstance(base_optimizer, torch.optim.Optimizer):
-            raise TypeError(f"E wraps a torch.optim.Optimizer, got {type(base_optimizer).__name__}")
-        check_e_hyperparameters(alpha, beta1)
-        self.base_optimizer = base_optimizer
-        defaults = {**base_optimizer.defaults, "e_alpha": alpha, "e_beta1": beta1}
-        super().__init__(base_optimizer.param_groups, defaults)
+        super().__init__(base_optimizer, {"e_alpha": alpha, "e_beta1": beta1})
 
-    @property
-    def step_protocol(self) -> StepProtocol:
-        """The base optimizer's protocol: E changes gradients, not how they are obtained."""
-        return step_protocol_of(self.base_optimizer)
-
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (unless it is already one of its groups) and to E."""
-        check_e_hyperparameters(
-            param_group.get("e_alpha", self.defaults["e_alpha"]),
-            param_group.get("e_beta1", self.defaults["e_beta1"]),
-        )
-        if not any(param_group is group for group in self.base_optimizer.param_groups):
-            self.base_optimizer.add_param_group(param_group)
-            param_group = self.base_optimizer.param_groups[-1]
-        super().add_param_group(param_group)
-
-    def __getstate__(self) -> dict[str, Any]:
-        """Pickle and deepcopy keep the base optimizer (``Optimizer`` drops other attributes)."""
-        return {**super().__getstate__(), "base_optimizer": self.base_optimizer}
-
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients (delegates to the base optimizer)."""
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
-
-    def state_dict(self) -> dict[str, Any]:
-        """E's own state (``grad_ema``, ``step``) and groups, plus the base's under ``base_optimizer``."""
-        state_dict = super().state_dict()
-        state_dict["base_optimizer"] = self.base_optimizer.state_dict()
-        return state_dict
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Restore E's and the base optimizer's state; the groups stay shared with the base."""
-        own = dict(state_dict)
-        if "base_optimizer" not in own:
-            raise ValueError(
-                "E.load_state_dict: the state dict has no 'base_optimizer' entry; "
-                "it was not saved from an E adaptor"
-            )
-        self.base_optimizer.load_state_dict(own.pop("base_optimizer"))
-        super().load_state_dict(own)
-        self.param_groups = list(self.base_optimizer.param_groups)
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """``ValueError`` naming an invalid ``e_alpha``/``e_beta1``."""
+        check_e_hyperparameters(group["e_alpha"], group["e_beta1"])
 
     def _init_group(self, group: dict[str, Any]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
         """The group's parameters with a gradient, their gradients and their ``grad_ema`` buffers."""

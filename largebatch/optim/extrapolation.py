@@ -32,10 +32,10 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
 from largebatch.optim.protocol import StepProtocol
 from largebatch.optim.trust_ratio import group_uses_trust_ratio, lamb_trust_ratio, norms
+from largebatch.optim.wrapper import OptimizerWrapper
 
 STEP_PROTOCOLS: dict[str, StepProtocol] = {
     # g(w_t) from the loop (local under DDP: it only steers this rank's w~),
@@ -65,7 +65,7 @@ _HYPERPARAMETERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
 _SAM_NORM_EPS = 1e-12  # keeps u finite when the gradient is exactly zero
 
 
-class Extrapolation(Optimizer):
+class Extrapolation(OptimizerWrapper):
     """Evaluate the gradient at an extrapolated point, then step the base optimizer from ``w_t``.
 
     Args:
@@ -99,7 +99,7 @@ class Extrapolation(Optimizer):
 
     def __init__(
         self,
-        base_optimizer: Optimizer,
+        base_optimizer: torch.optim.Optimizer,
         variant: str = "extragradient",
         ratio: float | None = None,
         layerwise: bool | None = None,
@@ -109,10 +109,6 @@ class Extrapolation(Optimizer):
         adaptive_eta: float | None = None,
         noise_seed: int | None = None,
     ) -> None:
-        if not isinstance(base_optimizer, Optimizer):
-            raise TypeError(
-                f"Invalid base optimizer: {base_optimizer!r}; expected a torch.optim.Optimizer"
-            )
         if variant not in STEP_PROTOCOLS:
             raise ValueError(
                 f"Invalid extrapolation variant: {variant!r}; expected one of {VARIANTS}"
@@ -135,35 +131,40 @@ class Extrapolation(Optimizer):
                     )
                 continue
             defaults[key] = default if value is None else value
-        _validate(defaults)
         if noise_seed is not None and (variant != "noise" or not isinstance(noise_seed, int)):
             raise ValueError(
                 f"Invalid noise_seed: {noise_seed!r}; an int, for variant 'noise' only"
             )
 
-        self.base_optimizer = base_optimizer
         self.variant = variant
-        self.step_protocol = STEP_PROTOCOLS[variant]
         self.gradient_evaluations = 0
         self._anchors: dict[Tensor, Tensor] = {}
-        # Shares the base's group dicts (not its list, see add_param_group).
-        super().__init__(base_optimizer.param_groups, defaults)
+        super().__init__(base_optimizer, defaults)
         self._noise_generator = None
         if noise_seed is not None:
             device = self.param_groups[0]["params"][0].device
             self._noise_generator = torch.Generator(device=device).manual_seed(noise_seed)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group to the base optimizer (unless it is one of its groups already) and here."""
-        _validate({**self.defaults, **param_group})
-        if not any(param_group is group for group in self.base_optimizer.param_groups):
-            self.base_optimizer.add_param_group(param_group)
-            param_group = self.base_optimizer.param_groups[-1]
-        super().add_param_group(param_group)
+    @property
+    def step_protocol(self) -> StepProtocol:
+        """The variant's protocol (see :data:`STEP_PROTOCOLS`)."""
+        return STEP_PROTOCOLS[self.variant]
 
-    def zero_grad(self, set_to_none: bool = True) -> None:
-        """Reset the gradients (delegates to the base optimizer)."""
-        self.base_optimizer.zero_grad(set_to_none=set_to_none)
+    def _check_group(self, group: dict[str, Any]) -> None:
+        """``ValueError`` naming the first invalid ``extrap_*`` hyperparameter."""
+        for key in ("extrap_ratio", "extrap_noise_std", "extrap_rho", "extrap_adaptive_eta"):
+            value = group.get(key)
+            if value is not None and not (
+                isinstance(value, int | float) and 0.0 <= value < float("inf")
+            ):
+                name = key.removeprefix("extrap_")
+                raise ValueError(f"Invalid {name}: {value!r}; must be a finite number >= 0")
+        for key in ("extrap_adaptive", "extrap_layerwise"):
+            value = group.get(key)
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(
+                    f"Invalid {key.removeprefix('extrap_')}: {value!r}; must be True or False"
+                )
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
@@ -292,7 +293,6 @@ class Extrapolation(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The wrapper's state and groups, the base's under ``base_optimizer``, and counters."""
         state_dict = super().state_dict()
-        state_dict["base_optimizer"] = self.base_optimizer.state_dict()
         generator = self._noise_generator
         state_dict["extrapolation"] = {
             "variant": self.variant,
@@ -304,37 +304,17 @@ class Extrapolation(Optimizer):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore what :meth:`state_dict` saved; the group dicts stay shared with the base."""
         own = dict(state_dict)
-        if "base_optimizer" not in own or "extrapolation" not in own:
+        extra = own.pop("extrapolation", None)
+        if extra is None:
             raise ValueError(
-                "Invalid state_dict: no 'base_optimizer'/'extrapolation' entries "
-                "(it was not saved by Extrapolation)"
+                "Invalid state_dict: no 'extrapolation' entry (it was not saved by Extrapolation)"
             )
-        extra = own.pop("extrapolation")
         if extra["variant"] != self.variant:
             raise ValueError(
                 f"Invalid state_dict: saved by variant {extra['variant']!r}, "
                 f"loading into variant {self.variant!r}"
             )
-        self.base_optimizer.load_state_dict(own.pop("base_optimizer"))
         super().load_state_dict(own)
-        self.param_groups = list(self.base_optimizer.param_groups)
         self.gradient_evaluations = extra["gradient_evaluations"]
         if self._noise_generator is not None and extra["noise_generator"] is not None:
             self._noise_generator.set_state(extra["noise_generator"])
-
-
-def _validate(group_defaults: dict[str, Any]) -> None:
-    """``ValueError`` naming the first invalid hyperparameter."""
-    for key in ("extrap_ratio", "extrap_noise_std", "extrap_rho", "extrap_adaptive_eta"):
-        value = group_defaults.get(key)
-        if value is not None and not (
-            isinstance(value, int | float) and 0.0 <= value < float("inf")
-        ):
-            name = key.removeprefix("extrap_")
-            raise ValueError(f"Invalid {name}: {value!r}; must be a finite number >= 0")
-    for key in ("extrap_adaptive", "extrap_layerwise"):
-        value = group_defaults.get(key)
-        if value is not None and not isinstance(value, bool):
-            raise ValueError(
-                f"Invalid {key.removeprefix('extrap_')}: {value!r}; must be True or False"
-            )

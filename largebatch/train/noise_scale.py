@@ -34,7 +34,8 @@ from largebatch.optim import StepProtocol
 from largebatch.train.config import RunConfig
 
 Source = Literal["data_parallel", "accumulation"]
-#: moving-average factor per step: the logged B_simple averages about the last 100 steps
+#: moving-average factor per measurement: the logged B_simple averages about the last
+#: 100 measurements (single ones are very noisy, more so when the two batches differ by 2x)
 DECAY = 0.99
 COLUMNS = ["noise_scale", "noise_scale_ema"]
 
@@ -72,8 +73,8 @@ class NoiseScaleMonitor:
         model: the model the loop trains (the DDP wrapper for ``"data_parallel"``).
         small_batch, big_batch: batch sizes of the two gradients.
         every: measure on steps ``0, every, 2 every, ...``.
-        decay: moving-average factor per step (``decay ** every`` per measurement,
-            so the average spans about ``1 / (1 - decay)`` steps whatever ``every``).
+        decay: moving-average factor per measurement (bias-corrected, so early on the
+            average is that of every measurement so far).
         device: where the gradients live (the sums stay there: no host sync per step).
     """
 
@@ -91,7 +92,7 @@ class NoiseScaleMonitor:
         self.small_batch = small_batch
         self.big_batch = big_batch
         self.every = every
-        self.tracker = NoiseScaleTracker(decay**every)
+        self.tracker = NoiseScaleTracker(decay)
         self._recorder = GradientNormRecorder(model) if source == "data_parallel" else None
         # since the last row: sums of the small and big squared norms, and their count
         self._interval = torch.zeros(3, dtype=torch.float64, device=device)

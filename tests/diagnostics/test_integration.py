@@ -12,7 +12,7 @@ from torch.func import functional_call
 from torch.nn import functional as F
 
 from largebatch.cli import main
-from largebatch.diagnostics import fixed_subset
+from largebatch.diagnostics import evaluate, fixed_subset, interpolate_checkpoints
 from largebatch.tasks import get_task
 from largebatch.tasks.cache import CACHE_ENV
 from largebatch.train import RunConfig, train
@@ -134,3 +134,17 @@ def test_bad_paths_and_values_get_clear_errors(runs, tmp_path, monkeypatch, args
     result = invoke(*(arg.format(**paths) for arg in args))
     assert result.exit_code == 2, result.output
     assert message in result.output
+
+
+def test_evaluate_takes_one_pass_iterables_and_interpolation_refuses_them():
+    """The training loop streams evaluation batches once; diagnostics that pass over the data
+    several times still reject a one-shot iterator with a clear error."""
+    torch.manual_seed(0)
+    model = torch.nn.Linear(3, 2)
+    inputs, targets = torch.randn(10, 3), torch.randint(0, 2, (10,))
+    batches = [(inputs[:4], targets[:4]), (inputs[4:], targets[4:])]
+    streamed = evaluate(model, F.cross_entropy, iter(batches))
+    assert streamed["loss"] == pytest.approx(F.cross_entropy(model(inputs), targets).item())
+    state = model.state_dict()
+    with pytest.raises(TypeError, match="must be re-iterable"):
+        interpolate_checkpoints(model, state, state, F.cross_entropy, {"train": iter(batches)})
