@@ -23,7 +23,7 @@ Shampoo) is one more function returning :class:`Contender` records::
         lambda settings: [Contender("shampoo", lambda groups: create_optimizer("shampoo", groups))]
     )
 
-Run: ``python benchmarks/optimizer_step.py [--quick] [--threads N] [--device cpu|cuda]``
+Run: ``python benchmarks/optimizer_step.py [--quick] [--threads N] [--device cpu|cuda] [--shampoo]``
 (full: about 10 minutes on a quiet 2-core CPU; ``--quick``: a 4-block
 transformer and fewer rounds, a few minutes).
 """
@@ -342,6 +342,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         default=",".join(DEFAULT_PATHS),
         help=f"our optimizers' execution paths, comma-separated, from {sorted(PATHS)}",
     )
+    parser.add_argument(
+        "--shampoo",
+        action="store_true",
+        help="also run the Shampoo section (amortized over root windows; see shampoo_step.py)",
+    )
     args = parser.parse_args(argv)
 
     if args.threads is not None:
@@ -387,6 +392,14 @@ def main(argv: Sequence[str] | None = None) -> None:
             )
         )
         print()
+
+    if args.shampoo:
+        # Imported here: shampoo_step imports this module's parameter sets.
+        from shampoo_step import format_rows, run_shampoo_benchmark
+
+        print("Shampoo (amortized over 2 x precondition_frequency steps, vs fused AdamW and")
+        print("pytorch-optimizer ScalableShampoo at equal block size and root frequency)")
+        print(format_rows(run_shampoo_benchmark(args.quick)))
 
 
 if __name__ == "__main__":

@@ -32,7 +32,8 @@ one block per bucket (no batching), one bucket per shape (no size cap), and coup
 against eigh roots.
 
 Run: ``python benchmarks/shampoo_step.py [--quick] [--threads 1] [--staleness 10]``
-(full: a few minutes on an idle machine; ``--quick``: block 256 only, staleness 5).
+(full: about 10 minutes on the shared 2-core machine; ``--quick``: block 256 only, staleness
+5, about a minute). Even thread CPU times vary by up to ~30% between runs there.
 ``run_shampoo_benchmark(quick)`` returns the rows, for ``optimizer_step.py``.
 """
 

@@ -94,6 +94,7 @@ def diagnose(
     """
     from largebatch.diagnostics.plots import interpolation_figure
     from largebatch.diagnostics.suite import (
+        DIAGNOSTICS_FILE,
         DiagnosticsSettings,
         interpolate_runs,
         load_run,
@@ -128,7 +129,7 @@ def diagnose(
             interpolation.to_dict(), f"A: {run.run_dir.name}", f"B: {runs[1].run_dir.name}"
         )
         write_bytes_atomic(plot, png_bytes(figure))
-    out = out or run.run_dir / "diagnostics.json"
+    out = out or run.run_dir / DIAGNOSTICS_FILE
     write_json_atomic(out, record)
     click.echo(format_record(record))
     if other is not None:

@@ -31,6 +31,8 @@ from largebatch.train.checkpoint import CheckpointError, load_checkpoint, load_l
 from largebatch.train.config import RunConfig
 from largebatch.train.distributed import pick_device
 
+#: where a run's diagnostics record is saved, in its run directory
+DIAGNOSTICS_FILE = "diagnostics.json"
 DIAGNOSTICS = ("sharpness", "eigenvalues", "trace", "density")
 DEFAULT_DIAGNOSTICS = ("sharpness", "eigenvalues", "trace")
 #: the epsilon whose sharpness is reported without a suffix (Keskar et al.'s main value)

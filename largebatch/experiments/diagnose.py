@@ -24,6 +24,7 @@ from typing import Any
 from tqdm import tqdm
 
 from largebatch.diagnostics.suite import (
+    DIAGNOSTICS_FILE,
     MAIN_EPSILON,
     DiagnosticsSettings,
     expected_metrics,
@@ -37,7 +38,6 @@ from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep import LOCK_FILE, locked
 from largebatch.utils.atomic import write_json_atomic
 
-DIAGNOSTICS_FILE = "diagnostics.json"
 INTERPOLATION_FILE = "interpolation.json"
 #: what is measured per run: the headline numbers, quickly (a few seconds on mnist1d-cnn)
 SWEEP_SETTINGS = DiagnosticsSettings(

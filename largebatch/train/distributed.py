@@ -38,8 +38,15 @@ class Distributed:
         return self.rank == 0
 
 
+def check_device(requested: str) -> None:
+    """Raise ``ValueError`` unless ``requested`` is auto, cpu, cuda or cuda:N."""
+    if requested != "auto" and requested.split(":")[0] not in ("cpu", "cuda"):
+        raise ValueError(f"Invalid device: {requested!r} (auto, cpu, cuda or cuda:N)")
+
+
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
     """``auto``: this process's GPU if CUDA is available, else the CPU."""
+    check_device(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
     if requested == "cuda":

@@ -120,7 +120,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         optimizer.load_state_dict(saved["optimizer"])
         scheduler.load_state_dict(saved["scheduler"])
         progress = Progress(**saved["progress"])
-        if "noise_scale" in saved:  # absent if the run started without it
+        if "noise_scale" in saved:  # absent from checkpoints of earlier versions
             noise.load_state_dict(saved["noise_scale"])
         set_rng_state(saved["rng"][ddp.rank])
         stream.position = progress.batches_drawn

@@ -84,7 +84,7 @@ class NoiseScaleMonitor:
         model: nn.Module,
         small_batch: int,
         big_batch: int,
-        every: int = 10,
+        every: int,
         decay: float = DECAY,
         device: torch.device | str = "cpu",
     ) -> None:

@@ -17,6 +17,7 @@ from pathlib import Path
 from largebatch.optim.registry import OptimizerSpec, get_spec
 from largebatch.tasks.base import Task
 from largebatch.train.config import RunConfig
+from largebatch.train.distributed import check_device
 from largebatch.train.schedules import DECAYS, SCALING_RULES, WarmupThenDecay, scale_lr
 
 # files whose presence means a run directory already holds a run
@@ -171,8 +172,7 @@ def validate(config: RunConfig) -> None:
         )
     if config.target is not None and len(config.target) != 2:
         raise ValueError(f"Invalid target: {config.target!r} (expected (metric, value))")
-    if config.device != "auto" and config.device.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"Invalid device: {config.device!r} (auto, cpu, cuda or cuda:N)")
+    check_device(config.device)
     # decay settings are checked by the schedule itself
     WarmupThenDecay(
         1, 0, config.schedule, config.decay_power, config.decay_milestones, config.decay_gamma

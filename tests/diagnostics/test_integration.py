@@ -124,6 +124,7 @@ def test_diagnose_and_compare_end_to_end(runs, tmp_path, monkeypatch):
         (["{small}", "--epsilons", "tiny"], "expected numbers separated by commas"),
         (["{small}", "--epsilons", "-1e-3"], "Invalid epsilon: -0.001"),
         (["{small}", "--k", "0"], "Invalid k: 0"),
+        (["{small}", "--device", "tpu"], "Invalid device: 'tpu'"),
         (["{small}", "--diagnostics", "none", "--compare", "{other}"],
          "Cannot interpolate between different tasks"),
     ],
