@@ -6,7 +6,7 @@ import math
 
 import numpy as np
 import pytest
-from conftest import (
+from sweep_helpers import (
     EPOCHS,
     S_MIN,
     SYNTHETIC_BATCHES,

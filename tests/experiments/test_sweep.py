@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import TINY_TASK_OPTIONS, tiny_spec
+from sweep_helpers import TINY_TASK_OPTIONS, tiny_spec
 
 from largebatch.experiments import sweep as sweep_module
 from largebatch.experiments.results_store import ResultsStore

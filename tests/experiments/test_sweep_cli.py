@@ -7,7 +7,7 @@ import io
 import json
 
 from click.testing import CliRunner
-from conftest import TINY_TASK_OPTIONS
+from sweep_helpers import TINY_TASK_OPTIONS
 
 from largebatch.cli import main
 from largebatch.experiments import sweep as sweep_module

@@ -8,7 +8,7 @@ import re
 import sqlite3
 
 from click.testing import CliRunner
-from conftest import TINY_TASK_OPTIONS
+from sweep_helpers import TINY_TASK_OPTIONS
 
 from largebatch.cli import main
 from largebatch.diagnostics.suite import DiagnosticsSettings
