@@ -26,6 +26,13 @@ def check_seed(seed: int) -> None:
         raise ValueError(f"Invalid seed: {seed!r} (expected an integer >= 0)")
 
 
+def check_num_classes(num_classes: int) -> None:
+    """A classification problem needs an integer number of classes, at least 2."""
+    check_positive_int("num_classes", num_classes)
+    if num_classes < 2:
+        raise ValueError(f"Invalid num_classes: {num_classes} (expected at least 2)")
+
+
 def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
     """``ValueError`` naming ``name`` unless ``value`` lies in (0, 1), or [0, 1) with ``allow_zero``."""
     low_ok = value >= 0 if allow_zero else value > 0

@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
     carve_val,
+    check_num_classes,
     check_positive_int,
     check_seed,
     tensor_dataset,
@@ -66,9 +67,7 @@ def logreg(
         ("num_features", num_features),
     ]:
         check_positive_int(option, value)
-    check_positive_int("num_classes", num_classes)
-    if num_classes < 2:
-        raise ValueError(f"Invalid num_classes: {num_classes} (expected at least 2)")
+    check_num_classes(num_classes)
     if not doc_length > 0:
         raise ValueError(f"Invalid doc_length: {doc_length} (expected > 0)")
     if not zipf_exponent >= 0:

@@ -20,6 +20,7 @@ from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
     carve_val,
     check_fraction,
+    check_num_classes,
     check_positive_int,
     check_seed,
     tensor_dataset,
@@ -62,9 +63,7 @@ def teacher_student(
         ("student_hidden", student_hidden),
     ]:
         check_positive_int(option, value)
-    check_positive_int("num_classes", num_classes)
-    if num_classes < 2:
-        raise ValueError(f"Invalid num_classes: {num_classes} (expected at least 2)")
+    check_num_classes(num_classes)
     check_fraction("label_noise", label_noise, allow_zero=True)
     check_seed(seed)
 

@@ -65,6 +65,7 @@ def test_unknown_option_is_named_with_the_valid_ones():
         ("teacher-student", {"label_noise": 1.0}, "label_noise"),
         ("teacher-student", {"num_classes": 1}, "num_classes"),
         ("logreg", {"doc_length": 0.0}, "doc_length"),
+        ("logreg", {"num_classes": 1}, "num_classes"),
         ("modadd-transformer", {"n_heads": 3}, "n_heads"),
         ("modadd-transformer", {"train_fraction": 0.0}, "train_fraction"),
         ("modadd-transformer", {"d_model": 2.5}, "d_model"),
