@@ -16,15 +16,19 @@ Per parameter set and block size (root frequency F = 100):
 * floor: statistics FLOPs per step (``2 n_d numel(block)`` per block and dimension) over the
   float32 1024 x 1024 matrix-product rate measured in the same run (thread CPU time).
   Preconditioning costs the same FLOPs again, so a second floor counts both;
-* Shampoo, statistics only: a step before ``start_preconditioning_step`` (grafted step);
-* Shampoo, roots disabled: a step that preconditions with fixed roots (between root
-  computations);
-* Shampoo, async roots, amortized: one root cycle of F steps, i.e. the measured window from
-  the snapshot to the install (``staleness + 1`` steps, roots computed on the background
-  thread meanwhile) plus ``F - staleness - 1`` plain steps, over F. The plain steps are the
-  median of 3 steps just before and 3 just after the window. Full mode also gives the
-  synchronous amortized time (the root step measured);
-* ScalableShampoo at the same block size and frequency: ``((F - 1) regular + root step) / F``;
+* Shampoo, once with float32 products (the default) and once with bfloat16 products
+  (``matmul_dtype=torch.bfloat16``; statistics and roots stay float32):
+
+  - statistics only: a step before ``start_preconditioning_step`` (grafted step);
+  - roots disabled: a step that preconditions with fixed roots (between root computations);
+  - async roots, amortized: one root cycle of F steps, i.e. the measured window from the
+    snapshot to the install (``staleness + 1`` steps, roots computed on the background
+    thread meanwhile) plus ``F - staleness - 1`` plain steps, over F. The plain steps are
+    the median of 3 steps just before and 3 just after the window. Full mode also gives
+    the synchronous amortized time (the root step measured);
+
+* ScalableShampoo at the same block size and frequency: ``((F - 1) regular + root step) / F``
+  (``scalable_*_vs_ours`` on each amortized row: its time over ours);
 * fused AdamW.
 
 Full mode also compares implementation choices on ResNet-50: float64 statistics and roots,
@@ -180,13 +184,31 @@ def row(
     }
 
 
+def async_cycle(
+    optimizer: Shampoo, plain: tuple[float, float], staleness: int
+) -> tuple[tuple[float, float], tuple[float, float], Timer]:
+    """(amortized cycle, plain step around the window, the window) of one async root cycle."""
+    before = round_robin({"plain": optimizer.step}, 3)["plain"]
+    window = root_window(optimizer, staleness)
+    after = round_robin({"plain": optimizer.step}, 3)["plain"]
+    around = tuple(statistics.median(pair) for pair in zip(before, after, plain))
+    return amortized(window, around, staleness), around, window
+
+
+PRECISIONS = {"float32": None, "bfloat16": torch.bfloat16}
+"""Shampoo's ``matmul_dtype`` variants, by row label."""
+
+
 def benchmark_set(
     param_set: str, shapes: Shapes, block: int, rounds: int, staleness: int, full: bool
 ) -> list[Row]:
     rate = matmul_gflops()
     gflop = statistics_gflop(shapes, block)
     floor = gflop / rate
-    ours = shampoo(shapes, block, staleness=staleness)
+    ours = {
+        label: shampoo(shapes, block, staleness=staleness, matmul_dtype=dtype)
+        for label, dtype in PRECISIONS.items()
+    }
     theirs = ScalableShampoo(
         parameters_with_grads(shapes), lr=1e-3, block_size=block,
         preconditioning_compute_steps=FREQUENCY, start_preconditioning_step=1,
@@ -194,22 +216,13 @@ def benchmark_set(
     theirs.step()
     adamw = torch.optim.AdamW(parameters_with_grads(shapes), lr=1e-3, fused=True)
     adamw.step()
-    steps = round_robin(
-        {
-            "statistics only": set_groups(ours, start_preconditioning_step=DISABLED),
-            "roots disabled": set_groups(ours, start_preconditioning_step=1),
-            "scalable": theirs.step,
-            "adamw": adamw.step,
-        },
-        rounds,
-    )
-    plain = steps["roots disabled"]
-
-    before = round_robin({"plain": ours.step}, 3)["plain"]
-    window = root_window(ours, staleness)
-    after = round_robin({"plain": ours.step}, 3)["plain"]
-    around = tuple(statistics.median(pair) for pair in zip(before, after, plain))
-    async_cycle = amortized(window, around, staleness)
+    runs = {}
+    for label, optimizer in ours.items():
+        runs[f"{label} statistics only"] = set_groups(
+            optimizer, start_preconditioning_step=DISABLED
+        )
+        runs[f"{label} roots disabled"] = set_groups(optimizer, start_preconditioning_step=1)
+    steps = round_robin({**runs, "scalable": theirs.step, "adamw": adamw.step}, rounds)
 
     theirs.preconditioning_compute_steps = theirs.param_groups[0]["step"] + 1
     root_step = Timer()
@@ -221,14 +234,21 @@ def benchmark_set(
     rows = [
         row(param_set, shapes, block, "floor: statistics products", (floor, floor), gflop=round(gflop, 1), gflops=round(rate)),
         row(param_set, shapes, block, "floor: statistics + preconditioning", (2 * floor, 2 * floor)),
-        row(param_set, shapes, block, "shampoo: statistics only", steps["statistics only"], cpu_vs_floor=steps["statistics only"][1] / floor),
-        row(param_set, shapes, block, "shampoo: roots disabled", plain, cpu_vs_floor=plain[1] / floor, cpu_vs_2floor=plain[1] / (2 * floor)),
-        row(
-            param_set, shapes, block, f"shampoo: async roots (staleness {staleness}), amortized", async_cycle,
-            wall_vs_roots_disabled=async_cycle[0] / around[0], cpu_vs_roots_disabled=async_cycle[1] / around[1],
-            window_wall_s=round(sum(window.wall), 2), window_steps=staleness + 1,
-        ),
     ]  # fmt: skip
+    for label, optimizer in ours.items():
+        plain = steps[f"{label} roots disabled"]
+        cycle, around, window = async_cycle(optimizer, plain, staleness)
+        only = steps[f"{label} statistics only"]
+        rows += [
+            row(param_set, shapes, block, f"shampoo {label}: statistics only", only, cpu_vs_floor=only[1] / floor),
+            row(param_set, shapes, block, f"shampoo {label}: roots disabled", plain, cpu_vs_floor=plain[1] / floor, cpu_vs_2floor=plain[1] / (2 * floor)),
+            row(
+                param_set, shapes, block, f"shampoo {label}: async roots (staleness {staleness}), amortized", cycle,
+                wall_vs_roots_disabled=cycle[0] / around[0], cpu_vs_roots_disabled=cycle[1] / around[1],
+                window_wall_s=round(sum(window.wall), 2), window_steps=staleness + 1,
+                scalable_cpu_vs_ours=theirs_cycle[1] / cycle[1], scalable_wall_vs_ours=theirs_cycle[0] / cycle[0],
+            ),
+        ]  # fmt: skip
     if full:
         synchronous = root_window(shampoo(shapes, block, staleness=0, asynchronous=False), 0)
         rows.append(
@@ -236,8 +256,8 @@ def benchmark_set(
                 param_set,
                 shapes,
                 block,
-                "shampoo: sync roots, amortized",
-                amortized(synchronous, around, 0),
+                "shampoo float32: sync roots, amortized",
+                amortized(synchronous, steps["float32 roots disabled"], 0),
                 root_step_wall_s=round(synchronous.wall[0], 2),
             )
         )
@@ -245,7 +265,6 @@ def benchmark_set(
         row(
             param_set, shapes, block, "ScalableShampoo (pytorch-optimizer), amortized", theirs_cycle,
             regular_step_cpu_s=round(steps["scalable"][1], 3), root_step_cpu_s=round(root_step.cpu[0], 2),
-            wall_vs_ours=theirs_cycle[0] / async_cycle[0], cpu_vs_ours=theirs_cycle[1] / async_cycle[1],
         ),
         row(param_set, shapes, block, "AdamW (fused)", steps["adamw"]),
     ]  # fmt: skip

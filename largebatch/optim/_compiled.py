@@ -5,8 +5,7 @@ parameter and its state in place using only tensor ops, written so that its
 hyperparameters may be Python floats (eager single-tensor path) or 0-dim
 tensors (compiled path). :class:`CompiledStep` runs that function over a whole
 parameter group through ``torch.compile`` (inductor), so each parameter's update
-becomes one or two fused loops (one memory pass for the norms, one for the
-update) instead of one pass per ``torch._foreach_*`` op.
+becomes one fused loop instead of one memory pass per ``torch._foreach_*`` op.
 
 Design, chosen by measurement on CPU (see ``benchmarks/optimizer_step.py``):
 
@@ -28,6 +27,20 @@ Design, chosen by measurement on CPU (see ``benchmarks/optimizer_step.py``):
   computed once per group on stacked step counts by the caller and passed in as
   0-dim tensors; inside a fused loop inductor would otherwise recompute e.g.
   ``beta ** step`` for every vector of elements.
+
+* **Direction into the gradient (LAMB, ALTO).** A step whose update needs the
+  norm of a direction ``r`` computed from the moments (``w -= c * r`` with ``c``
+  from ``||r||``) runs in two phases: the compiled per-tensor step advances the
+  state, writes ``r`` into the gradient's memory and returns ``c``; one
+  ``torch._foreach_addcmul_`` then applies every ``w += c r``. In one graph,
+  inductor either evaluates ``r`` twice (a second sqrt and division per element,
+  and re-reads of the old moments) or writes it to a parameter-sized temporary that
+  is allocated, page-faulted in and freed every step. The gradient is the one
+  buffer the step reads anyway, so writing ``r`` there costs no extra read (a
+  separate buffer would be read for ownership before each write) and no memory.
+  Measured on a 25.6M-element tensor on CPU: 1.47x fused AdamW, against 2.3x for
+  one graph and 1.8x with a persistent ``r`` buffer. After such a step,
+  ``p.grad`` holds ``r``, as in NVIDIA apex's fused LAMB.
 
 Tensors whose memory is not contiguous (e.g. channels-last parameters) run the
 same per-tensor step eagerly, which is slower but exact.
@@ -71,10 +84,12 @@ def _run_chunk(
     tensor_step: TensorStep,
     tensor_lists: Sequence[Sequence[Tensor]],
     hyperparameters: Mapping[str, Any],
-) -> None:
-    """Apply ``tensor_step`` to each tensor of a chunk (this is what gets compiled)."""
-    for tensors in zip(*tensor_lists):
-        tensor_step(*tensors, **hyperparameters)
+) -> list[Any]:
+    """Apply ``tensor_step`` to each tensor of a chunk (this is what gets compiled).
+
+    Returns what each call returned (direction coefficients, or ``None``).
+    """
+    return [tensor_step(*tensors, **hyperparameters) for tensors in zip(*tensor_lists)]
 
 
 def _flat_alias(tensor: Tensor) -> Tensor:
@@ -90,21 +105,27 @@ class CompiledStep:
         lars_compiled = CompiledStep(lars_tensor_step_)
         lars_compiled(
             [params, grads, momentum_buffers],
+            scalar_lists=[trust_ratios],                           # one 0-dim tensor each
             hyperparameters={"lr": 0.1, "momentum": 0.9, ...},   # floats -> 0-dim tensors
-            options={"nesterov": False, "trust_ratio": True},     # Python values, static
+            options={"nesterov": False},                          # Python values, static
         )
 
     Args:
         tensor_step: ``tensor_step(*tensors, **hyperparameters, **options)`` updates
             one parameter's tensors in place. ``tensors`` holds, in order, one entry
             of each list in ``tensor_lists`` then of each list in ``scalar_lists``.
+        direction_into_grad: ``tensor_step`` leaves the parameter alone, writes its
+            update direction into the gradient (the second tensor) and returns the
+            coefficient ``c`` of ``param += c * direction``, which this class then
+            applies to the whole group at once (see the module docstring).
     """
 
-    def __init__(self, tensor_step: TensorStep) -> None:
+    def __init__(self, tensor_step: TensorStep, *, direction_into_grad: bool = False) -> None:
         self.tensor_step = tensor_step
-        self._compiled: Callable[..., None] | None = None
+        self.direction_into_grad = direction_into_grad
+        self._compiled: Callable[..., list[Any]] | None = None
 
-    def _compiled_runner(self) -> Callable[..., None]:
+    def _compiled_runner(self) -> Callable[..., list[Any]]:
         if self._compiled is None:
             self._compiled = torch.compile(_run_chunk, fullgraph=True, dynamic=True)
         return self._compiled
@@ -139,12 +160,15 @@ class CompiledStep:
             all(tensors[i].is_contiguous() for tensors in tensor_lists) for i in range(len(params))
         ]
         eager = [i for i, is_flat in enumerate(flat) if not is_flat]
-        if eager:
-            _run_chunk(self.tensor_step, _select([*tensor_lists, *scalar_lists], eager), kwargs)
         compiled = [i for i, is_flat in enumerate(flat) if is_flat]
+        coefficients = []
+        if eager:
+            coefficients += _run_chunk(
+                self.tensor_step, select_entries([*tensor_lists, *scalar_lists], eager), kwargs
+            )
         lists = [
-            [_flat_alias(t) for t in tensors] for tensors in _select(tensor_lists, compiled)
-        ] + _select(scalar_lists, compiled)
+            [_flat_alias(t) for t in tensors] for tensors in select_entries(tensor_lists, compiled)
+        ] + select_entries(scalar_lists, compiled)
 
         runner = self._compiled_runner()
         with (
@@ -154,10 +178,17 @@ class CompiledStep:
             start = 0
             for size in (CHUNK_SIZE, 1):
                 while len(compiled) - start >= size:
-                    runner(self.tensor_step, [t[start : start + size] for t in lists], kwargs)
+                    coefficients += runner(
+                        self.tensor_step, [t[start : start + size] for t in lists], kwargs
+                    )
                     start += size
+        if self.direction_into_grad:
+            order = eager + compiled
+            torch._foreach_addcmul_(
+                [params[i] for i in order], [tensor_lists[1][i] for i in order], coefficients
+            )
 
 
-def _select(lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> list[list[Tensor]]:
+def select_entries(lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> list[list[Tensor]]:
     """The entries at ``indices`` of every list."""
     return [[tensors[i] for i in indices] for tensors in lists]

@@ -93,25 +93,23 @@ def lamb_tensor_step_(
     weight_decay: float | Tensor,
     weight_norm_clamp: tuple[float, float] | None,
     trust_ratio: bool,
-) -> None:
-    """LAMB update of one parameter tensor in place (single-tensor and compiled paths).
+) -> float | Tensor:
+    """LAMB on one tensor: advance the moments, overwrite ``grad`` with ``r``, return ``-lr * ratio``.
 
-    ``r`` is evaluated twice, once for its norm and once for the update: compiled,
-    that is two memory passes and no temporary the size of the parameter.
+    The caller applies ``param += coefficient * r`` (single-tensor and compiled paths,
+    see :class:`~largebatch.optim._compiled.CompiledStep`).
     """
     exp_avg.mul_(beta1).add_((1.0 - beta1) * grad)
     exp_avg_sq.mul_(beta2).add_((1.0 - beta2) * grad.square())
-    step_size = lr
-    if trust_ratio:
-        update_norm = torch.linalg.vector_norm(
-            _lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay)
-        )
-        step_size = lr * lamb_trust_ratio(
-            torch.linalg.vector_norm(param), update_norm, **_clamp_bounds(weight_norm_clamp)
-        )
-    param.sub_(
-        step_size * _lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay)
+    grad.copy_(_lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay))
+    if not trust_ratio:
+        return -lr
+    ratio = lamb_trust_ratio(
+        torch.linalg.vector_norm(param),
+        torch.linalg.vector_norm(grad),
+        **_clamp_bounds(weight_norm_clamp),
     )
+    return -lr * ratio
 
 
 def _multi_tensor_lamb(
@@ -155,7 +153,7 @@ def _clamp_bounds(weight_norm_clamp: tuple[float, float] | None) -> dict[str, fl
     return {"norm_min": low, "norm_max": high}
 
 
-_COMPILED_LAMB = CompiledStep(lamb_tensor_step_)
+_COMPILED_LAMB = CompiledStep(lamb_tensor_step_, direction_into_grad=True)
 
 
 class LAMB(LayerwiseOptimizer):
@@ -174,9 +172,11 @@ class LAMB(LayerwiseOptimizer):
         trust_ratio: default of the per-group switch.
         foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
             multi-tensor path.
-        compiled: run a ``torch.compile``'d step (two fused memory passes per tensor;
-            fastest on CPU). The first step compiles: tens of seconds cold, a few
-            seconds once inductor's on-disk cache holds the (shape-generic) graphs.
+        compiled: run a ``torch.compile``'d step (one fused memory pass per tensor for
+            the moments, ``r`` and the norms, then one for the parameters; fastest on
+            CPU). It uses ``p.grad`` as scratch: after ``step()`` it holds ``r``. The
+            first step compiles: tens of seconds cold, a few seconds once inductor's
+            on-disk cache holds the (shape-generic) graphs.
     """
 
     def __init__(

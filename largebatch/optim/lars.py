@@ -17,7 +17,7 @@ SGD steps.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -31,74 +31,47 @@ from largebatch.optim._base import (
     run_step,
 )
 from largebatch.optim._compiled import CompiledStep
-from largebatch.optim.trust_ratio import (
-    group_uses_trust_ratio,
-    lars_trust_ratio,
-    norms,
-    scale_by_ratio_,
-)
+from largebatch.optim.trust_ratio import group_uses_trust_ratio, lars_trust_ratio, norms
 
 
 def lars_tensor_step_(
     param: Tensor,
     grad: Tensor,
     momentum_buffer: Tensor,
+    ratio: Tensor | None = None,
     *,
     lr: float | Tensor,
     momentum: float | Tensor,
     weight_decay: float | Tensor,
-    trust_coef: float | Tensor,
-    eps: float | Tensor,
     nesterov: bool,
-    clip: bool,
-    trust_ratio: bool,
 ) -> None:
-    """LARS update of one parameter tensor in place (single-tensor and compiled paths)."""
+    """LARS update of one parameter tensor in place, given its trust ratio (single-tensor and compiled paths).
+
+    ``ratio`` is ``None`` for a group without trust ratio (plain momentum SGD).
+    """
     update = grad + weight_decay * param
-    if trust_ratio:
-        ratio = lars_trust_ratio(
-            torch.linalg.vector_norm(param),
-            torch.linalg.vector_norm(grad),
-            trust_coef=trust_coef,
-            weight_decay=weight_decay,
-            eps=eps,
-            clip_lr=lr if clip else None,
-        )
-        update.mul_(ratio)
+    if ratio is not None:
+        update = update * ratio
     momentum_buffer.mul_(momentum).add_(update)
-    if nesterov:
-        update.add_(momentum * momentum_buffer)
-    else:
-        update = momentum_buffer
-    param.sub_(lr * update)
+    step = update + momentum * momentum_buffer if nesterov else momentum_buffer
+    param.sub_(lr * step)
 
 
 def _multi_tensor_lars(
     params: list[Tensor],
     grads: list[Tensor],
     momentum_buffers: list[Tensor],
+    ratios: Sequence[Tensor] | None = None,
     *,
     lr: float,
     momentum: float,
     weight_decay: float,
-    trust_coef: float,
-    eps: float,
     nesterov: bool,
-    clip: bool,
-    trust_ratio: bool,
 ) -> None:
     """LARS update of many tensors (one device and dtype) with ``torch._foreach_*`` ops."""
     updates = torch._foreach_add(grads, params, alpha=weight_decay)
-    if trust_ratio:
-        ratios = lars_trust_ratio(
-            norms(params),
-            norms(grads),
-            trust_coef=trust_coef,
-            weight_decay=weight_decay,
-            eps=eps,
-            clip_lr=lr if clip else None,
-        )
-        scale_by_ratio_(updates, ratios)
+    if ratios is not None:
+        torch._foreach_mul_(updates, list(ratios))
     torch._foreach_mul_(momentum_buffers, momentum)
     torch._foreach_add_(momentum_buffers, updates)
     if nesterov:
@@ -129,9 +102,10 @@ class LARS(LayerwiseOptimizer):
         trust_ratio: default of the per-group switch.
         foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
             multi-tensor path.
-        compiled: run a ``torch.compile``'d step (two fused memory passes per tensor;
-            fastest on CPU). The first step compiles: tens of seconds cold, a few
-            seconds once inductor's on-disk cache holds the (shape-generic) graphs.
+        compiled: run a ``torch.compile``'d step (the group's norms and trust ratios,
+            then one fused memory pass per tensor; fastest on CPU). The first step
+            compiles: tens of seconds cold, a few seconds once inductor's on-disk
+            cache holds the (shape-generic) graphs.
     """
 
     def __init__(
@@ -183,24 +157,29 @@ class LARS(LayerwiseOptimizer):
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             buffers.append(state["momentum_buffer"])
-        hyperparameters = {
-            name: group[name] for name in ("lr", "momentum", "weight_decay", "trust_coef", "eps")
-        }
-        options = {
-            "nesterov": group["nesterov"],
-            "clip": group["clip"],
-            "trust_ratio": group_uses_trust_ratio(group),
-        }
+        hyperparameters = {name: group[name] for name in ("lr", "momentum", "weight_decay")}
         grouped = self._group_tensors_by_device_and_dtype(
             [params, [p.grad for p in params], buffers]
         )
         for tensor_lists, _ in grouped.values():
+            scalar_lists: tuple[Sequence[Tensor], ...] = ()
+            if group_uses_trust_ratio(group):
+                ratios = lars_trust_ratio(
+                    norms(tensor_lists[0]),
+                    norms(tensor_lists[1]),
+                    trust_coef=group["trust_coef"],
+                    weight_decay=group["weight_decay"],
+                    eps=group["eps"],
+                    clip_lr=group["lr"] if group["clip"] else None,
+                )
+                scalar_lists = (ratios.unbind(),)
             run_step(
                 path_of(group["foreach"], group["compiled"]),
                 tensor_step=lars_tensor_step_,
                 multi_tensor_step=_multi_tensor_lars,
                 compiled_step=_COMPILED_LARS,
                 tensor_lists=tensor_lists,
+                scalar_lists=scalar_lists,
                 hyperparameters=hyperparameters,
-                options=options,
+                options={"nesterov": group["nesterov"]},
             )

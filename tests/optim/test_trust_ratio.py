@@ -24,10 +24,23 @@ def _vectors(pairs):
     return torch.tensor(w, dtype=torch.float64), torch.tensor(g, dtype=torch.float64)
 
 
-def test_norms_are_per_tensor_l2_norms():
-    tensors = [torch.randn(3, 4), torch.randn(5), torch.zeros(2, 2, 2)]
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_norms_are_per_tensor_l2_norms(dtype):
+    """CPU float32/float64 take BLAS dot products, other dtypes ``_foreach_norm``."""
+    generator = torch.Generator().manual_seed(0)
+    tensors = [
+        torch.randn(3, 4, generator=generator).to(dtype),
+        torch.randn(5, generator=generator).to(dtype),
+        torch.zeros(2, 2, 2, dtype=dtype),
+        torch.randn(4, 6, generator=generator).to(dtype).t(),  # not contiguous
+        torch.empty(0, dtype=dtype),
+        torch.randn(50_000, generator=generator).to(dtype),
+    ]
     expected = [math.sqrt(sum(x * x for x in t.flatten().tolist())) for t in tensors]
-    assert norms(tensors).tolist() == pytest.approx(expected, rel=1e-6)
+    result = norms(tensors)
+    assert result.dtype == dtype
+    rel = {torch.float32: 1e-6, torch.float64: 1e-12, torch.bfloat16: 1e-2}[dtype]
+    assert result.double().tolist() == pytest.approx(expected, rel=rel)
 
 
 @pytest.mark.parametrize("clip_lr", [None, 0.5, 1e-4])

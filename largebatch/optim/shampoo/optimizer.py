@@ -55,6 +55,10 @@ _NO_STEP = -1  # "no roots yet" / "no job pending" in the group's step-valued st
 _GROUP_KEYS = ("step", "roots_step", "pending_roots_step")  # in the group's first parameter's state
 
 
+MATMUL_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16)
+"""Allowed ``matmul_dtype`` values (float16 is left out: ``G G^T`` overflows its range)."""
+
+
 class RootComputationError(RuntimeError):
     """A block's inverse root failed more often in a row than ``max_consecutive_failures``."""
 
@@ -136,10 +140,11 @@ class _ActiveBucket:
         for key, part in self.graft_state.items():
             self.bucket.graft_state[key].index_copy_(0, self.rows, part)
 
-    def roots(self) -> list[Tensor]:
+    def roots(self, dtype: torch.dtype) -> list[Tensor]:
+        roots = self.bucket.roots_in(dtype)
         if self.rows is None:
-            return self.bucket.roots
-        return [r.index_select(0, self.rows) for r in self.bucket.roots]
+            return roots
+        return [r.index_select(0, self.rows) for r in roots]
 
 
 # (bucket index, dim, slots, result) for every root chunk a rank computed
@@ -148,6 +153,13 @@ _RootBatchResult = tuple[int, int, range, RootResult]
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dtype(value: Any) -> Any:
+    """A dtype given by name (``"bfloat16"``, e.g. from the command line) as ``torch.bfloat16``."""
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return value
 
 
 def _compute_roots(
@@ -183,7 +195,13 @@ class Shampoo(torch.optim.Optimizer):
         grafting: a grafting config or name: ``"adam"`` (default), ``"adagrad"``,
             ``"rmsprop"``, ``"sgd"``.
         roots: a :class:`RootConfig` or method name: ``"eigh"`` (default), ``"coupled_newton"``.
-        factor_dtype: dtype of statistics and roots (float32 or float64).
+        factor_dtype: dtype of statistics and roots (float32 or float64; a dtype or its
+            name).
+        matmul_dtype: dtype (or its name) of the per-step matrix products (statistics and
+            preconditioning): ``None`` uses ``factor_dtype``; ``torch.bfloat16`` rounds
+            their operands (and results) to bfloat16, several times faster on hardware
+            with bfloat16 matrix units (AMX, tensor cores), while the statistics still
+            accumulate and the roots are still computed in ``factor_dtype``.
         asynchronous: compute roots on a background thread (needs ``staleness >= 1``);
             the result is identical to the synchronous computation.
         distributed: share root computations across data-parallel ranks; by default across
@@ -207,6 +225,7 @@ class Shampoo(torch.optim.Optimizer):
         grafting: GraftingConfig | str = "adam",
         roots: RootConfig | str = "eigh",
         factor_dtype: torch.dtype = torch.float32,
+        matmul_dtype: torch.dtype | None = None,
         asynchronous: bool = True,
         distributed: DistributedConfig | None = None,
     ) -> None:
@@ -231,6 +250,7 @@ class Shampoo(torch.optim.Optimizer):
             grafting=grafting,
             roots=roots,
             factor_dtype=factor_dtype,
+            matmul_dtype=matmul_dtype,
         )
         self._resolve(dict(defaults))  # fail on bad defaults even before a group exists
         super().__init__(params, defaults)
@@ -271,12 +291,20 @@ class Shampoo(torch.optim.Optimizer):
         if start is None:
             start = frequency + staleness
         require(_is_int(start) and start >= 1, f"Invalid start_preconditioning_step: {start}")
+        factor_dtype = _dtype(settings["factor_dtype"])
         require(
-            settings["factor_dtype"] in (torch.float32, torch.float64),
+            factor_dtype in (torch.float32, torch.float64),
             f"Invalid factor_dtype: {settings['factor_dtype']}",
+        )
+        matmul_dtype = _dtype(settings["matmul_dtype"])
+        require(
+            matmul_dtype in MATMUL_DTYPES,
+            f"Invalid matmul_dtype: {settings['matmul_dtype']} (expected one of {MATMUL_DTYPES})",
         )
         return {
             **settings,
+            "factor_dtype": factor_dtype,
+            "matmul_dtype": matmul_dtype,
             "staleness": staleness,
             "start_preconditioning_step": start,
             "grafting": grafting_config(settings["grafting"]),
@@ -414,7 +442,7 @@ class Shampoo(torch.optim.Optimizer):
         layout.grafting.accumulate(graft_state, grads)
         grafted = layout.grafting.direction(inputs, input_scale, graft_state, step)
         for unit in active:
-            accumulate_statistics(unit.factors, unit.grads, beta2)
+            accumulate_statistics(unit.factors, unit.grads, beta2, group["matmul_dtype"])
             unit.write_back()
 
         self._update_roots(group_index, group, layout, step)
@@ -424,7 +452,7 @@ class Shampoo(torch.optim.Optimizer):
         for position, unit in enumerate(active):
             x, d = inputs[offset + position], grafted[offset + position]
             update = (
-                self._grafted_direction(unit, x, d)
+                self._grafted_direction(unit, x, d, group["matmul_dtype"])
                 if step >= group["start_preconditioning_step"]
                 else d
             )
@@ -485,9 +513,12 @@ class Shampoo(torch.optim.Optimizer):
         torch._foreach_add_(targets, updates, alpha=-group["lr"])
 
     @staticmethod
-    def _grafted_direction(unit: _ActiveBucket, x: Tensor, grafted: Tensor) -> Tensor:
+    def _grafted_direction(
+        unit: _ActiveBucket, x: Tensor, grafted: Tensor, matmul_dtype: torch.dtype | None
+    ) -> Tensor:
         """Shampoo's direction for each block, rescaled to the grafted step's norm."""
-        direction = precondition(unit.roots(), x)
+        roots = unit.roots(matmul_dtype or unit.bucket.roots[0].dtype)
+        direction = precondition(roots, x, matmul_dtype)
         block_dims = tuple(range(1, direction.dim()))
         norms = torch.linalg.vector_norm(direction, dim=block_dims, keepdim=True)
         target = torch.linalg.vector_norm(grafted, dim=block_dims, keepdim=True)
@@ -704,6 +735,8 @@ class Shampoo(torch.optim.Optimizer):
 
         self._worker.discard_all()
         super().load_state_dict(state_dict)
+        for group in self.param_groups:
+            group.setdefault("matmul_dtype", None)  # states saved before the option existed
         for layout, group, saved_group in zip(self._layouts, self.param_groups, saved_states):
             for param_index, (param, saved) in enumerate(zip(group["params"], saved_group)):
                 views = self._bucket_views(layout, param_index)

@@ -23,26 +23,43 @@ def unfold(stacked: Tensor, dim: int) -> Tensor:
     return moved.reshape(moved.shape[0], moved.shape[1], -1)
 
 
-def accumulate_statistics(factors: list[Tensor], grads: Tensor, beta2: float) -> None:
-    """``S_d <- beta2 S_d + (1 - beta2) G_(d) G_(d)^T`` (a plain sum when ``beta2 == 1``)."""
-    grads = grads.to(factors[0].dtype)
+def accumulate_statistics(
+    factors: list[Tensor], grads: Tensor, beta2: float, matmul_dtype: torch.dtype | None = None
+) -> None:
+    """``S_d <- beta2 S_d + (1 - beta2) G_(d) G_(d)^T`` (a plain sum when ``beta2 == 1``).
+
+    The products run in ``matmul_dtype`` (default: the statistics' dtype); the
+    statistics accumulate in their own dtype either way.
+    """
+    dtype = matmul_dtype or factors[0].dtype
+    grads = grads.to(dtype)
     weight = 1.0 if beta2 == 1.0 else 1.0 - beta2
     for dim, factor in enumerate(factors):
         unfolded = unfold(grads, dim)
-        factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        if dtype == factor.dtype:
+            factor.baddbmm_(unfolded, unfolded.mT, beta=beta2, alpha=weight)
+        else:
+            product = torch.bmm(unfolded, unfolded.mT)
+            if beta2 != 1.0:
+                factor.mul_(beta2)
+            factor.add_(product, alpha=weight)
 
 
-def precondition(roots: list[Tensor], stacked: Tensor) -> Tensor:
+def precondition(
+    roots: list[Tensor], stacked: Tensor, matmul_dtype: torch.dtype | None = None
+) -> Tensor:
     """Multiply every mode of each block by its root: ``stacked x_1 R_1 x_2 R_2 ... x_k R_k``.
 
     Each pass contracts the leading block dimension with its (symmetric) root as
     ``X_(1)^T R``, which leaves that dimension last in a contiguous result; after k passes
-    the dimensions are back in order, and no pass copies its input.
+    the dimensions are back in order, and no pass copies its input. The products run in
+    ``matmul_dtype`` (default: the roots' dtype).
     """
-    result = stacked.to(roots[0].dtype)
+    dtype = matmul_dtype or roots[0].dtype
+    result = stacked.to(dtype)
     batch, shape = result.shape[0], result.shape[1:]
     for root in roots:
-        result = torch.bmm(result.reshape(batch, root.shape[-1], -1).mT, root)
+        result = torch.bmm(result.reshape(batch, root.shape[-1], -1).mT, root.to(dtype))
     return result.reshape(batch, *shape).to(stacked.dtype)
 
 
@@ -101,6 +118,8 @@ class KroneckerBucket:
             torch.eye(n, dtype=factor_dtype, device=device).repeat(count, 1, 1) for n in shape
         ]
         self.snapshots = [f.clone() for f in self.factors] if keep_snapshot else []
+        self._cast_roots: list[Tensor] = []
+        self._cast_roots_key: tuple = ()
         self.momentum = torch.zeros(count, *shape, dtype=param_dtype, device=device)
         self.graft_state = {
             key: torch.zeros(count, *shape, dtype=param_dtype, device=device) for key in graft_keys
@@ -111,6 +130,20 @@ class KroneckerBucket:
         self.total_failures = torch.zeros(count, order, dtype=torch.int64)
         # Per dimension: chunks of slots whose roots one rank computes together, and that rank.
         self.root_chunks: list[list[tuple[range, int]]] = [[] for _ in shape]
+
+    def roots_in(self, dtype: torch.dtype) -> list[Tensor]:
+        """The roots in ``dtype``, for products in another precision (e.g. bfloat16).
+
+        The cast copies are kept until a root changes: every in-place write (an install, a
+        broadcast, a loaded state) bumps the tensor's version counter, which is the key.
+        """
+        if dtype == self.roots[0].dtype:
+            return self.roots
+        key = (dtype, *(root._version for root in self.roots))
+        if key != self._cast_roots_key:
+            self._cast_roots = [root.to(dtype) for root in self.roots]
+            self._cast_roots_key = key
+        return self._cast_roots
 
     def owner(self, dim: int, slot: int) -> int:
         """The rank computing the root of factor ``dim`` of slot ``slot``."""
