@@ -21,7 +21,8 @@ is the same machinery with an ascent step. At the iterate ``w_t`` each step
 
 Outside ``step`` the parameters always hold ``w_t``, so evaluation and checkpoints see
 the iterate, never ``w~``. After ``step`` each ``p.grad`` holds the gradient at ``w~``
-(the one the base optimizer used). How a training loop must drive ``step`` is in
+(the one the base optimizer used), unless the base's compiled step overwrote it with its
+update direction (LAMB, ALTO with ``compiled=True``). How a training loop must drive ``step`` is in
 :attr:`Extrapolation.step_protocol` (see :mod:`largebatch.optim.protocol`).
 """
 
