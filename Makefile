@@ -18,6 +18,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(VENV)/bin/ruff check largebatch tests benchmarks
+	$(VENV)/bin/ruff format --check largebatch tests benchmarks
 	$(PY) -m pytest -n 2 -q
 
 clean:

@@ -7,4 +7,6 @@ from pathlib import Path
 import torch
 
 torch.set_num_threads(1)
-os.environ.setdefault("LARGEBATCH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test-data"))
+os.environ.setdefault(
+    "LARGEBATCH_CACHE", str(Path(__file__).resolve().parents[1] / ".cache" / "test-data")
+)

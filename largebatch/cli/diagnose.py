@@ -42,34 +42,94 @@ DEFAULTS = _defaults()
 
 @click.command("diagnose")
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
-@click.option("--compare", "other", type=click.Path(exists=True, path_type=Path),
-              help="A second run (directory or checkpoint): add the interpolation between the two.")
-@click.option("--diagnostics", "names", default=",".join(DEFAULTS.diagnostics),
-              show_default=True, callback=_names, metavar="NAME,...",
-              help="Which of sharpness, eigenvalues, trace, density to measure (or none).")
-@click.option("--examples", type=int, default=DEFAULTS.num_examples, show_default=True,
-              help="Size of the seeded training subset (at most the training set).")
-@click.option("--seed", type=int, default=DEFAULTS.seed, show_default=True,
-              help="Seeds the subset, start points, subspace and random vectors.")
-@click.option("--epsilons", default=",".join(map(str, DEFAULTS.epsilons)), show_default=True,
-              callback=_floats, metavar="EPS,...", help="Sharpness box sizes.")
-@click.option("--subspace-dim", type=int, default=DEFAULTS.subspace_dim, show_default=True,
-              help="Dimension of the random-subspace sharpness (0: full space only).")
-@click.option("--k", type=int, default=DEFAULTS.k, show_default=True,
-              help="Number of top Hessian eigenvalues.")
-@click.option("--probes", type=int, default=DEFAULTS.num_probes, show_default=True,
-              help="Hutchinson probes for the trace.")
-@click.option("--density-steps", type=int, default=DEFAULTS.density_steps, show_default=True,
-              help="Lanczos steps of the spectral density.")
-@click.option("--batch-size", type=int, default=DEFAULTS.batch_size, show_default=True,
-              help="Examples per forward pass.")
-@click.option("--train-mode", is_flag=True,
-              help="Evaluate in train mode (batch statistics, dropout); default eval mode.")
+@click.option(
+    "--compare",
+    "other",
+    type=click.Path(exists=True, path_type=Path),
+    help="A second run (directory or checkpoint): add the interpolation between the two.",
+)
+@click.option(
+    "--diagnostics",
+    "names",
+    default=",".join(DEFAULTS.diagnostics),
+    show_default=True,
+    callback=_names,
+    metavar="NAME,...",
+    help="Which of sharpness, eigenvalues, trace, density to measure (or none).",
+)
+@click.option(
+    "--examples",
+    type=int,
+    default=DEFAULTS.num_examples,
+    show_default=True,
+    help="Size of the seeded training subset (at most the training set).",
+)
+@click.option(
+    "--seed",
+    type=int,
+    default=DEFAULTS.seed,
+    show_default=True,
+    help="Seeds the subset, start points, subspace and random vectors.",
+)
+@click.option(
+    "--epsilons",
+    default=",".join(map(str, DEFAULTS.epsilons)),
+    show_default=True,
+    callback=_floats,
+    metavar="EPS,...",
+    help="Sharpness box sizes.",
+)
+@click.option(
+    "--subspace-dim",
+    type=int,
+    default=DEFAULTS.subspace_dim,
+    show_default=True,
+    help="Dimension of the random-subspace sharpness (0: full space only).",
+)
+@click.option(
+    "--k",
+    type=int,
+    default=DEFAULTS.k,
+    show_default=True,
+    help="Number of top Hessian eigenvalues.",
+)
+@click.option(
+    "--probes",
+    type=int,
+    default=DEFAULTS.num_probes,
+    show_default=True,
+    help="Hutchinson probes for the trace.",
+)
+@click.option(
+    "--density-steps",
+    type=int,
+    default=DEFAULTS.density_steps,
+    show_default=True,
+    help="Lanczos steps of the spectral density.",
+)
+@click.option(
+    "--batch-size",
+    type=int,
+    default=DEFAULTS.batch_size,
+    show_default=True,
+    help="Examples per forward pass.",
+)
+@click.option(
+    "--train-mode",
+    is_flag=True,
+    help="Evaluate in train mode (batch statistics, dropout); default eval mode.",
+)
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
-@click.option("--out", type=click.Path(dir_okay=False, path_type=Path),
-              help="Where to write the JSON.  [default: RUN_DIR/diagnostics.json]")
-@click.option("--plot", type=click.Path(dir_okay=False, path_type=Path),
-              help="Interpolation figure (with --compare).  [default: RUN_DIR/interpolation.png]")
+@click.option(
+    "--out",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Where to write the JSON.  [default: RUN_DIR/diagnostics.json]",
+)
+@click.option(
+    "--plot",
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Interpolation figure (with --compare).  [default: RUN_DIR/interpolation.png]",
+)
 def diagnose(
     checkpoint: Path,
     other: Path | None,

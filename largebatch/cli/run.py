@@ -128,55 +128,108 @@ def _check(config: RunConfig) -> None:
 
 
 @click.command("run")
-@click.option("--config", "config_file", type=click.Path(exists=True, dir_okay=False),
-              help="Start from this config.json (e.g. a previous run's); options override it.")
-@click.option("--task", help="Task name (see `largebatch list tasks`) or package.module:function."
-              "  [default: mnist1d-cnn]")
-@click.option("--task-opt", "task_options", multiple=True, metavar="KEY=VALUE",
-              callback=parse_pairs, help="Task option, repeatable (e.g. num_samples=4000).")
-@click.option("--optimizer", help="Optimizer name (see `largebatch list optimizers`).  "
-              "[default: sgd]")
-@click.option("--opt", "optimizer_options", multiple=True, metavar="KEY=VALUE",
-              callback=parse_pairs, help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).")
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(exists=True, dir_okay=False),
+    help="Start from this config.json (e.g. a previous run's); options override it.",
+)
+@click.option(
+    "--task",
+    help="Task name (see `largebatch list tasks`) or package.module:function."
+    "  [default: mnist1d-cnn]",
+)
+@click.option(
+    "--task-opt",
+    "task_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=parse_pairs,
+    help="Task option, repeatable (e.g. num_samples=4000).",
+)
+@click.option(
+    "--optimizer", help="Optimizer name (see `largebatch list optimizers`).  [default: sgd]"
+)
+@click.option(
+    "--opt",
+    "optimizer_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=parse_pairs,
+    help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
+)
 @click.option("--batch-size", type=int, help="Global batch size.  [default: 64]")
-@click.option("--base-batch-size", type=int,
-              help="Batch size at which --lr is given.  [default: 64]")
-@click.option("--lr", type=float,
-              help="Learning rate at --base-batch-size.  [default: the optimizer's]")
-@click.option("--scaling", type=click.Choice(SCALING_RULES),
-              help="How the learning rate grows with the batch.  [default: the optimizer's]")
-@click.option("--warmup", callback=parse_warmup, metavar="STEPS|Nep",
-              help="Linear warm-up: steps (500) or epochs (2ep).  [default: the optimizer's]")
-@click.option("--schedule", type=click.Choice(DECAYS), help="Decay after warm-up.  "
-              "[default: cosine]")
+@click.option(
+    "--base-batch-size", type=int, help="Batch size at which --lr is given.  [default: 64]"
+)
+@click.option(
+    "--lr", type=float, help="Learning rate at --base-batch-size.  [default: the optimizer's]"
+)
+@click.option(
+    "--scaling",
+    type=click.Choice(SCALING_RULES),
+    help="How the learning rate grows with the batch.  [default: the optimizer's]",
+)
+@click.option(
+    "--warmup",
+    callback=parse_warmup,
+    metavar="STEPS|Nep",
+    help="Linear warm-up: steps (500) or epochs (2ep).  [default: the optimizer's]",
+)
+@click.option(
+    "--schedule", type=click.Choice(DECAYS), help="Decay after warm-up.  [default: cosine]"
+)
 @click.option("--decay-power", type=float, help="Exponent of the poly decay.  [default: 1]")
 @click.option("--epochs", type=float, help=f"Budget in epochs.  [default: {DEFAULT_EPOCHS:g}]")
 @click.option("--steps", type=int, help="Budget in optimizer steps.")
 @click.option("--examples", type=int, help="Budget in training examples.")
-@click.option("--accumulation-steps", type=int,
-              help="Micro-batches per step and device (gradient accumulation).  [default: 1]")
+@click.option(
+    "--accumulation-steps",
+    type=int,
+    help="Micro-batches per step and device (gradient accumulation).  [default: 1]",
+)
 @click.option("--eval-every", type=int, help="Steps between evaluations.  [default: one epoch]")
 @click.option("--eval-batch-size", type=int, help="Evaluation batch per device.")
-@click.option("--target", callback=parse_target, metavar="NAME=VALUE",
-              help="Record steps to reach e.g. accuracy=0.95 (or val_accuracy, test_loss...).")
-@click.option("--stop-at-target/--no-stop-at-target", default=None,
-              help="Stop once the target is reached.")
-@click.option("--checkpoint-every", type=int,
-              help="Steps between checkpoints (always one at the end).")
+@click.option(
+    "--target",
+    callback=parse_target,
+    metavar="NAME=VALUE",
+    help="Record steps to reach e.g. accuracy=0.95 (or val_accuracy, test_loss...).",
+)
+@click.option(
+    "--stop-at-target/--no-stop-at-target", default=None, help="Stop once the target is reached."
+)
+@click.option(
+    "--checkpoint-every", type=int, help="Steps between checkpoints (always one at the end)."
+)
 @click.option("--seed", type=int, help="Random seed.  [default: 0]")
 @click.option("--nproc", type=int, help="Data-parallel processes on this machine.  [default: 1]")
 @click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (for GPUs).")
-@click.option("--out", "out_dir", type=click.Path(file_okay=False),
-              help="Run directory.  [default: runs/<task>-<optimizer>-b<batch>-s<seed>]")
-@click.option("--resume", is_flag=True, default=None,
-              help="Continue from the run directory's newest checkpoint, if any.")
+@click.option(
+    "--out",
+    "out_dir",
+    type=click.Path(file_okay=False),
+    help="Run directory.  [default: runs/<task>-<optimizer>-b<batch>-s<seed>]",
+)
+@click.option(
+    "--resume",
+    is_flag=True,
+    default=None,
+    help="Continue from the run directory's newest checkpoint, if any.",
+)
 @click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: on]")
-@click.option("--noise-scale/--no-noise-scale", default=None,
-              help="Log the gradient noise scale B_simple (free with --nproc >= 2 or "
-              "--accumulation-steps >= 2).  [default: when free]")
-@click.option("--noise-scale-every", type=int,
-              help="Measure the noise scale on every N-th step.  [default: 10]")
+@click.option(
+    "--noise-scale/--no-noise-scale",
+    default=None,
+    help="Log the gradient noise scale B_simple (free with --nproc >= 2 or "
+    "--accumulation-steps >= 2).  [default: when free]",
+)
+@click.option(
+    "--noise-scale-every",
+    type=int,
+    help="Measure the noise scale on every N-th step.  [default: 10]",
+)
 def run(config_file: str | None, **options: Any) -> None:
     """Train one model and write its run directory (config, metrics, checkpoints, result)."""
     config = build_config(config_file, options)

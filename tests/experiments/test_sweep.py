@@ -188,7 +188,9 @@ def test_sigkill_mid_sweep_then_rerun_equals_uninterrupted(tmp_path):
 def test_data_parallel_cell_matches_single_process(tmp_path):
     """A cell with nproc=2 runs through torchrun (gloo) and trains like one process."""
     single = prepare(tiny_spec(batch_sizes=[32], optimizers=["sgd"], epochs=1), tmp_path / "one")
-    double = prepare(tiny_spec(batch_sizes=[32], optimizers=["sgd"], epochs=1, nproc=2), tmp_path / "two")
+    double = prepare(
+        tiny_spec(batch_sizes=[32], optimizers=["sgd"], epochs=1, nproc=2), tmp_path / "two"
+    )
     run_sweep(single, progress=False)
     assert run_sweep(double, progress=False) == {double.cells[0].cell_id: "done"}
     (one,), (two,) = ResultsStore(tmp_path / "one").rows(), ResultsStore(tmp_path / "two").rows()
