@@ -158,8 +158,9 @@ class GradientNormRecorder:
     bucket, stores the squared norm of the rank's own (local-batch) gradient,
     averages the bucket across ranks exactly like DDP's default hook, and stores
     the squared norm of the result. Costs two reductions of data already in
-    memory per bucket and no extra backward pass. DDP takes one hook, so this
-    replaces (and cannot be combined with) other hooks such as fp16 compression.
+    memory per bucket and no extra backward pass, and nothing while
+    :attr:`recording` is ``False`` (the all-reduce alone). DDP takes one hook, so
+    this replaces (and cannot be combined with) other hooks such as fp16 compression.
     """
 
     def __init__(
@@ -172,6 +173,9 @@ class GradientNormRecorder:
                 f"Invalid model: expected DistributedDataParallel, got {type(ddp_model).__name__}"
             )
         self.process_group = process_group
+        self.recording = True
+        """Whether the next backward passes record norms (a training loop that measures
+        every N steps switches it on for those steps only)."""
         self._local: dict[int, torch.Tensor] = {}
         self._averaged: dict[int, torch.Tensor] = {}
         ddp_model.register_comm_hook(self, _record_and_allreduce)
@@ -198,6 +202,8 @@ def _record_and_allreduce(
     recorder: GradientNormRecorder, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
     """DDP comm hook: record the bucket's squared norm, average it, record again."""
+    if not recorder.recording:
+        return allreduce_hook(recorder.process_group, bucket)
     index = bucket.index()
     recorder._local[index] = bucket.buffer().double().pow(2).sum()
 

@@ -164,7 +164,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         while (
             status == "done" and progress.step < plan.total_steps and not stop_now(progress, config)
         ):
-            sqnorms = noise.sqnorms_for(progress.step)
+            sqnorms = noise.begin_step(progress.step)
             loss, evaluations = optimizer_step(
                 ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
             )

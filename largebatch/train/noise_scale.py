@@ -63,8 +63,9 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
 class NoiseScaleMonitor:
     """Feeds a :class:`NoiseScaleTracker` from the loop's gradients every ``every`` steps.
 
-    Per step the loop asks :meth:`sqnorms_for` for a list that ``forward_backward``
-    fills (accumulation only) and then calls :meth:`update`; at each evaluation
+    Per step the loop calls :meth:`begin_step` before the backward passes (it returns
+    a list that ``forward_backward`` fills, accumulation only) and :meth:`update`
+    after the optimizer step; at each evaluation
     :meth:`row` gives the ``metrics.csv`` values. A monitor whose ``source`` is
     ``None`` does nothing, so the loop has a single code path.
 
@@ -122,8 +123,14 @@ class NoiseScaleMonitor:
     def _due(self, step: int) -> bool:
         return self.source is not None and step % self.every == 0
 
-    def sqnorms_for(self, step: int) -> list[torch.Tensor] | None:
-        """An empty list for ``forward_backward`` to fill on measured accumulation steps."""
+    def begin_step(self, step: int) -> list[torch.Tensor] | None:
+        """Prepare step ``step`` (call before its backward passes).
+
+        Under DDP, the gradient hook records norms on measured steps only. Returns an
+        empty list for ``forward_backward`` to fill on measured accumulation steps.
+        """
+        if self._recorder is not None:
+            self._recorder.recording = self._due(step)
         return [] if self.source == "accumulation" and self._due(step) else None
 
     def update(self, step: int, sqnorms: list[torch.Tensor] | None) -> None:

@@ -44,8 +44,22 @@ def worker(rank: int, store: str, out: str) -> None:
         shard = GRADIENT_SHARDS[rank]
         F.cross_entropy(ddp(X[shard]), y[shard]).backward()
         small, big = recorder.read()
+
+        # Not recording: the hook only averages the gradients (as DDP's own hook).
+        recorder.recording = False
+        ddp.zero_grad()
+        F.cross_entropy(ddp(X[shard]), y[shard]).backward()
+        recorded_while_off = bool(recorder._local or recorder._averaged)
+        averaged_grad = torch.cat([p.grad.flatten() for p in ddp.parameters()])
         torch.save(
-            {"product": product, "trace": trace.trace, "small": small, "big": big},
+            {
+                "product": product,
+                "trace": trace.trace,
+                "small": small,
+                "big": big,
+                "recorded_while_off": recorded_while_off,
+                "averaged_grad": averaged_grad,
+            },
             f"{out}/rank{rank}.pt",
         )
     finally:
@@ -78,3 +92,5 @@ def test_hvp_trace_and_gradient_norms_under_gloo(tmp_path):
     for result in results:
         torch.testing.assert_close(result["small"], mean_local_sqnorm, rtol=1e-10, atol=0)
         torch.testing.assert_close(result["big"], averaged.dot(averaged), rtol=1e-10, atol=0)
+        assert not result["recorded_while_off"]
+        torch.testing.assert_close(result["averaged_grad"], averaged, rtol=1e-10, atol=1e-14)
