@@ -91,21 +91,15 @@ def run_step(
     if path is Path.COMPILED:
         small = [i for i, p in enumerate(tensor_lists[0]) if p.numel() < COMPILE_MIN_NUMEL]
         if small:
+            multi_tensor_step(
+                *select_entries(tensor_lists, small),
+                *select_entries(scalar_lists, small),
+                **hyperparameters,
+                **options,
+            )
             large = [i for i, p in enumerate(tensor_lists[0]) if p.numel() >= COMPILE_MIN_NUMEL]
-            run_step(
-                Path.MULTI_TENSOR,
-                tensor_step=tensor_step,
-                multi_tensor_step=multi_tensor_step,
-                compiled_step=compiled_step,
-                tensor_lists=select_entries(tensor_lists, small),
-                scalar_lists=select_entries(scalar_lists, small),
-                hyperparameters=hyperparameters,
-                options=options,
-            )
-            tensor_lists, scalar_lists = (
-                select_entries(tensor_lists, large),
-                select_entries(scalar_lists, large),
-            )
+            tensor_lists = select_entries(tensor_lists, large)
+            scalar_lists = select_entries(scalar_lists, large)
         if tensor_lists[0]:
             compiled_step(
                 tensor_lists,
