@@ -276,6 +276,8 @@ def _print_summary(result: Any, out_dir: str) -> None:
     click.echo(", ".join(parts) + f"  ->  {out_dir}")
     if result.error:
         click.echo(f"error: {result.error}", err=True)
+    if result.error_log:
+        click.echo(f"traceback: {result.error_log}", err=True)
 
 
 @click.command("list")

@@ -514,12 +514,12 @@ def problems_section(ctx: ReportContext) -> Section | None:
             row["status"],
             fmt(row["steps"]),
             (row["error"] or "")[:200],
+            row.get("error_log") or "",
         ]
         for row in bad
     ]
-    return Section(
-        "Diverged and failed runs", tables=[Table(["run", "status", "steps", "reason"], rows)]
-    )
+    columns = ["run", "status", "steps", "reason", "traceback"]
+    return Section("Diverged and failed runs", tables=[Table(columns, rows)])
 
 
 # --- rendering ------------------------------------------------------------------------

@@ -19,6 +19,7 @@ import multiprocessing
 import os
 import tempfile
 import time
+import traceback
 from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -30,6 +31,7 @@ from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, cell_name, expand
 from largebatch.tasks import get_task
 from largebatch.train import RunConfig, RunResult, plan_run, train, validate
+from largebatch.train.run_dir import RunDirectory
 from largebatch.utils.atomic import write_json_atomic
 
 SWEEP_FILE = "sweep.json"
@@ -130,12 +132,14 @@ def _train(config: RunConfig) -> RunResult:
     try:
         return _train_data_parallel(config) if config.nproc > 1 else train(config)
     except Exception as exc:  # a failed cell is a result; the sweep goes on
+        log = RunDirectory(config.out_dir).write_error(traceback.format_exc())
         return RunResult(
             status="failed",
             steps=0,
             examples=0,
             wall_time=time.perf_counter() - start,
             error=f"{type(exc).__name__}: {exc}",
+            error_log=str(log),
         )
 
 

@@ -99,7 +99,8 @@ class RunResult:
     """Outcome of a run; every field is JSON-serialisable.
 
     ``status`` is "done", "diverged" (non-finite loss) or "failed" (an exception,
-    whose message is in ``error``). ``*_to_target`` are ``None`` if the target was
+    whose message is in ``error`` and whose full traceback is in the file
+    ``error_log``, inside the run directory). ``*_to_target`` are ``None`` if the target was
     never reached or none was set.
     """
 
@@ -121,6 +122,7 @@ class RunResult:
     steps_to_target: int | None = None
     examples_to_target: int | None = None
     error: str | None = None
+    error_log: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:

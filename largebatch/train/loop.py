@@ -13,6 +13,7 @@ import contextlib
 import math
 import random
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -157,7 +158,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
         disable=not (config.progress and ddp.is_main),
     )  # fmt: skip
-    status, error = "done", None
+    status, error, error_log = "done", None, None
     try:
         if progress.last_eval_step is None and not evaluate_and_log():
             status = "diverged"
@@ -193,11 +194,13 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             save()
     except Exception as exception:  # a failed run is a result, not a crash
         status, error = "failed", f"{type(exception).__name__}: {exception}"
+        error_log = str(run_dir.write_error(traceback.format_exc(), ddp.rank))
     finally:
         bar.close()
     progress.elapsed = time.perf_counter() - clock_start
 
     result = make_result(status, error, progress, plan, config, noise.result())
+    result.error_log = error_log
     run_dir.write_result(result)
     run_dir.close()
     return result

@@ -62,6 +62,19 @@ def _tensorboard_writer(path: Path, purge_step: int | None) -> Any:
     return SummaryWriter(str(path), purge_step=purge_step)
 
 
+def scalar_items(row: dict[str, Any]) -> list[tuple[str, float]]:
+    """The entries of a metrics row that are numbers, ``step`` aside.
+
+    A row leaves a column empty (``""``) where nothing was measured at that step,
+    e.g. the noise scale between measurements: TensorBoard gets no point there.
+    """
+    return [
+        (key, float(value))
+        for key, value in row.items()
+        if key != "step" and isinstance(value, int | float) and not isinstance(value, bool)
+    ]
+
+
 class RunDirectory:
     """Writes a run's files under ``path`` (only if ``enabled``, i.e. on rank 0)."""
 
@@ -133,9 +146,20 @@ class RunDirectory:
         self._writer.writerow(row)
         self._metrics_file.flush()
         if self._tensorboard is not None:
-            for key, value in row.items():
-                if key != "step":
-                    self._tensorboard.add_scalar(key, value, row["step"])
+            for key, value in scalar_items(row):
+                self._tensorboard.add_scalar(key, value, row["step"])
+
+    def write_error(self, text: str, rank: int = 0) -> Path:
+        """Write a failure's full traceback (``error.log``, or ``error.rank{N}.log``).
+
+        Every rank writes its own, since a failure may happen on one rank only.
+        Returns the file's path.
+        """
+        name = "error.log" if rank == 0 else f"error.rank{rank}.log"
+        path = self.path / name
+        self.path.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(path, text)
+        return path
 
     def write_result(self, result: RunResult) -> None:
         """Write ``result.json`` atomically."""

@@ -72,6 +72,7 @@ def test_failed_and_diverged_cells_are_recorded_and_the_sweep_goes_on(tmp_path, 
         by_kind.setdefault(kind, set()).add(row["status"])
         if row["status"] == "failed":
             assert "Invalid beta parameter" in row["error"]
+            assert "Traceback" in Path(row["error_log"]).read_text()  # the full traceback
         if row["status"] == "diverged":
             assert row["error"].startswith("non-finite loss by step")
     assert by_kind == {

@@ -84,6 +84,11 @@ def test_exception_during_training_is_recorded_as_failed(make_config):
     assert result.status == "failed"
     assert result.error == "RuntimeError: disk on fire"
     assert json.loads((Path(config.out_dir) / "result.json").read_text())["status"] == "failed"
+    # the full traceback survives, not only the one-line message
+    log = Path(result.error_log)
+    assert log == Path(config.out_dir) / "error.log"
+    text = log.read_text()
+    assert text.startswith("Traceback") and "failing_loss" in text and "disk on fire" in text
 
 
 def test_bad_config_raises_before_training(make_config):
@@ -190,6 +195,34 @@ def test_tensorboard_events_when_installed(make_config, monkeypatch):
     calls.clear()
     train(make_config(steps=4, eval_every=2, checkpoint_every=2, resume=True))
     assert calls[0] == ("init", "tensorboard", 5)  # events after the checkpoint are purged
+
+
+def test_real_tensorboard_gets_every_measured_scalar(make_config):
+    """With the real ``tensorboard`` package: rows with empty (unmeasured) columns log fine.
+
+    The noise-scale columns are empty on steps without a measurement; they once
+    reached ``add_scalar`` as ``""`` and failed every run.
+    """
+    event_accumulator = pytest.importorskip(
+        "tensorboard.backend.event_processing.event_accumulator",
+        reason="the tensorboard extra (CI installs every extra)",
+    )
+    config = make_config(
+        steps=6, eval_every=2, accumulation_steps=2, noise_scale=True, noise_scale_every=4
+    )
+    result = train(config)
+    assert result.status == "done", result.error
+    rows = read_metrics(config.out_dir)
+    assert any(row["noise_scale"] == "" for row in rows)  # the case that crashed
+    events = event_accumulator.EventAccumulator(str(Path(config.out_dir) / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"train_loss", "test_accuracy", "lr"} <= set(tags)
+    assert [e.step for e in events.Scalars("train_loss")] == [0, 2, 4, 6]
+    measured = [int(r["step"]) for r in rows if r["noise_scale"] != ""]
+    assert [e.step for e in events.Scalars("noise_scale")] == measured
+    final = events.Scalars("test_accuracy")[-1].value
+    assert final == pytest.approx(result.final_test_accuracy, rel=1e-6)
 
 
 @pytest.mark.parametrize("name", [spec.name for spec in list_optimizers()])

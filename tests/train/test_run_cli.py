@@ -53,6 +53,17 @@ def test_run_writes_a_run_directory_and_summary(tmp_path, tiny_args):
     assert json.loads((tmp_path / "r" / "result.json").read_text())["status"] == "done"
 
 
+def test_failed_run_prints_where_its_traceback_is(tmp_path, tiny_args):
+    result = invoke(*tiny_args, "--steps", "8", "--task-opt", "fail_after=3")
+    assert result.exit_code == 1
+    assert (
+        "failed: 3 steps" in result.output and "error: RuntimeError: disk on fire" in result.output
+    )
+    log = tmp_path / "r" / "error.log"
+    assert f"traceback: {log}" in result.output
+    assert "Traceback (most recent call last)" in log.read_text()
+
+
 def test_warmup_accepts_steps_and_epochs(tmp_path, tiny_args):
     assert invoke(*tiny_args, "--steps", "4", "--warmup", "2").exit_code == 0
     saved = json.loads((tmp_path / "r" / "config.json").read_text())["config"]

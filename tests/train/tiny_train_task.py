@@ -28,26 +28,40 @@ class SlowModel(nn.Module):
     """An MLP (optional dropout, which draws from torch's global RNG) that can sleep in
     ``forward``, so that a subprocess run is slow enough to kill."""
 
-    def __init__(self, dim: int, classes: int, delay: float, dropout: float) -> None:
+    def __init__(
+        self, dim: int, classes: int, delay: float, dropout: float, fail_after: int = 0
+    ) -> None:
         super().__init__()
+        self.fail_after = fail_after
+        self.training_calls = 0
         self.net = nn.Sequential(
             nn.Linear(dim, 16), nn.Tanh(), nn.Dropout(dropout), nn.Linear(16, classes)
         )
         self.delay = delay
 
     def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.training_calls += 1
+            if self.fail_after and self.training_calls > self.fail_after:
+                raise RuntimeError("disk on fire")
         if self.delay and self.training:
             time.sleep(self.delay)
         return self.net(inputs)
 
 
 def build(
-    num_train: int = 128, dim: int = 6, classes: int = 3, delay: float = 0.0, dropout: float = 0.0
+    num_train: int = 128,
+    dim: int = 6,
+    classes: int = 3,
+    delay: float = 0.0,
+    dropout: float = 0.0,
+    fail_after: int = 0,
 ) -> Task:
     """Gaussian inputs labelled by a fixed random linear map; a small MLP.
 
     Inputs carry their example index in the last feature (scaled down), so tests
-    can tell which examples a forward pass saw.
+    can tell which examples a forward pass saw. ``fail_after`` > 0 makes the
+    model raise on its training forward passes after that many.
     """
     generator = torch.Generator().manual_seed(1234)
     total = num_train + 64
@@ -60,7 +74,7 @@ def build(
         name="tiny_train_task:build",
         train=train,
         test=test,
-        build_model=lambda: SlowModel(dim, classes, delay, dropout),
+        build_model=lambda: SlowModel(dim, classes, delay, dropout, fail_after),
         loss_fn=F.cross_entropy,
         target_metric=("accuracy", 0.99),
     )
