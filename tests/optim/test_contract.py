@@ -295,6 +295,7 @@ TORCH_ADAMW_SPARSE = pytest.mark.xfail(
 )
 
 
+@pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 @pytest.mark.parametrize(
     "spec", specs(shampoo_fails=True, known_failures={"adamw": TORCH_ADAMW_SPARSE})
 )
