@@ -16,8 +16,6 @@ from typing import Any, ClassVar
 import torch
 from torch import Tensor
 
-from largebatch.optim._compiled import select_entries
-
 COMPILE_MIN_NUMEL = 8192
 """Smallest tensor the compiled path compiles; smaller ones take the multi-tensor step.
 
@@ -87,14 +85,14 @@ def device_dtype_groups(
     return [lists for lists, _ in grouped.values()]
 
 
-def split_by_numel(
-    tensor_lists: Sequence[Sequence[Tensor]],
-) -> tuple[list[list[Tensor]], list[list[Tensor]]]:
-    """The entries below :data:`COMPILE_MIN_NUMEL` elements, and the others (compiled path)."""
-    sizes = [p.numel() for p in tensor_lists[0]]
-    small = [i for i, size in enumerate(sizes) if size < COMPILE_MIN_NUMEL]
-    large = [i for i, size in enumerate(sizes) if size >= COMPILE_MIN_NUMEL]
-    return select_entries(tensor_lists, small), select_entries(tensor_lists, large)
+def small_and_large(params: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors below :data:`COMPILE_MIN_NUMEL` elements, and of the others.
+
+    The compiled path gives the small ones to the multi-tensor step.
+    """
+    small = [i for i, p in enumerate(params) if p.numel() < COMPILE_MIN_NUMEL]
+    large = [i for i, p in enumerate(params) if p.numel() >= COMPILE_MIN_NUMEL]
+    return small, large
 
 
 def check_dense_gradients(name: str, params: Iterable[Tensor]) -> None:

@@ -26,7 +26,7 @@ again from the new moments in the pass that moves the parameters.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -46,6 +46,42 @@ from largebatch.optim.trust_ratio import norms, scale_by_ratio_
 
 TrustRatio = Callable[[Tensor, Tensor], Tensor]
 """``(parameter norms, update norms) -> ratios``, element-wise (see :mod:`~largebatch.optim.trust_ratio`)."""
+
+
+@dataclass(frozen=True)
+class _Settings:
+    """What one step applies to every device/dtype group."""
+
+    trust_ratio: TrustRatio | None
+    lr: float
+    beta1: float
+    beta2: float
+    weight_decay: float
+    alpha: float
+    e_beta1: float
+    maximize: bool
+    overwrite_grad: bool
+
+
+@dataclass(frozen=True)
+class _Group:
+    """One device/dtype group's parallel lists (``grad_emas`` is ``None`` without E)."""
+
+    params: list[Tensor]
+    grads: list[Tensor]
+    grad_emas: list[Tensor] | None
+    exp_avgs: list[Tensor]
+    exp_avg_sqs: list[Tensor]
+    scales: list[Tensor]
+    eps_hats: list[Tensor]
+
+    def select(self, indices: Sequence[int]) -> _Group:
+        """The group restricted to the tensors at ``indices``."""
+        pick = [
+            None if tensors is None else [tensors[i] for i in indices]
+            for tensors in vars(self).values()
+        ]
+        return _Group(*pick)
 
 
 def layerwise_adam(
@@ -82,20 +118,13 @@ def layerwise_adam(
         foreach, compiled: the execution path (:func:`~largebatch.optim._base.path_of`).
     """
     run = _PATHS[_base.path_of(foreach, compiled)]
-    settings = dict(
-        alpha=alpha,
-        e_beta1=e_beta1,
-        trust_ratio=trust_ratio,
-        lr=lr,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        maximize=maximize,
-        overwrite_grad=overwrite_grad,
+    settings = _Settings(
+        trust_ratio, lr, beta1, beta2, weight_decay, alpha, e_beta1, maximize, overwrite_grad
     )
-    with_emas = grad_emas is not None
-    lists = [params, grads, *([grad_emas] if with_emas else []), exp_avgs, exp_avg_sqs]
-    for *group, steps in _base.device_dtype_groups([*lists, state_steps]):
+    emas = [] if grad_emas is None else [grad_emas]
+    for device_params, device_grads, *rest, steps in _base.device_dtype_groups(
+        [params, grads, *emas, exp_avgs, exp_avg_sqs, state_steps]
+    ):
         torch._foreach_add_(steps, 1.0)
         scales, eps_hats = adam_direction_scalars(
             steps,
@@ -103,90 +132,66 @@ def layerwise_adam(
             beta2=beta2,
             eps=eps,
             bias_correction=bias_correction,
-            dtype=group[0][0].dtype,
+            dtype=device_params[0].dtype,
         )
-        if not with_emas:
-            group.insert(2, None)
-        run(*group, scales, eps_hats, **settings)
+        *device_emas, device_avgs, device_sqs = rest
+        group = _Group(
+            device_params,
+            device_grads,
+            device_emas[0] if device_emas else None,
+            device_avgs,
+            device_sqs,
+            list(scales),
+            list(eps_hats),
+        )
+        run(group, settings)
 
 
-def _single_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_emas: list[Tensor] | None,
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    scales: Sequence[Tensor],
-    eps_hats: Sequence[Tensor],
-    *,
-    alpha: float,
-    e_beta1: float,
-    trust_ratio: TrustRatio | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool,
-    overwrite_grad: bool,
-) -> None:
+def _single_tensor(group: _Group, settings: _Settings) -> None:
     """The reference loop: one tensor at a time, in the order of the equations."""
-    for i, param in enumerate(params):
-        fed = -grads[i] if maximize else grads[i]
-        if grad_emas is not None:
-            fed = e_gradient_(fed, grad_emas[i], alpha, e_beta1)
-        adam_moments_(fed, exp_avgs[i], exp_avg_sqs[i], beta1, beta2)
+    for i, param in enumerate(group.params):
+        grad = group.grads[i]
+        fed = -grad if settings.maximize else grad
+        if group.grad_emas is not None:
+            fed = e_gradient_(fed, group.grad_emas[i], settings.alpha, settings.e_beta1)
+        exp_avg, exp_avg_sq = group.exp_avgs[i], group.exp_avg_sqs[i]
+        adam_moments_(fed, exp_avg, exp_avg_sq, settings.beta1, settings.beta2)
         update = adam_direction(
-            param, exp_avgs[i], exp_avg_sqs[i], scales[i], eps_hats[i], weight_decay
+            param, exp_avg, exp_avg_sq, group.scales[i], group.eps_hats[i], settings.weight_decay
         )
-        if overwrite_grad:
-            update = grads[i].copy_(update)
-        if trust_ratio is not None:
-            ratio = trust_ratio(torch.linalg.vector_norm(param), torch.linalg.vector_norm(update))
-            update = ratio * update
-        param.add_(update, alpha=-lr)
+        if settings.overwrite_grad:
+            update = grad.copy_(update)
+        if settings.trust_ratio is not None:
+            norms_ = torch.linalg.vector_norm(param), torch.linalg.vector_norm(update)
+            update = settings.trust_ratio(*norms_) * update
+        param.add_(update, alpha=-settings.lr)
 
 
-def _multi_tensor(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_emas: list[Tensor] | None,
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    scales: Sequence[Tensor],
-    eps_hats: Sequence[Tensor],
-    *,
-    alpha: float,
-    e_beta1: float,
-    trust_ratio: TrustRatio | None,
-    lr: float,
-    beta1: float,
-    beta2: float,
-    weight_decay: float,
-    maximize: bool,
-    overwrite_grad: bool,
-) -> None:
+def _multi_tensor(group: _Group, settings: _Settings) -> None:
     """``torch._foreach_*`` ops over the group: one memory pass per op."""
-    fed: Sequence[Tensor] = torch._foreach_neg(grads) if maximize else grads
-    if grad_emas is not None:
-        fed = e_gradients_(fed, grad_emas, alpha, e_beta1)
-    adam_moments_multi_(fed, exp_avgs, exp_avg_sqs, beta1, beta2)
+    fed: Sequence[Tensor] = torch._foreach_neg(group.grads) if settings.maximize else group.grads
+    if group.grad_emas is not None:
+        fed = e_gradients_(fed, group.grad_emas, settings.alpha, settings.e_beta1)
+    adam_moments_multi_(fed, group.exp_avgs, group.exp_avg_sqs, settings.beta1, settings.beta2)
     del fed
     updates = adam_directions(
-        params,
-        exp_avgs,
-        exp_avg_sqs,
-        scales,
-        eps_hats,
-        weight_decay,
-        out=grads if overwrite_grad else None,
+        group.params,
+        group.exp_avgs,
+        group.exp_avg_sqs,
+        group.scales,
+        group.eps_hats,
+        settings.weight_decay,
+        out=group.grads if settings.overwrite_grad else None,
     )
-    if trust_ratio is not None:
-        ratios = trust_ratio(norms(params), norms(updates))
-        if overwrite_grad:  # r stays in the gradients; the ratio goes into the step
-            torch._foreach_addcmul_(params, updates, list((-lr * ratios).unbind()))
-            return
+    if settings.trust_ratio is None:
+        torch._foreach_add_(group.params, updates, alpha=-settings.lr)
+        return
+    ratios = settings.trust_ratio(norms(group.params), norms(updates))
+    if settings.overwrite_grad:  # r stays in the gradients; the ratio goes into the step
+        torch._foreach_addcmul_(group.params, updates, list((-settings.lr * ratios).unbind()))
+    else:
         scale_by_ratio_(updates, ratios)
-    torch._foreach_add_(params, updates, alpha=-lr)
+        torch._foreach_add_(group.params, updates, alpha=-settings.lr)
 
 
 # --- the compiled path ---------------------------------------------------------------------
@@ -222,26 +227,13 @@ def adam_norms_tensor_step_(
     scale: Tensor,
     eps_hat: Tensor,
     *,
-    beta1: Tensor,
-    beta2: Tensor,
-    weight_decay: Tensor,
     maximize: bool,
-    overwrite_grad: bool,
+    **hyperparameters: Tensor | bool,
 ) -> tuple[Tensor, Tensor]:
     """First compiled pass of LAMB on one tensor: moments, then ``||w||`` and ``||r||``."""
     fed = -grad if maximize else grad
     return _moments_and_norms_(
-        param,
-        grad,
-        fed,
-        exp_avg,
-        exp_avg_sq,
-        scale,
-        eps_hat,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        overwrite_grad=overwrite_grad,
+        param, grad, fed, exp_avg, exp_avg_sq, scale, eps_hat, **hyperparameters
     )
 
 
@@ -256,26 +248,13 @@ def e_adam_norms_tensor_step_(
     *,
     alpha: Tensor,
     e_beta1: Tensor,
-    beta1: Tensor,
-    beta2: Tensor,
-    weight_decay: Tensor,
     maximize: bool,
-    overwrite_grad: bool,
+    **hyperparameters: Tensor | bool,
 ) -> tuple[Tensor, Tensor]:
     """First compiled pass of ALTO on one tensor: E, moments, then ``||w||`` and ``||r||``."""
     fed = e_gradient_(-grad if maximize else grad, grad_ema, alpha, e_beta1)
     return _moments_and_norms_(
-        param,
-        grad,
-        fed,
-        exp_avg,
-        exp_avg_sq,
-        scale,
-        eps_hat,
-        beta1=beta1,
-        beta2=beta2,
-        weight_decay=weight_decay,
-        overwrite_grad=overwrite_grad,
+        param, grad, fed, exp_avg, exp_avg_sq, scale, eps_hat, **hyperparameters
     )
 
 
@@ -290,13 +269,12 @@ def apply_adam_direction_tensor_step_(
     weight_decay: Tensor,
 ) -> None:
     """Second compiled pass: ``w += coefficient * r``, ``r`` evaluated from the new moments."""
-    param.add_(
-        coefficient * adam_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay)
-    )
+    r = adam_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay)
+    param.add_(coefficient * r)
 
 
 # Realising the new moments (``realize_reads_threshold=1``) lets inductor store them and
-# reduce ``||r||`` in one loop; by default it recomputes them in a second loop.
+# reduce ``||r||`` in the same loop; by default it recomputes them in a second loop.
 _SINGLE_PASS_MOMENTS = {"realize_reads_threshold": 1}
 _COMPILED_NORMS = {
     False: CompiledStep(adam_norms_tensor_step_, inductor_options=_SINGLE_PASS_MOMENTS),
@@ -305,68 +283,52 @@ _COMPILED_NORMS = {
 _COMPILED_APPLY = CompiledStep(apply_adam_direction_tensor_step_)
 
 
-def _compiled(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_emas: list[Tensor] | None,
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    scales: Sequence[Tensor],
-    eps_hats: Sequence[Tensor],
-    **settings: Any,
-) -> None:
-    """Two fused passes per tensor (small tensors: the multi-tensor step).
+def _compiled(group: _Group, settings: _Settings) -> None:
+    """Two fused passes per tensor (tensors below ``COMPILE_MIN_NUMEL``: the multi-tensor step).
 
     The first advances E and the moments and returns both norms; the group's trust
     ratios follow from the stacked norms; the second moves the parameters.
     """
-    emas = [] if grad_emas is None else [grad_emas]
-    small, large = _base.split_by_numel(
-        [params, grads, *emas, exp_avgs, exp_avg_sqs, list(scales), list(eps_hats)]
-    )
-    for lists in (small, large):
-        if grad_emas is None:
-            lists.insert(2, None)
-    if small[0]:
-        _multi_tensor(*small, **settings)
-    if not large[0]:
+    small, large = (group.select(indices) for indices in _base.small_and_large(group.params))
+    if small.params:
+        _multi_tensor(small, settings)
+    if not large.params:
         return
-    params, grads, grad_emas, exp_avgs, exp_avg_sqs, scales, eps_hats = large
+    with_e = large.grad_emas is not None
     hyperparameters = {
-        "beta1": settings["beta1"],
-        "beta2": settings["beta2"],
-        "weight_decay": settings["weight_decay"],
+        "beta1": settings.beta1,
+        "beta2": settings.beta2,
+        "weight_decay": settings.weight_decay,
     }
-    if grad_emas is not None:
-        hyperparameters.update(alpha=settings["alpha"], e_beta1=settings["e_beta1"])
-    overwrite_grad = settings["overwrite_grad"]
-    measured = _COMPILED_NORMS[grad_emas is not None](
-        [params, grads, *([] if grad_emas is None else [grad_emas]), exp_avgs, exp_avg_sqs],
-        scalar_lists=[scales, eps_hats],
+    if with_e:
+        hyperparameters.update(alpha=settings.alpha, e_beta1=settings.e_beta1)
+    measured = _COMPILED_NORMS[with_e](
+        [large.params, large.grads, *([large.grad_emas] if with_e else [])]
+        + [large.exp_avgs, large.exp_avg_sqs],
+        scalar_lists=[large.scales, large.eps_hats],
         hyperparameters=hyperparameters,
-        options={"maximize": settings["maximize"], "overwrite_grad": overwrite_grad},
+        options={"maximize": settings.maximize, "overwrite_grad": settings.overwrite_grad},
     )
-    lr, trust_ratio = settings["lr"], settings["trust_ratio"]
-    dtype = scalar_dtype(params[0].dtype)
-    if trust_ratio is None:
-        coefficients = torch.full((len(params),), -lr, dtype=dtype, device=params[0].device)
+    dtype = scalar_dtype(large.params[0].dtype)
+    if settings.trust_ratio is None:
+        ratios = torch.ones(len(large.params), dtype=dtype, device=large.params[0].device)
     else:
         param_norms, update_norms = (torch.stack(values).to(dtype) for values in zip(*measured))
-        coefficients = -lr * trust_ratio(param_norms, update_norms)
-    coefficients = list(coefficients.unbind())
-    if overwrite_grad:
-        torch._foreach_addcmul_(params, grads, coefficients)
+        ratios = settings.trust_ratio(param_norms, update_norms)
+    coefficients = list((-settings.lr * ratios).unbind())
+    if settings.overwrite_grad:
+        torch._foreach_addcmul_(large.params, large.grads, coefficients)
     else:
         _COMPILED_APPLY(
-            [params, exp_avgs, exp_avg_sqs],
-            scalar_lists=[scales, eps_hats, coefficients],
-            hyperparameters={"weight_decay": settings["weight_decay"]},
+            [large.params, large.exp_avgs, large.exp_avg_sqs],
+            scalar_lists=[large.scales, large.eps_hats, coefficients],
+            hyperparameters={"weight_decay": settings.weight_decay},
         )
 
 
-_PATHS = {
+_PATHS: dict[_base.Path, Callable[[_Group, _Settings], None]] = {
     _base.Path.SINGLE_TENSOR: _single_tensor,
     _base.Path.MULTI_TENSOR: _multi_tensor,
     _base.Path.COMPILED: _compiled,
 }
-"""The implementation of each execution path."""
+"""The implementation of each execution path (a fused-kernel path is one more entry)."""

@@ -27,7 +27,7 @@ from torch import Tensor
 
 from largebatch.optim import _base
 from largebatch.optim._base import LayerwiseOptimizer, check_flag, check_non_negative
-from largebatch.optim._compiled import CompiledStep
+from largebatch.optim._compiled import CompiledStep, select_entries
 from largebatch.optim.trust_ratio import lars_trust_ratio, norms
 
 
@@ -94,7 +94,7 @@ def _single_tensor_lars(*tensor_lists: Sequence[Tensor], **settings: Any) -> Non
 
 def _compiled_lars(*tensor_lists: list[Tensor], nesterov: bool, maximize: bool, **floats) -> None:
     """Tensors below ``COMPILE_MIN_NUMEL`` take the multi-tensor step, the others one fused pass."""
-    small, large = _base.split_by_numel(tensor_lists)
+    small, large = (select_entries(tensor_lists, i) for i in _base.small_and_large(tensor_lists[0]))
     options = {"nesterov": nesterov, "maximize": maximize}
     if small[0]:
         _multi_tensor_lars(*small, **floats, **options)
