@@ -118,7 +118,7 @@ class ALTO(LayerwiseOptimizer):
             multi-tensor path.
         compiled: run ``torch.compile``'d steps (per tensor, one fused memory pass for
             E, the moments and the norms, then one for the parameters). The first step
-            compiles, about a minute on CPU, cached on disk afterwards.
+            compiles, cached on disk for later runs.
 
     Defaults are the paper's large-batch (>= 1K) ones; ``ALTO(params, **ALTO.SMALL_BATCH)``
     gives its small-batch setting (``alpha=0.5, e_beta1=0.01``).

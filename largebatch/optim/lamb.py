@@ -98,8 +98,8 @@ class LAMB(LayerwiseOptimizer):
             multi-tensor path.
         compiled: run ``torch.compile``'d steps (per tensor, one fused memory pass for
             the moments and the norms, then one for the parameters; fastest on CPU).
-            The first step compiles: tens of seconds cold, a few seconds once
-            inductor's on-disk cache holds the (shape-generic) graphs.
+            The first step compiles; inductor's on-disk cache keeps the
+            shape-generic graphs for later runs (times in ``docs/optimizers.md``).
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")

@@ -181,8 +181,8 @@ class LARS(LayerwiseOptimizer):
             multi-tensor path.
         compiled: run a ``torch.compile``'d step (the group's norms and trust ratios,
             then one fused memory pass per tensor; fastest on CPU). The first step
-            compiles: tens of seconds cold, a few seconds once inductor's on-disk
-            cache holds the (shape-generic) graphs.
+            compiles; inductor's on-disk cache keeps the shape-generic graphs for
+            later runs (times in ``docs/optimizers.md``).
     """
 
     state_buffers = ("momentum_buffer",)
