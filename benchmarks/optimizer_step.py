@@ -127,9 +127,10 @@ PATHS = {
     "single": {"foreach": False},
     "foreach": {"foreach": True},
     "compiled": {"compiled": True},
+    "compiled+overwrite_grad": {"compiled": True, "overwrite_grad": True},
 }
-"""Execution paths of our optimizers, by the ``--paths`` name."""
-DEFAULT_PATHS = ("foreach", "compiled")
+"""Execution paths of our optimizers, by the ``--paths`` name (each where the optimizer takes its switches)."""
+DEFAULT_PATHS = ("foreach", "compiled", "compiled+overwrite_grad")
 
 
 def largebatch_contenders(settings: Settings) -> list[Contender]:
@@ -140,7 +141,7 @@ def largebatch_contenders(settings: Settings) -> list[Contender]:
             continue
         for path in settings.paths:
             switch = PATHS[path]
-            if path == "compiled" and not _accepts(name, "compiled"):
+            if not all(_accepts(name, keyword) for keyword in switch):
                 continue
             contenders.append(
                 Contender(

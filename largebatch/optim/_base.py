@@ -1,9 +1,9 @@
 """Plumbing shared by the layer-wise optimizers (LARS, LAMB, ALTO): validation, paths, state.
 
-Each algorithm provides its math three ways that :func:`run_step` dispatches to:
-a per-tensor step (the single-tensor path, and what the compiled path traces),
-a multi-tensor ``torch._foreach_*`` step, and a :class:`CompiledStep` of the
-per-tensor step.
+An algorithm is a functional core over lists of tensors (``lars``, ``lamb``, ``alto``,
+like ``torch.optim.adamw.adamw``) that dispatches each device/dtype group to one of the
+:class:`Path` implementations, and a :class:`LayerwiseOptimizer` subclass that
+validates hyperparameters, creates state and calls that core once per parameter group.
 """
 
 from __future__ import annotations
@@ -11,19 +11,17 @@ from __future__ import annotations
 import enum
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
 
-from largebatch.optim._compiled import CompiledStep, select_entries
-
 COMPILE_MIN_NUMEL = 8192
 """Smallest tensor the compiled path compiles; smaller ones take the multi-tensor step.
 
-A compiled call costs about 25 us per tensor on CPU before any work, the
-multi-tensor LAMB step about 10 us plus 3 ns per element: they cross near 8K
-elements (ResNet-50: the 107 biases and norm weights, and 3 small convolutions).
+A compiled call has a fixed cost per tensor (guards, argument handling) that exceeds
+the work it saves on small tensors: biases, normalisation weights, small
+convolutions. The measurement behind the value is in ``docs/optimizers.md``.
 """
 
 
@@ -56,6 +54,12 @@ def check_betas(betas: Sequence[float], count: int) -> None:
             raise ValueError(f"Invalid beta parameter at index {index}: {beta}")
 
 
+def check_flag(name: str, value: Any) -> None:
+    """``ValueError`` unless ``value`` is ``True`` or ``False``."""
+    if not isinstance(value, bool):
+        raise ValueError(f"Invalid {name} value: {value!r}; expected True or False")
+
+
 def path_of(foreach: bool | None, compiled: bool) -> Path:
     """The execution path for the ``foreach``/``compiled`` switches (``ValueError`` if they clash)."""
     if compiled not in (True, False):
@@ -71,78 +75,93 @@ def path_of(foreach: bool | None, compiled: bool) -> Path:
     return Path.SINGLE_TENSOR if foreach is False else Path.MULTI_TENSOR
 
 
-def run_step(
-    path: Path,
-    *,
-    tensor_step: Callable[..., None],
-    multi_tensor_step: Callable[..., None],
-    compiled_step: CompiledStep,
-    tensor_lists: Sequence[list[Tensor]],
-    scalar_lists: Sequence[Sequence[Tensor]] = (),
-    hyperparameters: Mapping[str, float],
-    options: Mapping[str, Any],
-) -> None:
-    """Run one group's step (tensors on one device, one dtype) on ``path``.
+def device_dtype_groups(
+    tensor_lists: Sequence[Sequence[Tensor]],
+) -> list[list[list[Tensor]]]:
+    """``tensor_lists`` split by the device and dtype of the first list's tensors."""
+    grouped = torch.optim.Optimizer._group_tensors_by_device_and_dtype(
+        [list(tensors) for tensors in tensor_lists]
+    )
+    return [lists for lists, _ in grouped.values()]
 
-    On the compiled path, tensors of fewer than :data:`COMPILE_MIN_NUMEL` elements
-    take the multi-tensor step: for them a compiled call's fixed cost (guards,
-    argument handling) exceeds the work it saves.
+
+def small_and_large(params: Sequence[Tensor]) -> tuple[list[int], list[int]]:
+    """Indices of the tensors below :data:`COMPILE_MIN_NUMEL` elements, and of the others.
+
+    The compiled path gives the small ones to the multi-tensor step.
     """
-    if path is Path.COMPILED:
-        small = [i for i, p in enumerate(tensor_lists[0]) if p.numel() < COMPILE_MIN_NUMEL]
-        if small:
-            multi_tensor_step(
-                *select_entries(tensor_lists, small),
-                *select_entries(scalar_lists, small),
-                **hyperparameters,
-                **options,
-            )
-            large = [i for i, p in enumerate(tensor_lists[0]) if p.numel() >= COMPILE_MIN_NUMEL]
-            tensor_lists = select_entries(tensor_lists, large)
-            scalar_lists = select_entries(scalar_lists, large)
-        if tensor_lists[0]:
-            compiled_step(
-                tensor_lists,
-                scalar_lists=scalar_lists,
-                hyperparameters=hyperparameters,
-                options=options,
-            )
-    elif path is Path.MULTI_TENSOR:
-        multi_tensor_step(*tensor_lists, *scalar_lists, **hyperparameters, **options)
-    elif compiled_step.direction_into_grad:
-        # The reference path keeps p.grad: the direction goes into a copy of it.
-        for param, grad, *rest in zip(*tensor_lists, *scalar_lists):
-            direction = grad.clone()
-            coefficient = tensor_step(param, direction, *rest, **hyperparameters, **options)
-            param.add_(coefficient * direction)
-    else:
-        for tensors in zip(*tensor_lists, *scalar_lists):
-            tensor_step(*tensors, **hyperparameters, **options)
+    small = [i for i, p in enumerate(params) if p.numel() < COMPILE_MIN_NUMEL]
+    large = [i for i, p in enumerate(params) if p.numel() >= COMPILE_MIN_NUMEL]
+    return small, large
+
+
+def check_dense_gradients(name: str, params: Iterable[Tensor]) -> None:
+    """``RuntimeError`` if any gradient is sparse; call before changing anything."""
+    if any(p.grad is not None and p.grad.is_sparse for p in params):
+        raise RuntimeError(f"{name} does not support sparse gradients")
 
 
 class LayerwiseOptimizer(torch.optim.Optimizer):
-    """Base of LARS, LAMB and ALTO: validated groups, closure handling, step counts on device.
+    """Base of LARS, LAMB and ALTO: validated groups, state, and one functional call per group.
 
-    Subclasses implement :meth:`_check_group` (raise ``ValueError`` naming the bad
-    value) and :meth:`_step_group`.
+    A subclass names its per-parameter buffers (:attr:`state_buffers`, in the order its
+    functional core takes them, then the step counts if :attr:`counts_steps`), its core
+    (:attr:`functional`), the core's hyperparameters for a group
+    (:meth:`_hyperparameters`) and its checks (:meth:`_check_hyperparameters`, raising
+    ``ValueError`` naming the bad value). Every group also holds ``lr``, ``trust_ratio``,
+    ``maximize``, ``foreach`` and ``compiled``.
     """
 
+    state_buffers: ClassVar[tuple[str, ...]]
+    counts_steps: ClassVar[bool]
+    functional: ClassVar[Callable[..., None]]
+
     def __init__(
-        self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict[str, Any]
-    ):
+        self,
+        params: Iterable[Tensor] | Iterable[dict[str, Any]],
+        hyperparameters: dict[str, Any],
+        *,
+        trust_ratio: bool,
+        maximize: bool,
+        foreach: bool | None,
+        compiled: bool,
+    ) -> None:
+        defaults = {
+            **hyperparameters,
+            "trust_ratio": trust_ratio,
+            "maximize": maximize,
+            "foreach": foreach,
+            "compiled": compiled,
+        }
         self._check_group(defaults)
         super().__init__(params, defaults)
+
+    def _check_group(self, group: Mapping[str, Any]) -> None:
+        check_lr(group["lr"])
+        check_flag("trust_ratio", group["trust_ratio"])
+        check_flag("maximize", group["maximize"])
+        path_of(group["foreach"], group["compiled"])
+        self._check_hyperparameters(group)
+
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        raise NotImplementedError
+
+    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        """The functional core's algorithm-specific keyword arguments for ``group``."""
+        raise NotImplementedError
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a group after validating its hyperparameters (its overrides included)."""
         self._check_group({**self.defaults, **param_group})
         super().add_param_group(param_group)
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        raise NotImplementedError
-
-    def _step_group(self, group: dict[str, Any]) -> None:
-        raise NotImplementedError
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Groups saved before the ``maximize``/``overwrite_grad`` switches existed get them off."""
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key in ("maximize", "overwrite_grad"):
+                if key in self.defaults:
+                    group.setdefault(key, False)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state; step counts follow their parameter's device (no host syncs later)."""
@@ -153,19 +172,41 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Any] | None = None) -> Any:
-        """One optimisation step; returns the closure's loss if a closure is given."""
+        """One optimisation step; returns the closure's loss if a closure is given.
+
+        A sparse gradient raises ``RuntimeError`` before any parameter or state changes.
+        """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
+        check_dense_gradients(
+            type(self).__name__, (p for group in self.param_groups for p in group["params"])
+        )
         for group in self.param_groups:
-            self._step_group(group)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params:
+                type(self).functional(
+                    params,
+                    [p.grad for p in params],
+                    *self._state_lists(params),
+                    lr=group["lr"],
+                    trust_ratio=group["trust_ratio"],
+                    maximize=group["maximize"],
+                    foreach=group["foreach"],
+                    compiled=group["compiled"],
+                    **self._hyperparameters(group),
+                )
         return loss
 
-    def _params_with_grad(self, group: Mapping[str, Any]) -> list[Tensor]:
-        """The group's parameters that have a (dense) gradient."""
-        params = [p for p in group["params"] if p.grad is not None]
+    def _state_lists(self, params: list[Tensor]) -> list[list[Tensor]]:
+        """Each buffer of :attr:`state_buffers` for ``params`` (created as zeros), then step counts."""
         for p in params:
-            if p.grad.is_sparse:
-                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-        return params
+            state = self.state[p]
+            if not state:
+                if self.counts_steps:
+                    state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
+                for key in self.state_buffers:
+                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        keys = self.state_buffers + (("step",) if self.counts_steps else ())
+        return [[self.state[p][key] for p in params] for key in keys]

@@ -1,49 +1,35 @@
 """Compiled optimizer steps: one ``torch.compile`` machinery shared by LARS, LAMB and ALTO.
 
-An algorithm supplies a *per-tensor step*: a function that updates one
-parameter and its state in place using only tensor ops, written so that its
-hyperparameters may be Python floats (eager single-tensor path) or 0-dim
-tensors (compiled path). :class:`CompiledStep` runs that function over a whole
-parameter group through ``torch.compile`` (inductor), so each parameter's update
-becomes one fused loop instead of one memory pass per ``torch._foreach_*`` op.
+An algorithm supplies a *per-tensor step*: a function that updates one parameter's
+tensors in place (and may return per-tensor values such as norms) using only tensor
+ops, written so that its hyperparameters may be Python floats (eager) or 0-dim
+tensors (compiled). :class:`CompiledStep` runs that function over a whole parameter
+group through ``torch.compile`` (inductor), so each parameter's update becomes one
+fused loop instead of one memory pass per ``torch._foreach_*`` op.
 
-Design, chosen by measurement on CPU (see ``benchmarks/optimizer_step.py``):
+Design (each choice measured on CPU, see ``docs/optimizers.md``):
 
 * **Flat aliases + dynamic shapes.** Every tensor is passed as a flat, non-view
-  alias (``t.view(-1).detach()``) and compiled with ``dynamic=True`` and duck
-  sizing off, so one graph serves every parameter shape of every model: compile
-  cost does not grow with the model and inductor's on-disk cache is reused
-  across models and runs.
-* **Chunks.** Tensors go through the compiled function :data:`CHUNK_SIZE` at a
-  time (the remainder one at a time), which keeps Python/guard overhead per step
-  low without unrolling a whole model into one graph (a 161-tensor graph took
-  minutes to compile). At most two graphs per algorithm, dtype and option set.
-* **Hyperparameters as tensors.** Floats (``lr``, betas, ...) become 0-dim
-  tensors on the parameters' device (``torch.full``, no host copy), so a learning
-  rate scheduler never triggers recompilation and nothing synchronises with the
-  host. Options that change the code (Nesterov on/off, trust ratio on/off, clamp
-  bounds) stay Python values and specialise the graph.
-* **Per-tensor scalars precomputed.** Values such as Adam's bias corrections are
-  computed once per group on stacked step counts by the caller and passed in as
-  0-dim tensors; inside a fused loop inductor would otherwise recompute e.g.
-  ``beta ** step`` for every vector of elements.
+  alias (``t.view(-1).detach()``) and compiled with ``dynamic=True`` and duck sizing
+  off, so one graph serves every parameter shape of every model: compile cost does
+  not grow with the model and inductor's on-disk cache is reused across models and
+  runs.
+* **Chunks.** Tensors go through the compiled function :data:`CHUNK_SIZE` at a time
+  (the remainder one at a time), which keeps Python and guard overhead per step low
+  without unrolling a whole model into one graph. At most two graphs per step
+  function, dtype and option set.
+* **Hyperparameters as tensors.** Floats (``lr``, betas, ...) become 0-dim tensors on
+  the parameters' device (``torch.full``, no host copy), so a learning-rate scheduler
+  never triggers recompilation and nothing synchronises with the host. Options that
+  change the code (Nesterov on/off, ``maximize``) stay Python values and specialise
+  the graph.
+* **Per-tensor scalars precomputed.** Values such as Adam's bias corrections or trust
+  ratios are computed once per group by the caller and passed in as 0-dim tensors;
+  inside a fused loop inductor would otherwise recompute them for every vector of
+  elements.
 
-* **Direction into the gradient (LAMB, ALTO).** A step whose update needs the
-  norm of a direction ``r`` computed from the moments (``w -= c * r`` with ``c``
-  from ``||r||``) runs in two phases: the compiled per-tensor step advances the
-  state, writes ``r`` into the gradient's memory and returns ``c``; one
-  ``torch._foreach_addcmul_`` then applies every ``w += c r``. In one graph,
-  inductor either evaluates ``r`` twice (a second sqrt and division per element,
-  and re-reads of the old moments) or writes it to a parameter-sized temporary that
-  is allocated, page-faulted in and freed every step. The gradient is the one
-  buffer the step reads anyway, so writing ``r`` there costs no extra read (a
-  separate buffer would be read for ownership before each write) and no memory.
-  Measured on a 25.6M-element tensor on CPU: 1.47x fused AdamW, against 2.3x for
-  one graph and 1.8x with a persistent ``r`` buffer. After such a step,
-  ``p.grad`` holds ``r``, as in NVIDIA apex's fused LAMB.
-
-Tensors whose memory is not contiguous (e.g. channels-last parameters) run the
-same per-tensor step eagerly, which is slower but exact.
+Tensors whose memory is not contiguous (e.g. channels-last parameters) run the same
+per-tensor step eagerly, which is slower but exact.
 """
 
 from __future__ import annotations
@@ -59,10 +45,10 @@ from torch import Tensor
 CHUNK_SIZE = 8
 """Tensors per compiled call; calls of one tensor take the remainder."""
 
-RECOMPILE_LIMIT = 64
-"""Graphs allowed for the shared chunk runner (algorithms x dtypes x options x 2 sizes)."""
+RECOMPILE_LIMIT = 256
+"""Graphs allowed for the shared chunk runner (step functions x dtypes x option sets x 2 sizes)."""
 
-TensorStep = Callable[..., None]
+TensorStep = Callable[..., Any]
 
 
 def scalar_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -85,10 +71,7 @@ def _run_chunk(
     tensor_lists: Sequence[Sequence[Tensor]],
     hyperparameters: Mapping[str, Any],
 ) -> list[Any]:
-    """Apply ``tensor_step`` to each tensor of a chunk (this is what gets compiled).
-
-    Returns what each call returned (direction coefficients, or ``None``).
-    """
+    """Apply ``tensor_step`` to each tensor of a chunk (this is what gets compiled)."""
     return [tensor_step(*tensors, **hyperparameters) for tensors in zip(*tensor_lists)]
 
 
@@ -111,23 +94,25 @@ class CompiledStep:
         )
 
     Args:
-        tensor_step: ``tensor_step(*tensors, **hyperparameters, **options)`` updates
-            one parameter's tensors in place. ``tensors`` holds, in order, one entry
-            of each list in ``tensor_lists`` then of each list in ``scalar_lists``.
-        direction_into_grad: ``tensor_step`` leaves the parameter alone, writes its
-            update direction into the gradient (the second tensor) and returns the
-            coefficient ``c`` of ``param += c * direction``, which this class then
-            applies to the whole group at once (see the module docstring).
+        tensor_step: ``tensor_step(*tensors, **hyperparameters, **options)`` updates one
+            parameter's tensors in place and may return values (e.g. norms).
+            ``tensors`` holds, in order, one entry of each list in ``tensor_lists``
+            then of each list in ``scalar_lists``.
+        inductor_options: ``torch.compile(options=...)`` for this step's graphs.
     """
 
-    def __init__(self, tensor_step: TensorStep, *, direction_into_grad: bool = False) -> None:
+    def __init__(
+        self, tensor_step: TensorStep, *, inductor_options: Mapping[str, Any] | None = None
+    ) -> None:
         self.tensor_step = tensor_step
-        self.direction_into_grad = direction_into_grad
+        self.inductor_options = dict(inductor_options or {})
         self._compiled: Callable[..., list[Any]] | None = None
 
     def _compiled_runner(self) -> Callable[..., list[Any]]:
         if self._compiled is None:
-            self._compiled = torch.compile(_run_chunk, fullgraph=True, dynamic=True)
+            self._compiled = torch.compile(
+                _run_chunk, fullgraph=True, dynamic=True, options=self.inductor_options or None
+            )
         return self._compiled
 
     def __call__(
@@ -137,12 +122,12 @@ class CompiledStep:
         scalar_lists: Sequence[Sequence[Tensor]] = (),
         hyperparameters: Mapping[str, float],
         options: Mapping[str, Any] | None = None,
-    ) -> None:
-        """Update every tensor of one parameter group in place.
+    ) -> list[Any]:
+        """Update every tensor of one parameter group in place; what each call returned, in order.
 
         Args:
-            tensor_lists: parallel lists of same-shape tensors (parameters first,
-                then gradients and state); all on one device with one dtype.
+            tensor_lists: parallel lists of same-shape tensors (parameters first, then
+                gradients and state); all on one device with one dtype.
             scalar_lists: parallel lists of per-tensor 0-dim tensors (e.g. bias
                 corrections), precomputed by the caller.
             hyperparameters: floats shared by the group; passed as 0-dim tensors.
@@ -150,7 +135,7 @@ class CompiledStep:
         """
         params = tensor_lists[0]
         if not params:
-            return
+            return []
         kwargs: dict[str, Any] = hyperparameter_tensors(
             hyperparameters, params[0].device, params[0].dtype
         )
@@ -161,11 +146,13 @@ class CompiledStep:
         ]
         eager = [i for i, is_flat in enumerate(flat) if not is_flat]
         compiled = [i for i, is_flat in enumerate(flat) if is_flat]
-        coefficients = []
+        results: list[Any] = [None] * len(params)
         if eager:
-            coefficients += _run_chunk(
+            outputs = _run_chunk(
                 self.tensor_step, select_entries([*tensor_lists, *scalar_lists], eager), kwargs
             )
+            for i, output in zip(eager, outputs):
+                results[i] = output
         lists = [
             [_flat_alias(t) for t in tensors] for tensors in select_entries(tensor_lists, compiled)
         ] + select_entries(scalar_lists, compiled)
@@ -178,15 +165,13 @@ class CompiledStep:
             start = 0
             for size in (CHUNK_SIZE, 1):
                 while len(compiled) - start >= size:
-                    coefficients += runner(
+                    outputs = runner(
                         self.tensor_step, [t[start : start + size] for t in lists], kwargs
                     )
+                    for i, output in zip(compiled[start : start + size], outputs):
+                        results[i] = output
                     start += size
-        if self.direction_into_grad:
-            order = eager + compiled
-            torch._foreach_addcmul_(
-                [params[i] for i in order], [tensor_lists[1][i] for i in order], coefficients
-            )
+        return results
 
 
 def select_entries(lists: Sequence[Sequence[Tensor]], indices: Sequence[int]) -> list[list[Tensor]]:

@@ -1,132 +1,97 @@
-"""ALTO (Zhao et al., NeurIPS 2025, Alg. 2): LAMB with the E adaptor fused in.
+"""ALTO (Zhao et al., NeurIPS 2025, Alg. 2): LAMB fed the E-transformed gradient.
 
 Per parameter tensor ``w`` (a "layer") with gradient ``g`` at step ``t``; ``ghat`` is
-the E-transformed gradient of :mod:`largebatch.optim.transforms`::
+the E-transformed gradient of :mod:`largebatch.optim.transforms`. In the paper's
+names (its ``beta1`` is E's, its ``beta2, beta3`` are Adam's)::
 
     ghat = lerp(mu, g, 1 + alpha (1 - beta1));   mu = lerp(mu, g, 1 - beta1)
     m = beta2 m + (1 - beta2) ghat;              v = beta3 v + (1 - beta3) ghat^2
     r = m_hat / (sqrt(v_hat) + eps) + weight_decay * w       # m_hat, v_hat bias-corrected
     w = w - lr * phi(||w||) / (||r|| + eps2 phi(||w||)) * r,  phi(x) = x + eps3
 
-A group with ``trust_ratio=False`` (biases, norm weights) takes the plain step
-``lr * r``. This follows the paper, not the reference code
-(``e-optimizer-adaptor`` 0.1.0), which also clips the global gradient norm to 1
-inside ``step``, uses ``||w|| / ||r||`` and skips the ratio wherever weight decay
-is 0; clipping in the training loop, ``eps2 = eps3 = 0`` and ``trust_ratio=False``
-on the zero-decay group reproduce it (see ``tests/optim/test_alto.py``).
+The arguments follow torch's convention instead: ``betas = (beta1, beta2)`` are
+the decays of Adam's first and second moments (the paper's ``beta2, beta3``), the
+values LR schedulers with ``cycle_momentum`` cycle, and E's factor (the paper's
+``beta1``) is ``e_beta1``. The trust ratio is 1 where ``||w||`` or ``||r||`` is 0 (as
+LAMB's and the reference code's), so a zero-initialised tensor moves. A group with
+``trust_ratio=False`` (biases, norm weights) takes the plain step ``lr * r``.
+``maximize=True`` feeds E with ``-g``.
 
-The three execution paths (single-tensor, multi-tensor, compiled) and the
-bias-corrected Adam direction are LAMB's (:mod:`largebatch.optim.lamb`).
+This follows the paper, not the reference code (``e-optimizer-adaptor`` 0.1.0), which
+also clips the global gradient norm to 1 inside ``step``, uses ``||w|| / ||r||`` and
+skips the ratio wherever weight decay is 0; clipping in the training loop,
+``eps2 = eps3 = 0`` and ``trust_ratio=False`` on the zero-decay group reproduce it (see
+``tests/optim/test_alto.py``).
+
+:func:`alto` is the functional form over lists of tensors; :class:`ALTO` calls it. Both
+run LAMB's arithmetic (:mod:`largebatch.optim._layerwise_adam`) with E in front.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from types import MappingProxyType
 from typing import Any
 
-import torch
 from torch import Tensor
 
-from largebatch.optim._base import (
-    LayerwiseOptimizer,
-    check_betas,
-    check_lr,
-    check_non_negative,
-    path_of,
-    run_step,
-)
-from largebatch.optim._compiled import CompiledStep
-from largebatch.optim.lamb import _lamb_direction, adam_direction_scalars
-from largebatch.optim.transforms import check_e_hyperparameters, e_gradient_, e_gradients_
-from largebatch.optim.trust_ratio import (
-    alto_trust_ratio,
-    group_uses_trust_ratio,
-    norms,
-    scale_by_ratio_,
-)
-
-STATE_KEYS = ("grad_ema", "exp_avg", "exp_avg_sq")
-"""Per-parameter buffers besides the step count: E's gradient EMA and Adam's moments."""
+from largebatch.optim._base import LayerwiseOptimizer, check_betas, check_flag, check_non_negative
+from largebatch.optim._layerwise_adam import layerwise_adam
+from largebatch.optim.transforms import check_e_hyperparameters
+from largebatch.optim.trust_ratio import alto_trust_ratio
 
 
-def alto_tensor_step_(
-    param: Tensor,
-    grad: Tensor,
-    grad_ema: Tensor,
-    exp_avg: Tensor,
-    exp_avg_sq: Tensor,
-    scale: Tensor,
-    eps_hat: Tensor,
-    *,
-    lr: float | Tensor,
-    alpha: float | Tensor,
-    beta1: float | Tensor,
-    beta2: float | Tensor,
-    beta3: float | Tensor,
-    weight_decay: float | Tensor,
-    eps2: float | Tensor,
-    eps3: float | Tensor,
-    trust_ratio: bool,
-) -> float | Tensor:
-    """ALTO on one tensor: advance E and the moments, overwrite ``grad`` with ``r``, return ``-lr * ratio``.
-
-    ``scale`` and ``eps_hat`` fold the bias corrections of step ``t`` into two
-    scalars (:func:`~largebatch.optim.lamb.adam_direction_scalars`). The caller
-    applies ``param += coefficient * r`` (single-tensor and compiled paths, see
-    :class:`~largebatch.optim._compiled.CompiledStep`).
-    """
-    extrapolated = e_gradient_(grad, grad_ema, alpha, beta1)
-    exp_avg.add_((1.0 - beta2) * (extrapolated - exp_avg))
-    exp_avg_sq.add_((1.0 - beta3) * (extrapolated.square() - exp_avg_sq))
-    grad.copy_(_lamb_direction(param, exp_avg, exp_avg_sq, scale, eps_hat, weight_decay))
-    if not trust_ratio:
-        return -lr
-    ratio = alto_trust_ratio(
-        torch.linalg.vector_norm(param), torch.linalg.vector_norm(grad), eps2=eps2, eps3=eps3
-    )
-    return -lr * ratio
-
-
-def _multi_tensor_alto(
-    params: list[Tensor],
-    grads: list[Tensor],
-    grad_emas: list[Tensor],
-    exp_avgs: list[Tensor],
-    exp_avg_sqs: list[Tensor],
-    scales: Sequence[Tensor],
-    eps_hats: Sequence[Tensor],
+def alto(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    grad_emas: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    state_steps: Sequence[Tensor],
     *,
     lr: float,
-    alpha: float,
     beta1: float,
     beta2: float,
-    beta3: float,
+    alpha: float,
+    e_beta1: float,
     weight_decay: float,
+    eps: float,
     eps2: float,
     eps3: float,
-    trust_ratio: bool,
+    trust_ratio: bool = True,
+    maximize: bool = False,
+    overwrite_grad: bool = False,
+    foreach: bool | None = None,
+    compiled: bool = False,
 ) -> None:
-    """ALTO update of many tensors (one device and dtype) with ``torch._foreach_*`` ops."""
-    extrapolated = e_gradients_(grads, grad_emas, alpha, beta1)
-    torch._foreach_lerp_(exp_avgs, extrapolated, 1.0 - beta2)
-    torch._foreach_mul_(exp_avg_sqs, beta3)
-    torch._foreach_addcmul_(exp_avg_sqs, extrapolated, extrapolated, 1.0 - beta3)
-    del extrapolated
-    denominators = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_add_(denominators, list(eps_hats))
-    updates = torch._foreach_div(exp_avgs, denominators)
-    del denominators
-    torch._foreach_mul_(updates, list(scales))
-    if weight_decay != 0.0:
-        torch._foreach_add_(updates, params, alpha=weight_decay)
-    if trust_ratio:
-        ratios = alto_trust_ratio(norms(params), norms(updates), eps2=eps2, eps3=eps3)
-        scale_by_ratio_(updates, ratios)
-    torch._foreach_add_(params, updates, alpha=-lr)
+    """One ALTO step on lists of tensors, in place (the functional form of :class:`ALTO`).
 
-
-_COMPILED_ALTO = CompiledStep(alto_tensor_step_, direction_into_grad=True)
+    ``grad_emas`` (E's buffer), ``exp_avgs`` and ``exp_avg_sqs`` start as zeros and
+    ``state_steps`` as 0-dim zeros (incremented here); ``beta1, beta2`` are Adam's
+    moment decays and ``e_beta1`` E's factor; the rest are :class:`ALTO`'s arguments.
+    """
+    layerwise_adam(
+        params,
+        grads,
+        exp_avgs,
+        exp_avg_sqs,
+        state_steps,
+        grad_emas=grad_emas,
+        alpha=alpha,
+        e_beta1=e_beta1,
+        trust_ratio=partial(alto_trust_ratio, eps2=eps2, eps3=eps3) if trust_ratio else None,
+        lr=lr,
+        beta1=beta1,
+        beta2=beta2,
+        eps=eps,
+        weight_decay=weight_decay,
+        bias_correction=True,
+        maximize=maximize,
+        overwrite_grad=overwrite_grad,
+        foreach=foreach,
+        compiled=compiled,
+    )
 
 
 class ALTO(LayerwiseOptimizer):
@@ -136,110 +101,109 @@ class ALTO(LayerwiseOptimizer):
         params: parameters or parameter groups. A group may set ``trust_ratio=False``
             (biases, norm weights) to take the plain Adam-style step ``lr * r``.
         lr: learning rate.
-        betas: ``(beta1, beta2, beta3)``: EMA factor of the gradient differences (E),
-            of the first moment and of the second moment, each in [0, 1).
-        alpha: E strength, ``|alpha| <= 1 / (1 - beta1)``: negative explores (large
+        betas: ``(beta1, beta2)``: decay of Adam's first and second moments, each in
+            [0, 1) (the paper's ``beta2, beta3``; what ``OneCycleLR``/``CyclicLR`` cycle).
+        alpha: E strength, ``|alpha| <= 1 / (1 - e_beta1)``: negative explores (large
             batches), positive exploits (small batches).
         weight_decay: ``lambda``, added to the update inside the trust ratio (LAMB style).
         eps: ``eps1``, added to ``sqrt(v_hat)``.
         eps2: trust-ratio denominator guard; caps the ratio near ``1 / eps2``.
-        eps3: ``phi`` guard; keeps the ratio positive for a zero parameter.
+        eps3: ``phi`` guard, ``phi(x) = x + eps3``.
+        e_beta1: EMA factor of the gradient differences (E; the paper's ``beta1``).
         trust_ratio: default of the per-group layer-wise switch.
+        maximize: maximize the objective (E is fed ``-g``), as in ``torch.optim``.
+        overwrite_grad: use ``p.grad`` as scratch for ``r`` (after ``step()`` it holds
+            ``r``); see :class:`~largebatch.optim.lamb.LAMB`.
         foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
             multi-tensor path.
-        compiled: run a ``torch.compile``'d step (one fused memory pass per tensor for
-            E, the moments, ``r`` and the norms, then one for the parameters). It uses
-            ``p.grad`` as scratch: after ``step()`` it holds ``r``. The first step
-            compiles, about a minute on CPU, cached on disk afterwards.
+        compiled: run ``torch.compile``'d steps (per tensor, one fused memory pass for
+            E, the moments and the norms, then one for the parameters). The first step
+            compiles, cached on disk for later runs.
 
     Defaults are the paper's large-batch (>= 1K) ones; ``ALTO(params, **ALTO.SMALL_BATCH)``
-    gives its small-batch setting (``alpha=0.5, beta1=0.01``).
+    gives its small-batch setting (``alpha=0.5, e_beta1=0.01``).
     """
 
-    SMALL_BATCH = MappingProxyType({"alpha": 0.5, "betas": (0.01, 0.9, 0.99)})
+    SMALL_BATCH = MappingProxyType({"alpha": 0.5, "e_beta1": 0.01})
     """The paper's setting for batches below 1K (Sec. 4): exploit with a short memory."""
+
+    state_buffers = ("grad_ema", "exp_avg", "exp_avg_sq")
+    counts_steps = True
+    functional = staticmethod(alto)
 
     def __init__(
         self,
         params: Iterable[Tensor] | Iterable[dict[str, Any]],
         lr: float = 1e-3,
-        betas: tuple[float, float, float] = (0.99, 0.9, 0.99),
+        betas: tuple[float, float] = (0.9, 0.99),
         alpha: float = -5.0,
         weight_decay: float = 1e-4,
         eps: float = 1e-6,
         eps2: float = 1e-6,
         eps3: float = 1e-10,
         *,
+        e_beta1: float = 0.99,
         trust_ratio: bool = True,
+        maximize: bool = False,
+        overwrite_grad: bool = False,
         foreach: bool | None = None,
         compiled: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            betas=tuple(betas),
-            alpha=alpha,
-            weight_decay=weight_decay,
-            eps=eps,
-            eps2=eps2,
-            eps3=eps3,
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                betas=tuple(betas),
+                alpha=alpha,
+                e_beta1=e_beta1,
+                weight_decay=weight_decay,
+                eps=eps,
+                eps2=eps2,
+                eps3=eps3,
+                overwrite_grad=overwrite_grad,
+            ),
             trust_ratio=trust_ratio,
+            maximize=maximize,
             foreach=foreach,
             compiled=compiled,
         )
-        super().__init__(params, defaults)
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
-        check_betas(group["betas"], 3)
-        check_e_hyperparameters(group["alpha"], group["betas"][0])
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
+        if len(group["betas"]) == 3:
+            raise ValueError(
+                f"Invalid betas: {tuple(group['betas'])}; ALTO's betas are (beta1, beta2) of "
+                "Adam's moments (the paper's beta2, beta3), and E's factor (the paper's beta1) "
+                "is e_beta1: e.g. betas=(0.9, 0.99), e_beta1=0.99"
+            )
+        check_betas(group["betas"], 2)
+        check_e_hyperparameters(group["alpha"], group["e_beta1"])
         for name in ("weight_decay", "eps", "eps2", "eps3"):
             check_non_negative(name, group[name])
-        path_of(group["foreach"], group["compiled"])
+        check_flag("overwrite_grad", group["overwrite_grad"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["step"] = torch.zeros((), dtype=torch.float32, device=p.device)
-                for key in STATE_KEYS:
-                    state[key] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        states = [self.state[p] for p in params]
-        beta1, beta2, beta3 = group["betas"]
-        hyperparameters = {
-            "lr": group["lr"],
-            "alpha": group["alpha"],
-            "beta1": beta1,
-            "beta2": beta2,
-            "beta3": beta3,
-            "weight_decay": group["weight_decay"],
-            "eps2": group["eps2"],
-            "eps3": group["eps3"],
-        }
-        grouped = self._group_tensors_by_device_and_dtype(
-            [params, [p.grad for p in params]]
-            + [[s[key] for s in states] for key in STATE_KEYS]
-            + [[s["step"] for s in states]]
+    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(
+            beta1=beta1,
+            beta2=beta2,
+            **{
+                name: group[name]
+                for name in (
+                    "alpha",
+                    "e_beta1",
+                    "weight_decay",
+                    "eps",
+                    "eps2",
+                    "eps3",
+                    "overwrite_grad",
+                )
+            },
         )
-        for (*tensor_lists, steps), _ in grouped.values():
-            torch._foreach_add_(steps, 1.0)
-            scalar_lists = adam_direction_scalars(
-                steps,
-                beta1=beta2,
-                beta2=beta3,
-                eps=group["eps"],
-                bias_correction=True,
-                dtype=tensor_lists[0][0].dtype,
-            )
-            run_step(
-                path_of(group["foreach"], group["compiled"]),
-                tensor_step=alto_tensor_step_,
-                multi_tensor_step=_multi_tensor_alto,
-                compiled_step=_COMPILED_ALTO,
-                tensor_lists=tensor_lists,
-                scalar_lists=scalar_lists,
-                hyperparameters=hyperparameters,
-                options={"trust_ratio": group_uses_trust_ratio(group)},
-            )
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Groups saved with the paper-order ``betas = (E's beta1, beta2, beta3)`` are converted."""
+        for group in state.get("param_groups", ()):
+            if len(group.get("betas", ())) == 3:
+                e_beta1, *betas = group["betas"]
+                group["betas"], group["e_beta1"] = tuple(betas), e_beta1
+        super().__setstate__(state)

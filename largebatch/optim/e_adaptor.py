@@ -7,7 +7,8 @@ differences; see :mod:`largebatch.optim.transforms`). Negative ``alpha`` (large
 batches) pulls each gradient toward the long-memory average; positive ``alpha``
 (small batches) extrapolates it.
 
-Unlike the reference code (``e-optimizer-adaptor`` 0.1.0), ``p.grad`` holds the
+E is linear in the gradient, so a base with ``maximize=True`` maximizes as it would
+without E. Unlike the reference code (``e-optimizer-adaptor`` 0.1.0), ``p.grad`` holds the
 caller's gradient again after ``step()``, the adaptor's buffers are part of
 ``state_dict``, and ``alpha``/``beta1`` live in the parameter groups (as
 ``e_alpha``/``e_beta1``, prefixed so they never collide with a base key such as
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from largebatch.optim._base import check_dense_gradients
 from largebatch.optim.transforms import check_e_hyperparameters, e_gradients_
 from largebatch.optim.wrapper import OptimizerWrapper
 
@@ -57,8 +59,6 @@ class E(OptimizerWrapper):
         for p in group["params"]:
             if p.grad is None:
                 continue
-            if p.grad.is_sparse:
-                raise RuntimeError("E does not support sparse gradients")
             state = self.state[p]
             if not state:
                 state["step"] = torch.zeros((), dtype=torch.float32)
@@ -78,7 +78,8 @@ class E(OptimizerWrapper):
         With a closure and a base that takes none, the closure is evaluated first
         (loss and gradients) as in ``torch.optim``. A base whose step protocol
         needs a closure receives it; E then transforms the gradient present
-        before ``step``.
+        before ``step``. A sparse gradient raises ``RuntimeError`` before anything
+        changes.
         """
         loss = None
         base_closure = closure
@@ -86,6 +87,7 @@ class E(OptimizerWrapper):
             with torch.enable_grad():
                 loss = closure()
             base_closure = None
+        check_dense_gradients("E", (p for group in self.param_groups for p in group["params"]))
 
         raw_grads: list[tuple[Tensor, Tensor]] = []
         for group in self.param_groups:

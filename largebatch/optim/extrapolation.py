@@ -19,10 +19,14 @@ is the same machinery with an ascent step. At the iterate ``w_t`` each step
 - ``sam``: ``u = rho * g / ||g||`` on the same mini-batch; with ``adaptive`` (ASAM,
   Kwon et al. 2021) ``u = rho * T^2 g / ||T g||`` with ``T = |w| + adaptive_eta``.
 
+A group whose base optimizer maximizes (``maximize=True``) extrapolates and perturbs
+along ``+g`` instead: every ``u_t`` built from a gradient changes sign, so maximizing
+``f`` steps exactly as minimizing ``-f`` does.
+
 Outside ``step`` the parameters always hold ``w_t``, so evaluation and checkpoints see
 the iterate, never ``w~``. After ``step`` each ``p.grad`` holds the gradient at ``w~``
-(the one the base optimizer used), unless the base's compiled step overwrote it with its
-update direction (LAMB, ALTO with ``compiled=True``). How a training loop must drive ``step`` is in
+(the one the base optimizer used), unless the base overwrites it (LAMB, ALTO with
+``overwrite_grad=True``). How a training loop must drive ``step`` is in
 :attr:`Extrapolation.step_protocol` (see :mod:`largebatch.optim.protocol`).
 """
 
@@ -34,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from largebatch.optim._base import check_dense_gradients
 from largebatch.optim.protocol import StepProtocol
 from largebatch.optim.trust_ratio import group_uses_trust_ratio, lamb_trust_ratio, norms
 from largebatch.optim.wrapper import OptimizerWrapper
@@ -64,6 +69,11 @@ _HYPERPARAMETERS: dict[str, tuple[str, Any, tuple[str, ...]]] = {
 }
 
 _SAM_NORM_EPS = 1e-12  # keeps u finite when the gradient is exactly zero
+
+
+def _descent_sign(group: dict[str, Any]) -> float:
+    """+1 where the base minimizes, -1 where its group sets ``maximize=True``."""
+    return -1.0 if group.get("maximize", False) else 1.0
 
 
 class Extrapolation(OptimizerWrapper):
@@ -174,14 +184,20 @@ class Extrapolation(OptimizerWrapper):
         ``closure`` computes the loss and its gradients at the current parameters
         (``loss.backward()``) and returns the loss. It is called once, at ``w~``, with the
         gradients already cleared, so a closure that accumulates micro-batches works.
+
+        Sparse gradients raise ``RuntimeError``: before anything changes when the
+        gradient comes before ``step`` (``extragradient``, ``sam``), otherwise once the
+        closure returns, with the parameters back at ``w_t`` and the base not stepped.
         """
         if closure is None:
             raise ValueError(
                 f"Extrapolation (variant {self.variant!r}) needs step(closure): the closure "
                 "re-computes the loss and gradients at the current parameters"
             )
+        params = [p for group in self.param_groups for p in group["params"]]
         if self.step_protocol.gradient_before_step:
-            if not any(p.grad is not None for g in self.param_groups for p in g["params"]):
+            check_dense_gradients(type(self).__name__, params)
+            if not any(p.grad is not None for p in params):
                 raise RuntimeError(
                     f"Extrapolation (variant {self.variant!r}) extrapolates along the gradient "
                     "at the current parameters: call loss.backward() before step(closure)"
@@ -195,6 +211,7 @@ class Extrapolation(OptimizerWrapper):
         self.gradient_evaluations += 1
         if moved:
             torch._foreach_copy_(moved, [self._anchors[p] for p in moved])
+        check_dense_gradients(type(self).__name__, params)
 
         if self.variant == "past":
             self._remember_gradients()
@@ -210,7 +227,7 @@ class Extrapolation(OptimizerWrapper):
         return self._move_along(lambda p: self.state.get(p, {}).get("previous_grad"))
 
     def _move_along(self, direction_of: Callable[[Tensor], Tensor | None]) -> list[Tensor]:
-        """``w~ = w - lr * ratio * d`` per group (``d`` rescaled per tensor if layer-wise)."""
+        """``w~ = w -+ lr * ratio * d`` per group (``+`` if it maximizes; ``d`` rescaled if layer-wise)."""
         moved = []
         for group in self.param_groups:
             params = [p for p in group["params"] if direction_of(p) is not None]
@@ -220,7 +237,8 @@ class Extrapolation(OptimizerWrapper):
                 if group["extrap_layerwise"] and group_uses_trust_ratio(group):
                     ratios = lamb_trust_ratio(norms(params), norms(directions))
                     directions = torch._foreach_mul(directions, list(ratios.unbind()))
-                torch._foreach_add_(params, directions, alpha=-group["lr"] * group["extrap_ratio"])
+                step = group["lr"] * group["extrap_ratio"]
+                torch._foreach_add_(params, directions, alpha=-_descent_sign(group) * step)
                 moved += params
         return moved
 
@@ -242,7 +260,10 @@ class Extrapolation(OptimizerWrapper):
         return moved
 
     def _extrapolate_sam(self) -> list[Tensor]:
-        """``u = rho * T^2 g / ||T g||`` with ``T = 1`` (SAM) or ``|w| + eta`` (ASAM), one global norm."""
+        """``u = rho * T^2 g / ||T g||`` with ``T = 1`` (SAM) or ``|w| + eta`` (ASAM), one global norm.
+
+        The ascent on the loss becomes a descent in groups that maximize.
+        """
         perturbed = []
         for group in self.param_groups:
             params = [p for p in group["params"] if p.grad is not None]
@@ -265,7 +286,7 @@ class Extrapolation(OptimizerWrapper):
             step = torch._foreach_div(grads, scaled_grad_norm + _SAM_NORM_EPS)
             if scales is not None:
                 torch._foreach_mul_(step, scales)
-            torch._foreach_add_(params, step, alpha=group["extrap_rho"])
+            torch._foreach_add_(params, step, alpha=_descent_sign(group) * group["extrap_rho"])
             moved += params
         return moved
 

@@ -12,7 +12,9 @@ The learning rate multiplies the momentum buffer (``torch.optim.SGD``'s
 convention, as in timm, optax and pytorch-optimizer) rather than entering it as
 in the paper's Algorithm 1; the two agree while the learning rate is constant.
 A group with ``trust_ratio=False`` (biases, norm weights) takes plain momentum
-SGD steps.
+SGD steps. ``maximize=True`` uses ``-g``.
+
+:func:`lars` is the functional form over lists of tensors; :class:`LARS` calls it.
 """
 
 from __future__ import annotations
@@ -23,15 +25,10 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from largebatch.optim._base import (
-    LayerwiseOptimizer,
-    check_lr,
-    check_non_negative,
-    path_of,
-    run_step,
-)
-from largebatch.optim._compiled import CompiledStep
-from largebatch.optim.trust_ratio import group_uses_trust_ratio, lars_trust_ratio, norms
+from largebatch.optim import _base
+from largebatch.optim._base import LayerwiseOptimizer, check_flag, check_non_negative
+from largebatch.optim._compiled import CompiledStep, select_entries
+from largebatch.optim.trust_ratio import lars_trust_ratio, norms
 
 
 def lars_tensor_step_(
@@ -44,12 +41,13 @@ def lars_tensor_step_(
     momentum: float | Tensor,
     weight_decay: float | Tensor,
     nesterov: bool,
+    maximize: bool,
 ) -> None:
     """LARS update of one parameter tensor in place, given its trust ratio (single-tensor and compiled paths).
 
     ``ratio`` is ``None`` for a group without trust ratio (plain momentum SGD).
     """
-    update = grad + weight_decay * param
+    update = (-grad if maximize else grad) + weight_decay * param
     if ratio is not None:
         update = update * ratio
     momentum_buffer.mul_(momentum).add_(update)
@@ -67,9 +65,14 @@ def _multi_tensor_lars(
     momentum: float,
     weight_decay: float,
     nesterov: bool,
+    maximize: bool,
 ) -> None:
     """LARS update of many tensors (one device and dtype) with ``torch._foreach_*`` ops."""
-    updates = torch._foreach_add(grads, params, alpha=weight_decay)
+    if maximize:
+        updates = torch._foreach_neg(grads)
+        torch._foreach_add_(updates, params, alpha=weight_decay)
+    else:
+        updates = torch._foreach_add(grads, params, alpha=weight_decay)
     if ratios is not None:
         torch._foreach_mul_(updates, list(ratios))
     torch._foreach_mul_(momentum_buffers, momentum)
@@ -82,6 +85,79 @@ def _multi_tensor_lars(
 
 
 _COMPILED_LARS = CompiledStep(lars_tensor_step_)
+
+
+def _single_tensor_lars(*tensor_lists: Sequence[Tensor], **settings: Any) -> None:
+    for tensors in zip(*tensor_lists):
+        lars_tensor_step_(*tensors, **settings)
+
+
+def _compiled_lars(*tensor_lists: list[Tensor], nesterov: bool, maximize: bool, **floats) -> None:
+    """Tensors below ``COMPILE_MIN_NUMEL`` take the multi-tensor step, the others one fused pass."""
+    small, large = (select_entries(tensor_lists, i) for i in _base.small_and_large(tensor_lists[0]))
+    options = {"nesterov": nesterov, "maximize": maximize}
+    if small[0]:
+        _multi_tensor_lars(*small, **floats, **options)
+    if large[0]:
+        _COMPILED_LARS(large[:3], scalar_lists=large[3:], hyperparameters=floats, options=options)
+
+
+_PATHS = {
+    _base.Path.SINGLE_TENSOR: _single_tensor_lars,
+    _base.Path.MULTI_TENSOR: _multi_tensor_lars,
+    _base.Path.COMPILED: _compiled_lars,
+}
+
+
+def lars(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: Sequence[Tensor],
+    *,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    trust_coef: float,
+    eps: float = 0.0,
+    nesterov: bool = False,
+    clip: bool = False,
+    trust_ratio: bool = True,
+    maximize: bool = False,
+    foreach: bool | None = None,
+    compiled: bool = False,
+) -> None:
+    """One LARS step on lists of tensors, in place (the functional form of :class:`LARS`).
+
+    ``momentum_buffers`` start as zeros. The trust ratios come from the norms of each
+    device/dtype group (``trust_ratio=False``: plain momentum SGD); ``foreach`` and
+    ``compiled`` pick the execution path as in :class:`LARS`.
+    """
+    run = _PATHS[_base.path_of(foreach, compiled)]
+    for device_params, device_grads, device_buffers in _base.device_dtype_groups(
+        [params, grads, momentum_buffers]
+    ):
+        ratios: list[Sequence[Tensor]] = []
+        if trust_ratio:
+            ratio = lars_trust_ratio(
+                norms(device_params),
+                norms(device_grads),
+                trust_coef=trust_coef,
+                weight_decay=weight_decay,
+                eps=eps,
+                clip_lr=lr if clip else None,
+            )
+            ratios = [list(ratio.unbind())]
+        run(
+            device_params,
+            device_grads,
+            device_buffers,
+            *ratios,
+            lr=lr,
+            momentum=momentum,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            maximize=maximize,
+        )
 
 
 class LARS(LayerwiseOptimizer):
@@ -100,13 +176,18 @@ class LARS(LayerwiseOptimizer):
         clip: LARC "clip" mode: the ratio becomes ``min(ratio / lr, 1)`` so no layer's
             rate exceeds ``lr``.
         trust_ratio: default of the per-group switch.
+        maximize: maximize the objective (step along ``+g``), as in ``torch.optim``.
         foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
             multi-tensor path.
         compiled: run a ``torch.compile``'d step (the group's norms and trust ratios,
             then one fused memory pass per tensor; fastest on CPU). The first step
-            compiles: tens of seconds cold, a few seconds once inductor's on-disk
-            cache holds the (shape-generic) graphs.
+            compiles; inductor's on-disk cache keeps the shape-generic graphs for
+            later runs (times in ``docs/optimizers.md``).
     """
+
+    state_buffers = ("momentum_buffer",)
+    counts_steps = False
+    functional = staticmethod(lars)
 
     def __init__(
         self,
@@ -120,66 +201,39 @@ class LARS(LayerwiseOptimizer):
         clip: bool = False,
         *,
         trust_ratio: bool = True,
+        maximize: bool = False,
         foreach: bool | None = None,
         compiled: bool = False,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            weight_decay=weight_decay,
-            trust_coef=trust_coef,
-            eps=eps,
-            nesterov=nesterov,
-            clip=clip,
+        super().__init__(
+            params,
+            dict(
+                lr=lr,
+                momentum=momentum,
+                weight_decay=weight_decay,
+                trust_coef=trust_coef,
+                eps=eps,
+                nesterov=nesterov,
+                clip=clip,
+            ),
             trust_ratio=trust_ratio,
+            maximize=maximize,
             foreach=foreach,
             compiled=compiled,
         )
-        super().__init__(params, defaults)
 
-    def _check_group(self, group: Mapping[str, Any]) -> None:
-        check_lr(group["lr"])
+    def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
         if not (isinstance(group["momentum"], int | float) and 0.0 <= group["momentum"] < 1.0):
             raise ValueError(f"Invalid momentum value: {group['momentum']}")
         for name in ("weight_decay", "trust_coef", "eps"):
             check_non_negative(name, group[name])
+        check_flag("nesterov", group["nesterov"])
+        check_flag("clip", group["clip"])
         if group["nesterov"] and group["momentum"] == 0.0:
             raise ValueError("Nesterov momentum requires a momentum > 0")
-        path_of(group["foreach"], group["compiled"])
 
-    def _step_group(self, group: dict[str, Any]) -> None:
-        params = self._params_with_grad(group)
-        if not params:
-            return
-        buffers = []
-        for p in params:
-            state = self.state[p]
-            if not state:
-                state["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            buffers.append(state["momentum_buffer"])
-        hyperparameters = {name: group[name] for name in ("lr", "momentum", "weight_decay")}
-        grouped = self._group_tensors_by_device_and_dtype(
-            [params, [p.grad for p in params], buffers]
-        )
-        for tensor_lists, _ in grouped.values():
-            scalar_lists: tuple[Sequence[Tensor], ...] = ()
-            if group_uses_trust_ratio(group):
-                ratios = lars_trust_ratio(
-                    norms(tensor_lists[0]),
-                    norms(tensor_lists[1]),
-                    trust_coef=group["trust_coef"],
-                    weight_decay=group["weight_decay"],
-                    eps=group["eps"],
-                    clip_lr=group["lr"] if group["clip"] else None,
-                )
-                scalar_lists = (ratios.unbind(),)
-            run_step(
-                path_of(group["foreach"], group["compiled"]),
-                tensor_step=lars_tensor_step_,
-                multi_tensor_step=_multi_tensor_lars,
-                compiled_step=_COMPILED_LARS,
-                tensor_lists=tensor_lists,
-                scalar_lists=scalar_lists,
-                hyperparameters=hyperparameters,
-                options={"nesterov": group["nesterov"]},
-            )
+    def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
+        return {
+            name: group[name]
+            for name in ("momentum", "weight_decay", "trust_coef", "eps", "nesterov", "clip")
+        }

@@ -36,12 +36,6 @@ class StepProtocol:
     closure: ClosureBatch | None = None
     local_first_gradient: bool = False
 
-    @property
-    def gradient_evaluations_hint(self) -> str:
-        """Human-readable cost per step, for docs and CLI help."""
-        n = int(self.gradient_before_step) + (self.closure is not None)
-        return f"{n} forward/backward per step"
-
 
 STANDARD = StepProtocol()
 

@@ -12,11 +12,20 @@ import math
 
 import pytest
 import torch
-from layerwise_problem import flat_parameters, gradients, loss_of, make_problem, train
+from layerwise_problem import (
+    flat_parameters,
+    gradients,
+    loss_of,
+    make_problem,
+    max_relative_error,
+    train,
+)
+from state_compare import assert_same
 from torch import nn
 
 from largebatch.optim import create_optimizer
 from largebatch.optim.alto import ALTO
+from largebatch.optim.e_adaptor import E
 
 STEPS = 50
 TOLERANCE = {"rtol": 1e-10, "atol": 1e-12}
@@ -46,7 +55,10 @@ def assert_trajectories_close(actual, expected, **tolerance) -> None:
 
 
 def paper_alto(model, batches, *, lr, alpha, betas, weight_decay, eps, eps2, eps3) -> list:
-    """Alg. 2 in float64, one layer at a time; 1-D parameters: no decay, no trust ratio."""
+    """Alg. 2 in float64, one layer at a time; 1-D parameters: no decay, no trust ratio.
+
+    ``betas`` in the paper's order ``(beta1, beta2, beta3)``: E's, then Adam's.
+    """
     beta1, beta2, beta3 = betas
     theta = {name: p.detach().clone() for name, p in model.named_parameters()}
     zeros = {n: torch.zeros_like(t) for n, t in theta.items()}
@@ -77,14 +89,25 @@ def paper_alto(model, batches, *, lr, alpha, betas, weight_decay, eps, eps2, eps
 def test_matches_paper_algorithm_2(path, alpha, beta1):
     """Every execution path, with the default eps2/eps3 trust ratio on matrices."""
     model, batches = make_problem(STEPS)
-    hparams = dict(lr=1e-2, alpha=alpha, betas=(beta1, 0.9, 0.99), eps=1e-6, eps2=1e-6, eps3=1e-10)
-    expected = paper_alto(model, batches, weight_decay=1e-2, **hparams)
-    optimizer = ALTO(exempt_groups(model), weight_decay=1e-2, **PATHS[path], **hparams)
+    hparams = dict(lr=1e-2, alpha=alpha, eps=1e-6, eps2=1e-6, eps3=1e-10)
+    expected = paper_alto(model, batches, weight_decay=1e-2, betas=(beta1, 0.9, 0.99), **hparams)
+    optimizer = ALTO(
+        exempt_groups(model),
+        weight_decay=1e-2,
+        betas=(0.9, 0.99),
+        e_beta1=beta1,
+        **PATHS[path],
+        **hparams,
+    )
     assert_trajectories_close(train(model, optimizer, batches), expected)
 
 
 def test_alpha_zero_is_bias_corrected_lamb_with_the_paper_ratio():
-    """With alpha = 0 the E term vanishes: Adam moments of g, bias correction, phi ratio."""
+    """With alpha = 0 the E term vanishes: Adam moments of g, bias correction, phi ratio.
+
+    Every tensor has the trust ratio, the zero-initialised LayerNorm bias included: its
+    ratio is 1 while its norm is 0 (as LAMB's), so it moves.
+    """
     model, batches = make_problem(STEPS)
     lr, (beta2, beta3), wd, eps, eps2, eps3 = 1e-2, (0.9, 0.99), 1e-2, 1e-6, 1e-3, 1e-3
     theta = {name: p.detach().clone() for name, p in model.named_parameters()}
@@ -98,13 +121,14 @@ def test_alpha_zero_is_bias_corrected_lamb_with_the_paper_ratio():
             v[n] = beta3 * v[n] + (1 - beta3) * g[n] ** 2
             r = (m[n] / (1 - beta2**k)) / ((v[n] / (1 - beta3**k)).sqrt() + eps) + wd * theta[n]
             phi = theta[n].norm() + eps3
-            theta[n] = theta[n] - lr * phi / (r.norm() + eps2 * phi) * r
+            ratio = phi / (r.norm() + eps2 * phi) if theta[n].norm() > 0 else 1.0
+            theta[n] = theta[n] - lr * ratio * r
         expected.append(flat_parameters(theta))
     optimizer = ALTO(
         model.parameters(),
         lr=lr,
         alpha=0.0,
-        betas=(0.99, beta2, beta3),
+        betas=(beta2, beta3),
         weight_decay=wd,
         eps=eps,
         eps2=eps2,
@@ -126,14 +150,25 @@ def test_follows_reference_package(dtype, rtol):
     reference_alto = pytest.importorskip("ALTO").ALTO
     model, batches = make_problem(STEPS, dtype=dtype)
     reference_model = copy.deepcopy(model)
-    hparams = dict(lr=1e-2, betas=(0.99, 0.9, 0.99), eps=1e-6, weight_decay=1e-2)
+    hparams = dict(lr=1e-2, eps=1e-6, weight_decay=1e-2)
     matrices, vectors = split(reference_model)
     reference = reference_alto(
-        [{"params": matrices}, {"params": vectors, "weight_decay": 0}], alp=-5.0, **hparams
+        [{"params": matrices}, {"params": vectors, "weight_decay": 0}],
+        alp=-5.0,
+        betas=(0.99, 0.9, 0.99),
+        **hparams,
     )
     expected = train(reference_model, reference, batches)
 
-    ours = ALTO(exempt_groups(model), alpha=-5.0, eps2=0.0, eps3=0.0, **hparams)
+    ours = ALTO(
+        exempt_groups(model),
+        alpha=-5.0,
+        betas=(0.9, 0.99),
+        e_beta1=0.99,
+        eps2=0.0,
+        eps3=0.0,
+        **hparams,
+    )
 
     def clip_like_the_package(*_) -> None:
         torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
@@ -209,10 +244,11 @@ def test_step_with_closure_returns_its_loss_and_skips_params_without_grad():
     ("kwargs", "match"),
     [
         ({"lr": -1e-3}, "learning rate: -0.001"),
-        ({"betas": (1.0, 0.9, 0.99)}, "index 0: 1.0"),
-        ({"betas": (0.99, -0.1, 0.99)}, "index 1: -0.1"),
-        ({"betas": (0.99, 0.9, 1.5)}, "index 2: 1.5"),
-        ({"betas": (0.9, 0.99)}, "betas"),
+        ({"e_beta1": 1.0}, "beta1.*1.0"),
+        ({"betas": (-0.1, 0.99)}, "index 0: -0.1"),
+        ({"betas": (0.9, 1.5)}, "index 1: 1.5"),
+        ({"betas": (0.9,)}, "betas"),
+        ({"betas": (0.99, 0.9, 0.99)}, "e_beta1"),
         ({"alpha": -101.0}, "alpha.*-101"),
         ({"weight_decay": -1e-4}, "weight_decay.*-0.0001"),
         ({"eps": -1e-6}, "eps value: -1e-06"),
@@ -230,7 +266,7 @@ def test_invalid_group_override_raises():
     optimizer = ALTO([nn.Parameter(torch.zeros(2))])
     with pytest.raises(ValueError, match="alpha.*20.0"):
         optimizer.add_param_group(
-            {"params": [nn.Parameter(torch.zeros(2))], "alpha": 20.0, "betas": (0.9, 0.9, 0.99)}
+            {"params": [nn.Parameter(torch.zeros(2))], "alpha": 20.0, "e_beta1": 0.9}
         )
 
 
@@ -240,6 +276,132 @@ def test_registry_and_small_batch_preset():
     assert isinstance(optimizer, ALTO)
     by_trust = {g["trust_ratio"]: g for g in optimizer.param_groups}
     assert by_trust[True]["weight_decay"] == 1e-4 and by_trust[False]["weight_decay"] == 0.0
-    assert (by_trust[True]["alpha"], by_trust[True]["betas"]) == (-5.0, (0.99, 0.9, 0.99))
+    group = by_trust[True]
+    assert (group["alpha"], group["e_beta1"], group["betas"]) == (-5.0, 0.99, (0.9, 0.99))
     small = ALTO(model.parameters(), **ALTO.SMALL_BATCH)
-    assert (small.defaults["alpha"], small.defaults["betas"][0]) == (0.5, 0.01)
+    assert (small.defaults["alpha"], small.defaults["e_beta1"]) == (0.5, 0.01)
+
+
+# --- zero-initialised tensors (issue 13) ---------------------------------------------------
+
+
+def _zero_initialised_problem(steps: int):
+    """The MLP with every bias at zero (the LayerNorm's shift already is): 3 zero tensors."""
+    model, batches = make_problem(steps)
+    with torch.no_grad():
+        model[0].bias.zero_()
+        model[3].bias.zero_()
+    assert sum(int(p.norm() == 0) for p in model.parameters()) == 3
+    return model, batches
+
+
+def test_zero_initialised_parameters_follow_the_reference_package():
+    """Raw ``model.parameters()``, no group exemptions: every tensor has the trust ratio.
+
+    The reference applies ``||w|| / ||r||`` (1 where a norm is 0) to every tensor when
+    weight decay is non-zero; ours with ``eps2 = eps3 = 0`` is that ratio.
+    """
+    reference_alto = pytest.importorskip("ALTO").ALTO
+    model, batches = _zero_initialised_problem(STEPS)
+    reference_model = copy.deepcopy(model)
+    hparams = dict(lr=1e-2, eps=1e-6, weight_decay=1e-2)
+    reference = reference_alto(
+        reference_model.parameters(), alp=-5.0, betas=(0.99, 0.9, 0.99), **hparams
+    )
+    expected = train(reference_model, reference, batches)
+
+    ours = ALTO(model.parameters(), alpha=-5.0, e_beta1=0.99, eps2=0.0, eps3=0.0, **hparams)
+
+    def clip_like_the_package(*_) -> None:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), max_norm=1.0)
+
+    ours.register_step_pre_hook(clip_like_the_package)
+    assert_trajectories_close(train(model, ours, batches), expected)
+    assert model[0].bias.norm() > 1e-3  # the zero biases moved
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_zero_parameter_moves_by_lr_with_the_default_guards(path):
+    """Issue 13's case: ``p = 0``, gradients of ones; the first step is ``-lr * r``, ``r ~ 1``."""
+    p = nn.Parameter(torch.zeros(5, dtype=torch.float64))
+    q = nn.Parameter(torch.ones(3, dtype=torch.float64))
+    optimizer = create_optimizer("alto", [p, q], **PATHS[path])
+    lr = optimizer.param_groups[0]["lr"]
+    p.grad, q.grad = torch.ones_like(p), torch.ones_like(q)
+    optimizer.step()
+    # Bias-corrected first step: r = ghat / (|ghat| + eps), ghat = (1 + c) g (mu_0 = 0).
+    group = optimizer.param_groups[0]
+    ghat = 1.0 + group["alpha"] * (1.0 - group["e_beta1"])
+    expected = -lr * ghat / (ghat + group["eps"])
+    torch.testing.assert_close(p.detach(), torch.full_like(p, expected), rtol=1e-12, atol=0)
+
+
+# --- betas and LR schedulers (issue 13) ----------------------------------------------------
+
+
+CYCLING = {
+    "OneCycleLR": lambda optimizer: torch.optim.lr_scheduler.OneCycleLR(
+        optimizer, max_lr=1e-2, total_steps=STEPS
+    ),
+    "CyclicLR": lambda optimizer: torch.optim.lr_scheduler.CyclicLR(
+        optimizer, base_lr=1e-3, max_lr=1e-2, step_size_up=5
+    ),
+}
+
+
+@pytest.mark.parametrize("scheduler", CYCLING)
+def test_cycling_schedulers_move_adams_first_moment_not_e(scheduler):
+    """``cycle_momentum`` writes ``betas[0]``: ALTO's first-moment decay, as it is Adam's.
+
+    ALTO without trust ratio or decay is E over Adam, so under the same schedule it must
+    follow ``E(torch.optim.Adam)``, whose ``betas[0]`` the scheduler cycles too, while
+    E's coefficient ``e_beta1`` stays put.
+    """
+    model, batches = make_problem(STEPS)
+    reference_model = copy.deepcopy(model)
+    settings = dict(alpha=-5.0, e_beta1=0.99)
+    ours = ALTO(model.parameters(), weight_decay=0.0, eps=1e-8, trust_ratio=False, **settings)
+    ours_schedule = CYCLING[scheduler](ours)
+    reference = E(
+        torch.optim.Adam(reference_model.parameters(), betas=(0.9, 0.99), eps=1e-8),
+        alpha=-5.0,
+        beta1=0.99,
+    )
+    reference_schedule = CYCLING[scheduler](reference)
+    first_moments = set()
+    trajectory, expected = [], []
+    for batch in batches:
+        first_moments.add(ours.param_groups[0]["betas"][0])
+        trajectory += train(model, ours, [batch], ours_schedule)
+        expected += train(reference_model, reference, [batch], reference_schedule)
+        assert ours.param_groups[0]["e_beta1"] == 0.99
+        assert ours.param_groups[0]["betas"] == reference.param_groups[0]["betas"]
+    assert len(first_moments) > 4  # the scheduler did cycle betas[0]
+    assert_trajectories_close(trajectory, expected)
+
+    # Negative control: a reference whose first moment stays at 0.9 ends elsewhere.
+    model, _ = make_problem(STEPS)
+    fixed = E(
+        torch.optim.Adam(model.parameters(), betas=(0.9, 0.99), eps=1e-8), alpha=-5.0, beta1=0.99
+    )
+    fixed_schedule = CYCLING[scheduler](fixed)
+    fixed_schedule.use_beta1 = False  # cycle the learning rate only
+    fixed_schedule.cycle_momentum = False
+    unmoved = train(model, fixed, batches, fixed_schedule)
+    assert max_relative_error(unmoved, expected) > 1e-4
+
+
+def test_state_saved_with_paper_order_betas_loads():
+    """A checkpoint from before ``e_beta1`` (``betas = (e_beta1, beta1, beta2)``) is converted."""
+    model, batches = make_problem(4)
+    optimizer = ALTO(model.parameters(), betas=(0.8, 0.95), e_beta1=0.9)
+    train(model, optimizer, batches)
+    state = optimizer.state_dict()
+    old = copy.deepcopy(state)
+    for group in old["param_groups"]:
+        group["betas"] = (group.pop("e_beta1"), *group["betas"])
+    resumed = ALTO(model.parameters())
+    resumed.load_state_dict(old)
+    assert resumed.param_groups[0]["betas"] == (0.8, 0.95)
+    assert resumed.param_groups[0]["e_beta1"] == 0.9
+    assert_same(resumed.state_dict(), state)

@@ -127,7 +127,7 @@ def make_params(seed=7):
     ]
 
 
-def make_optimizer(params, variant, **kwargs):
+def make_optimizer(params, variant, *, maximize=False, **kwargs):
     """Extrapolation over Nesterov SGD, group settings from ``GROUP_SETTINGS``."""
     keys = {
         "extragradient": ("extrap_ratio",),
@@ -145,7 +145,7 @@ def make_optimizer(params, variant, **kwargs):
         }
         for i, (p, s) in enumerate(zip(params, GROUP_SETTINGS))
     ]
-    base = torch.optim.SGD(groups, lr=0.1, momentum=MOMENTUM, nesterov=True)
+    base = torch.optim.SGD(groups, lr=0.1, momentum=MOMENTUM, nesterov=True, maximize=maximize)
     return Extrapolation(base, variant=variant, **kwargs)
 
 
@@ -265,12 +265,20 @@ def test_bilinear_saddle_extragradient_converges_gradient_descent_ascent_spirals
     ],
 )
 def test_iterates_equal_float64_equations(variant, options):
-    steps = 100
+    assert_follows_the_equations(variant, options, steps=100)
+
+
+def assert_follows_the_equations(variant, options, *, steps, maximize=False):
+    """The wrapper's iterates against :func:`reference_trajectory` (minimizing ``f``).
+
+    With ``maximize`` the base maximizes ``-f`` (:class:`NegatedQuadratic`) instead.
+    """
     params = make_params()
     w0 = flat(params)
-    optimizer = make_optimizer(params, variant, **options)
+    optimizer = make_optimizer(params, variant, maximize=maximize, **options)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
-    iterates, _ = drive(optimizer, params, StochasticQuadratic(), steps, scheduler)
+    problem = NegatedQuadratic() if maximize else StochasticQuadratic()
+    iterates, _ = drive(optimizer, params, problem, steps, scheduler)
     expected = reference_trajectory(
         variant,
         StochasticQuadratic(),
@@ -284,6 +292,36 @@ def test_iterates_equal_float64_equations(variant, options):
     np.testing.assert_allclose(np.array(iterates), np.array(expected), rtol=1e-10, atol=1e-12)
     # The trajectory moved (so the comparison is not vacuous) and stayed finite.
     assert np.linalg.norm(iterates[-1] - w0) > 0.1
+
+
+class NegatedQuadratic(StochasticQuadratic):
+    """``-f`` for the quadratic ``f`` above: same mini-batches, negated loss and gradient."""
+
+    def gradient(self, w: np.ndarray, xi: np.ndarray) -> np.ndarray:
+        return -super().gradient(w, xi)
+
+    def loss(self, params: list[torch.Tensor], xi: np.ndarray) -> torch.Tensor:
+        return -super().loss(params, xi)
+
+
+@pytest.mark.parametrize(
+    ("variant", "options"),
+    [
+        ("extragradient", {}),
+        ("extragradient", {"layerwise": True}),
+        ("past", {}),
+        ("sam", {}),
+        ("sam", {"adaptive": True, "adaptive_eta": 0.05}),
+    ],
+)
+def test_maximize_follows_the_equations_of_the_negated_loss(variant, options):
+    """A base with ``maximize=True`` on ``-f`` extrapolates and perturbs as minimizing ``f``.
+
+    The float64 re-derivation minimizes ``f``; the optimizer maximizes ``-f``. Were the
+    sign of ``u`` ignored, the extragradient would extrapolate away from the step and SAM
+    would perturb down the loss instead of up.
+    """
+    assert_follows_the_equations(variant, options, steps=60, maximize=True)
 
 
 @pytest.mark.parametrize("ratio", [0.5, 1.0])

@@ -77,12 +77,14 @@ def test_lamb_ratio_matches_definition(bounds):
 
 
 def test_alto_ratio_matches_paper_form():
+    """The paper's form, and 1 where a norm is 0 (a zero tensor moves, as with LAMB)."""
     eps2, eps3 = 1e-6, 1e-10
     w, r = _vectors(NORM_PAIRS)
     ratio = alto_trust_ratio(w, r, eps2=eps2, eps3=eps3)
     for (w_norm, r_norm), value in zip(NORM_PAIRS, ratio.tolist()):
         phi = w_norm + eps3
-        assert value == pytest.approx(phi / (r_norm + eps2 * phi), rel=1e-12)
+        expected = 1.0 if w_norm == 0 or r_norm == 0 else phi / (r_norm + eps2 * phi)
+        assert value == pytest.approx(expected, rel=1e-12)
     assert torch.isfinite(ratio).all() and ratio.max() <= (1 + 1e-12) / eps2
 
 

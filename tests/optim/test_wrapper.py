@@ -13,6 +13,7 @@ import pickle
 
 import pytest
 import torch
+from state_compare import assert_same
 
 from largebatch.optim.e_adaptor import E
 from largebatch.optim.extrapolation import Extrapolation
@@ -50,22 +51,6 @@ def train(
         if protocol.gradient_before_step:
             closure()
         optimizer.step(closure if protocol.closure else None)
-
-
-def assert_same(saved, loaded) -> None:
-    """Nested dicts/lists of tensors and plain values are equal."""
-    if isinstance(saved, dict):
-        assert saved.keys() == loaded.keys()
-        for key in saved:
-            assert_same(saved[key], loaded[key])
-    elif isinstance(saved, list | tuple):
-        assert len(saved) == len(loaded)
-        for a, b in zip(saved, loaded):
-            assert_same(a, b)
-    elif isinstance(saved, torch.Tensor):
-        assert torch.equal(saved, loaded)
-    else:
-        assert saved == loaded
 
 
 def assert_continues_identically(original, params, restored, restored_params) -> None:
