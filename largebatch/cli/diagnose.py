@@ -2,7 +2,7 @@
 
 Loads a run (its directory, for the newest checkpoint, or one checkpoint file),
 rebuilds its task and model from the run's ``config.json``, measures the
-diagnostics of :mod:`largebatch.diagnostics.suite` on a fixed, seeded training
+diagnostics of :mod:`largebatch.experiments.checkpoint_diagnostics` on a fixed, seeded training
 subset, prints a table and writes ``diagnostics.json`` (atomically) into the
 run directory. ``--compare OTHER`` adds the loss and accuracy along the line
 between the two runs' weights, and a plot of it.
@@ -32,7 +32,7 @@ def _floats(ctx: click.Context, param: click.Parameter, text: str) -> tuple[floa
 
 
 def _defaults() -> Any:
-    from largebatch.diagnostics.suite import DiagnosticsSettings
+    from largebatch.experiments.checkpoint_diagnostics import DiagnosticsSettings
 
     return DiagnosticsSettings()
 
@@ -152,14 +152,14 @@ def diagnose(
     CHECKPOINT is a run directory (its newest checkpoint is used) or a checkpoint
     file in its checkpoints/ folder.
     """
-    from largebatch.diagnostics.plots import interpolation_figure
-    from largebatch.diagnostics.suite import (
+    from largebatch.experiments.checkpoint_diagnostics import (
         DIAGNOSTICS_FILE,
         DiagnosticsSettings,
         interpolate_runs,
         load_run,
         run_diagnostics,
     )
+    from largebatch.experiments.plots import interpolation_figure
     from largebatch.experiments.report import png_bytes
     from largebatch.utils.atomic import write_bytes_atomic, write_json_atomic
 

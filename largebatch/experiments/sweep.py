@@ -11,8 +11,6 @@ A cell that fails or diverges is recorded with its reason and the sweep goes on.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import multiprocessing
@@ -20,7 +18,6 @@ import os
 import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,9 +30,9 @@ from largebatch.tasks import get_task
 from largebatch.train import RunConfig, RunResult, plan_run, train, validate
 from largebatch.train.run_dir import RunDirectory
 from largebatch.utils.atomic import write_json_atomic
+from largebatch.utils.locking import locked
 
 SWEEP_FILE = "sweep.json"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -90,17 +87,6 @@ def load_saved_spec(directory: str | Path) -> SweepSpec | None:
 # --- one cell -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (released by the OS if the process dies)."""
-    with open(path, "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
-
-
 def _saved_result(run_dir: Path) -> RunResult | None:
     """The run's ``result.json`` (written atomically at its end), if it exists."""
     path = run_dir / "result.json"
@@ -152,7 +138,7 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
     run_dir = cell.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(store_path)
-    with locked(run_dir / LOCK_FILE):
+    with locked(run_dir, wait=True):
         recorded = store.statuses().get(cell.cell_id)
         if recorded is not None and not (retry_failed and recorded == "failed"):
             return recorded

@@ -38,8 +38,7 @@ from largebatch.optim.registry import get_spec as get_optimizer_spec
 from largebatch.optim.registry import list_optimizers, unknown_name_message
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
-from largebatch.train.config import RunConfig, Scaling, Schedule
-from largebatch.train.run_dir import RESUMABLE_CHANGES
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
 
 KeyPath = tuple[str, ...]
 FULL_BATCH = "full"

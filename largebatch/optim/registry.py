@@ -7,7 +7,6 @@ Adding an optimizer means adding one ``register(...)`` call below.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Iterable, Mapping
@@ -18,6 +17,7 @@ import torch
 from torch import nn
 
 from largebatch.optim.param_groups import param_groups
+from largebatch.utils.errors import unknown_name_message
 
 ScalingRule = str  # "none" | "linear" | "sqrt"
 
@@ -64,14 +64,6 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
     _REGISTRY[spec.name] = spec
     return spec
-
-
-def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
-    """'unknown X' message listing valid names and suggesting the closest."""
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"Unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}."
 
 
 def get_spec(name: str) -> OptimizerSpec:

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from largebatch.optim.registry import unknown_name_message
 from largebatch.tasks import digits, logreg, mnist1d, modadd, teacher_student
 from largebatch.tasks.base import Task
+from largebatch.utils.errors import unknown_name_message
 
 TaskBuilder = Callable[..., Task]
 

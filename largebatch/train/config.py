@@ -14,6 +14,12 @@ Scaling = Literal["none", "linear", "sqrt"]
 Schedule = Literal["constant", "cosine", "poly", "step"]
 Status = Literal["done", "diverged", "failed"]
 
+#: config fields that may change when a run is resumed (none changes the trained parameters)
+RESUMABLE_CHANGES = (
+    "resume", "progress", "device", "out_dir", "checkpoint_every", "eval_batch_size",
+    "noise_scale", "noise_scale_every",
+)  # fmt: skip
+
 
 @dataclass
 class RunConfig:

@@ -21,14 +21,8 @@ from typing import Any
 
 import torch
 
-from largebatch.train.config import RunConfig, RunResult
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, RunResult
 from largebatch.utils.atomic import write_json_atomic, write_text_atomic
-
-# config fields that may change when a run is resumed (none changes the trained parameters)
-RESUMABLE_CHANGES = (
-    "resume", "progress", "device", "out_dir", "checkpoint_every", "eval_batch_size",
-    "noise_scale", "noise_scale_every",
-)  # fmt: skip
 
 
 def _git_hash() -> str | None:

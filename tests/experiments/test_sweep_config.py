@@ -20,8 +20,7 @@ from largebatch.experiments.sweep_config import (
     toml_key_lines,
 )
 from largebatch.optim import get_spec
-from largebatch.train.config import RunConfig
-from largebatch.train.run_dir import RESUMABLE_CHANGES
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "sweep.toml"
 
