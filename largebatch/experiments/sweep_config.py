@@ -347,7 +347,8 @@ def _check_optimizer_section(
     path = ("optimizer", name)
     section = _check_value(origins, path, _table, section)
     try:
-        arguments = _optimizer_arguments(name, section.get("base")).defaults
+        accepted = _optimizer_arguments(name, section.get("base"))
+        arguments = accepted.defaults
     except _Invalid as exc:
         where = (*path, "base") if "base" in section else path
         raise _fail(origins, where, str(exc)) from None
@@ -355,6 +356,8 @@ def _check_optimizer_section(
     for key, value in section.items():
         if key in RUN_SETTINGS:
             settings[key] = _check_value(origins, (*path, key), RUN_SETTINGS[key], value)
+        elif key in arguments and value is None and key in accepted.optional:
+            hyperparameters[key] = value
         elif key in arguments:
             checked = _check_value(
                 origins, (*path, key), lambda v, d=arguments[key]: check_like(d, v), value
@@ -531,8 +534,12 @@ def cell_id(config: RunConfig) -> str:
 
 def cell_name(config: RunConfig) -> str:
     """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
-    lr = f"-lr{config.lr:g}" if config.lr is not None else ""
-    return f"{config.optimizer}-b{config.batch_size}-s{config.seed}{lr}"
+    return _name(config.optimizer, config.batch_size, config.seed, config.lr)
+
+
+def _name(optimizer: str, batch_size: int, seed: int, lr: float | None) -> str:
+    lr_part = f"-lr{lr:g}" if lr is not None else ""
+    return f"{optimizer}-b{batch_size}-s{seed}{lr_part}"
 
 
 def expand(
@@ -555,28 +562,32 @@ def expand(
             for optimizer in spec.optimizers:
                 settings = spec.settings_for(optimizer)
                 for lr in _learning_rates(spec, optimizer):
-                    config = RunConfig(
-                        task=spec.task,
-                        task_options=dict(spec.task_options),
-                        optimizer=optimizer,
-                        optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
-                        lr=lr,
-                        base_batch_size=spec.base_batch_size,
-                        batch_size=batch_size,
-                        accumulation_steps=spec.accumulation_steps,
-                        scaling=settings["scaling"],
-                        warmup_steps=settings["warmup_steps"],
-                        warmup_epochs=settings["warmup_epochs"],
-                        schedule=settings["schedule"] or RunConfig.schedule,
-                        epochs=spec.epochs,
-                        steps=spec.steps,
-                        target=spec.target,
-                        stop_at_target=spec.stop_at_target,
-                        seed=seed,
-                        device=spec.device,
-                        bf16=spec.bf16,
-                        nproc=spec.nproc,
-                    )
+                    try:
+                        config = RunConfig(
+                            task=spec.task,
+                            task_options=dict(spec.task_options),
+                            optimizer=optimizer,
+                            optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
+                            lr=lr,
+                            base_batch_size=spec.base_batch_size,
+                            batch_size=batch_size,
+                            accumulation_steps=spec.accumulation_steps,
+                            scaling=settings["scaling"],
+                            warmup_steps=settings["warmup_steps"],
+                            warmup_epochs=settings["warmup_epochs"],
+                            schedule=settings["schedule"] or RunConfig.schedule,
+                            epochs=spec.epochs,
+                            steps=spec.steps,
+                            target=spec.target,
+                            stop_at_target=spec.stop_at_target,
+                            seed=seed,
+                            device=spec.device,
+                            bf16=spec.bf16,
+                            nproc=spec.nproc,
+                        )
+                    except ConfigError as exc:
+                        name = _name(optimizer, batch_size, seed, lr)
+                        raise SweepConfigError(f"cell {name}: {exc}") from None
                     every = eval_every(config)
                     config = replace(
                         config, eval_every=every, checkpoint_every=spec.checkpoint_every or every

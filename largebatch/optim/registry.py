@@ -92,11 +92,13 @@ class OptimizerArguments:
             (torch's ``momentum: float = 0`` takes ``0.9``).
         lr: the learning rate used when none is given (a wrapper's comes from its
             base); ``None`` if the optimizer has none.
+        optional: the arguments that take ``None`` (annotated so, or defaulting to it).
         open: the constructor takes ``**kwargs``, so names beyond ``defaults`` pass too.
     """
 
     defaults: Mapping[str, Any]
     lr: float | None
+    optional: frozenset[str] = frozenset()
     open: bool = False
 
 
@@ -112,11 +114,13 @@ def optimizer_arguments(name: str, base: str | None = None) -> OptimizerArgument
     if base is not None and spec.wraps is None:
         raise ValueError(f"Invalid base: {base!r} ({name!r} does not wrap another optimizer)")
     defaults: dict[str, Any] = {}
+    optional: set[str] = set()
     is_open = False
     if spec.wraps is not None:
         inner = optimizer_arguments(base or spec.wraps)
         defaults.update(inner.defaults)
         defaults["base"] = base or spec.wraps
+        optional |= inner.optional
         is_open = inner.open
     # the first argument is the parameters (or, for a wrapper, the base optimizer)
     for param in list(inspect.signature(spec.load()).parameters.values())[1:]:
@@ -124,11 +128,15 @@ def optimizer_arguments(name: str, base: str | None = None) -> OptimizerArgument
             is_open = True
         elif param.kind is not param.VAR_POSITIONAL:
             default = None if param.default is param.empty else param.default
-            if type(default) is int and "float" in str(param.annotation):
+            annotation = str(param.annotation)
+            if type(default) is int and "float" in annotation:
                 default = float(default)
+            if default is None or "None" in annotation or "Optional" in annotation:
+                optional.add(param.name)
             defaults[param.name] = default
     defaults.update(spec.defaults)
-    return OptimizerArguments(MappingProxyType(defaults), defaults.get("lr"), is_open)
+    lr = defaults.get("lr")
+    return OptimizerArguments(MappingProxyType(defaults), lr, frozenset(optional), is_open)
 
 
 def _accepted_keys(cls: type) -> set[str] | None:

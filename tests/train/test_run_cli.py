@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from tiny_train_task import TINY_TASK
 
 from largebatch.cli import main
-from largebatch.cli.run import parse_value
+from largebatch.cli.common import parse_value
 from largebatch.optim import list_optimizers
 from largebatch.tasks import list_tasks
 
