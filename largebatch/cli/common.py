@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ast
 import re
+import warnings
 from collections.abc import Callable
 from dataclasses import MISSING, fields
 from typing import Any
@@ -32,15 +33,21 @@ def error_message(error: Exception) -> str:
 
 
 class Command(click.Command):
-    """A click command that prints the library's errors as one line (see the module doc)."""
+    """A click command that prints the library's errors, and its warnings, as one line each."""
 
     def invoke(self, ctx: click.Context) -> Any:
-        try:
-            return super().invoke(ctx)
-        except (ConfigError, UnknownNameError) as error:
-            raise click.UsageError(error_message(error), ctx) from None
-        except LargeBatchError as error:
-            raise click.ClickException(error_message(error)) from None
+        with warnings.catch_warnings():
+            warnings.showwarning = _show_warning
+            try:
+                return super().invoke(ctx)
+            except (ConfigError, UnknownNameError) as error:
+                raise click.UsageError(error_message(error), ctx) from None
+            except LargeBatchError as error:
+                raise click.ClickException(error_message(error)) from None
+
+
+def _show_warning(message: Warning | str, *args: Any, **kwargs: Any) -> None:
+    click.echo(f"Warning: {message}", err=True)
 
 
 def defaults_of(cls: type) -> dict[str, Any]:

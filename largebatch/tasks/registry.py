@@ -176,10 +176,16 @@ def get_task(name: str, **options: Any) -> Task:
     """
     if ":" in name:
         builder = load_user_builder(name)
+        parameters = inspect.signature(builder).parameters
         try:
             inspect.signature(builder).bind(**options)
         except TypeError as exc:
             raise ConfigError(f"Invalid options for task {name!r}: {exc}") from None
+        options = {
+            key: value if parameters[key].default is inspect.Parameter.empty
+            else _coerce(key, value, parameters[key].default)
+            for key, value in options.items()
+        }  # fmt: skip
         try:
             task = builder(**options)
         except Exception as exc:

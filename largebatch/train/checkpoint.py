@@ -93,10 +93,12 @@ def load_latest(
         return state, path
     set_aside = sorted(directory.glob("step-*.pt.corrupt"))
     if unusable or set_aside:
-        names = ", ".join(p.name for p in [*unusable, *set_aside])
+        names = [p.name for p in [*unusable, *set_aside]]
+        verb = "is" if len(names) == 1 else "are"
         raise CheckpointError(
-            f"No usable checkpoint in {directory} ({names} are truncated or corrupt); they "
-            "are left there. To start this run over, delete its directory (or choose another)"
+            f"No usable checkpoint in {directory}: {', '.join(names)} {verb} truncated or "
+            "corrupt, and left there. To start this run over, delete its directory (or "
+            "choose another)"
         )
     return None
 
