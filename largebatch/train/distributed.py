@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -135,6 +136,27 @@ def broadcast_object(obj: Any, ddp: Distributed) -> Any:
     objects = [obj]
     dist.broadcast_object_list(objects, src=0)
     return objects[0]
+
+
+def on_rank_zero(ddp: Distributed, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on rank 0 alone; its result on every process, or its error raised on all.
+
+    For what only rank 0 may do (lock and check the run directory, pick the
+    checkpoint): the other processes must not wait in a collective for a rank
+    that has given up.
+    """
+    if not ddp.enabled:
+        return fn(*args)
+    outcome: tuple[Any, Exception | None] = (None, None)
+    if ddp.is_main:
+        try:
+            outcome = (fn(*args), None)
+        except Exception as error:
+            outcome = (None, error)
+    result, error = broadcast_object(outcome, ddp)
+    if error is not None:
+        raise error
+    return result
 
 
 def gather_objects(obj: Any, ddp: Distributed) -> list[Any]:

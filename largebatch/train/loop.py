@@ -38,6 +38,7 @@ from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpo
 from largebatch.train.config import RunConfig, RunResult
 from largebatch.train.data import Batch, BatchStream, shard_batches
 from largebatch.train.distributed import Distributed
+from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
 from largebatch.train.plan import RunPlan, build_optimizer, plan_run
 from largebatch.train.run_dir import RunDirectory
@@ -201,9 +202,10 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             bar.close()
         progress.elapsed = time.perf_counter() - clock_start
 
+        if divergence is not None:
+            error = divergence.describe()
         result = make_result(status, error, progress, plan, noise.result())
         if divergence is not None:
-            result.error = divergence.describe()
             result.extra["divergence"] = asdict(divergence)
         result.error_log = error_log
         run_dir.write_result(result)
@@ -214,32 +216,11 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
 @contextlib.contextmanager
 def claimed(run_dir: RunDirectory, config: RunConfig, ddp: Distributed) -> Iterator[None]:
     """Rank 0 holds the run directory (locked, checked) for the enclosed block."""
-    on_rank_zero(ddp, run_dir.claim, config)
+    distributed.on_rank_zero(ddp, run_dir.claim, config)
     try:
         yield
     finally:
         run_dir.release()
-
-
-def on_rank_zero(ddp: Distributed, fn: Callable[..., Any], *args: Any) -> Any:
-    """``fn(*args)`` on rank 0 alone; its result on every process, or its error raised on all.
-
-    For what only rank 0 may do (lock and check the run directory, pick the
-    checkpoint): the other processes must not wait in a collective for a rank
-    that has given up.
-    """
-    if not ddp.enabled:
-        return fn(*args)
-    outcome: tuple[Any, Exception | None] = (None, None)
-    if ddp.is_main:
-        try:
-            outcome = (fn(*args), None)
-        except Exception as error:
-            outcome = (None, error)
-    result, error = distributed.broadcast_object(outcome, ddp)
-    if error is not None:
-        raise error
-    return result
 
 
 def newest_checkpoint(run_dir: RunDirectory, ddp: Distributed) -> dict[str, Any] | None:
@@ -254,77 +235,10 @@ def newest_checkpoint(run_dir: RunDirectory, ddp: Distributed) -> dict[str, Any]
         found = run_dir.latest_checkpoint()
         return None if found is None else found[1]
 
-    path = on_rank_zero(ddp, find)
+    path = distributed.on_rank_zero(ddp, find)
     if path is None:
         return None
     return found[0] if found is not None else load_checkpoint(path)
-
-
-@dataclass
-class Divergence:
-    """Where a run diverged and which quantities were non-finite there.
-
-    ``quantity`` is what was found non-finite: the training ``loss`` of a step,
-    or the training-set loss of an ``evaluation``. The flags say whether the
-    gradient and the parameters (after that step's update) and the input data
-    (that step's batch, or the whole training set) were finite, on every process.
-    """
-
-    step: int
-    quantity: str
-    value: str
-    gradient_finite: bool | None
-    parameters_finite: bool
-    inputs_finite: bool
-
-    @classmethod
-    def at_step(
-        cls, step: int, loss: float, model: nn.Module, batches: list[Batch], ddp: Distributed
-    ) -> Divergence:
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        flags = _all_finite([grads, list(model.parameters()), [x for x, _ in batches]], ddp)
-        return cls(step, "loss", str(loss), *flags)
-
-    @classmethod
-    def at_evaluation(
-        cls, step: int, model: nn.Module, task: Task, plan: RunPlan, ddp: Distributed
-    ) -> Divergence:
-        inputs = [x for x, _ in shard_batches(
-            task.train, plan.eval_batch_size, ddp.rank, ddp.world_size, ddp.device
-        )]  # fmt: skip
-        parameters, data = _all_finite([list(model.parameters()), inputs], ddp)
-        return cls(step, "evaluation", "non-finite", None, parameters, data)
-
-    def describe(self) -> str:
-        """One line for ``RunResult.error``: where, what, and whether the data is to blame."""
-        state = lambda ok: "finite" if ok else "non-finite"  # noqa: E731
-        if self.quantity == "loss":
-            what = f"the training loss of step {self.step} is {self.value}"
-            details = [
-                f"gradient {state(self.gradient_finite)}",
-                f"parameters {state(self.parameters_finite)} after the update",
-                f"that step's input data {state(self.inputs_finite)}",
-            ]
-        else:
-            what = f"the training-set loss evaluated at step {self.step} is non-finite"
-            details = [
-                f"parameters {state(self.parameters_finite)}",
-                f"training input data {state(self.inputs_finite)}",
-            ]
-        return f"non-finite loss by step {self.step}: {what} ({', '.join(details)})"
-
-
-def _all_finite(groups: list[list[torch.Tensor]], ddp: Distributed) -> list[bool]:
-    """For each group of tensors: whether every floating-point entry is finite on every process."""
-    bad = torch.tensor(
-        [
-            sum(not bool(torch.isfinite(t).all()) for t in g if t.is_floating_point())
-            for g in groups
-        ],
-        dtype=torch.float64,
-        device=ddp.device,
-    )
-    return [count == 0 for count in distributed.all_reduce_sum(bad, ddp).tolist()]
 
 
 def seed_everything(seed: int) -> None:
