@@ -170,6 +170,8 @@ def _check_names(config: RunConfig) -> None:
     if not isinstance(config.optimizer_options, dict):
         raise _invalid("optimizer_options", config.optimizer_options, "a dict of name -> value")
     options = config.optimizer_options
+    if not isinstance(options.get("base", ""), str):
+        raise _invalid("base", options["base"], "the name of the base optimizer")
     try:
         arguments = optimizer_arguments(config.optimizer, options.get("base"))
     except KeyError as error:
