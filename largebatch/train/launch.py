@@ -6,9 +6,9 @@ the environment torchrun would give it (``RANK``, ``LOCAL_RANK``,
 hosted here, as torchrun's agent hosts it. The config reaches the workers on
 their standard input, so nothing is written to disk for them. The workers
 
-* are checked for before they start: everything ``train`` would reject on
-  rank 0 (task, plan, device, optimizer hyperparameters, run directory) is
-  rejected here, so a bad run starts no process and creates no directory;
+* start only after the checks: everything ``train`` would reject on rank 0
+  (task, plan, device, optimizer hyperparameters, run directory) is rejected
+  here first, so a bad run starts no process and creates no directory;
 * stay in the launcher's process group, so a signal to the group (Ctrl-C in a
   terminal, ``kill -9 -PGID``) reaches them, and die with the launcher however
   it ends (:func:`~largebatch.utils.processes.die_with_parent`);
@@ -37,9 +37,8 @@ from largebatch.train.distributed import pick_device
 from largebatch.train.plan import build_optimizer, plan_run
 from largebatch.train.run_dir import RunDirectory
 from largebatch.utils.locking import DirectoryLock
+from largebatch.utils.processes import LAUNCHER_PID_ENV
 
-#: set in a worker's environment: the launcher's process id, which the worker dies with
-LAUNCHER_ENV = "LARGEBATCH_LAUNCHER_PID"
 #: seconds the other workers get to finish on their own after one has failed
 GRACE_SECONDS = 10.0
 
@@ -85,7 +84,7 @@ def _run_workers(config: RunConfig, lock: DirectoryLock) -> int:
         "WORLD_SIZE": str(config.nproc),
         "LOCAL_WORLD_SIZE": str(config.nproc),
         "TORCHELASTIC_USE_AGENT_STORE": "True",  # rank 0 joins the store above, as under torchrun
-        LAUNCHER_ENV: str(os.getpid()),
+        LAUNCHER_PID_ENV: str(os.getpid()),  # the worker dies with this process
         **lock.child_env(),
     }
     env.setdefault("OMP_NUM_THREADS", "1")  # as torchrun: no oversubscription of the cores

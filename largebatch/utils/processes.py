@@ -18,6 +18,8 @@ import time
 
 #: the Linux ``prctl`` option that asks for a signal when the parent exits
 PR_SET_PDEATHSIG = 1
+#: the environment variable with the process id a launched worker must die with
+LAUNCHER_PID_ENV = "LARGEBATCH_LAUNCHER_PID"
 
 
 def die_with_parent(parent_pid: int | None = None, poll_seconds: float = 0.5) -> None:

@@ -99,7 +99,8 @@ def test_killing_the_launcher_ends_its_workers(tmp_path, how):
         _, stderr = launcher.communicate(timeout=30)
         wait_for(lambda: not any(alive(pid) for pid in workers), 15, "the workers to end")
     finally:
-        os.killpg(launcher.pid, signal.SIGKILL) if launcher.poll() is None else None
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
     with locked(out):  # nobody writes there any more
         pass
     assert list((tmp_path / "tmp").glob("*.json")) == []  # no temporary config
@@ -132,7 +133,8 @@ def test_a_second_run_on_the_same_directory_fails_at_once(tmp_path):
         )
         assert first.wait(120) == 0, first.stderr.read().decode()
     finally:
-        first.kill() if first.poll() is None else None
+        if first.poll() is None:
+            first.kill()
     config = (out / "config.json").read_text()
     assert '"seed": 1' in config and '"seed": 2' not in config
     assert '"status": "done"' in (out / "result.json").read_text()
@@ -197,7 +199,8 @@ def test_a_killed_sweep_takes_its_workers_along(tmp_path):
         sweep.wait(30)
         wait_for(lambda: not any(alive(pid) for pid in workers), 15, "the cells' processes to end")
     finally:
-        os.killpg(sweep.pid, signal.SIGKILL) if sweep.poll() is None else None
+        if sweep.poll() is None:
+            os.killpg(sweep.pid, signal.SIGKILL)
     for run_dir in runs.iterdir():
         with locked(run_dir):
             pass
