@@ -14,9 +14,13 @@
 3. Examples per second (wall clock) of 1 vs 2 gloo processes
    (``largebatch run --nproc``), from the ``wall_time`` in ``result.json`` of runs
    of two lengths, as above. Reported, no target.
+4. Start-up of a 2-process run (``--startup``): a one-step ``largebatch run --nproc 2``
+   against torchrun starting the same worker module (``python -m torch.distributed.run
+   --standalone --nproc-per-node 2 -m largebatch.train.worker CONFIG``), alternating;
+   CPU time of all processes together, and wall time. Reported, no target.
 
 Run: ``python benchmarks/train_loop.py [--batch-size 64 256] [--steps 400] [--repeats 7]
-[--noise-every 1 10] [--skip-overhead] [--skip-ddp]``.
+[--noise-every 1 10] [--skip-overhead] [--skip-ddp] [--startup]``.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -104,6 +109,33 @@ def cli_examples_per_second(nproc: int, threads: int, steps: int, batch_size: in
     return 2 * steps * batch_size / (times[1] - times[0])
 
 
+def children_cpu_seconds() -> float:
+    """User + system CPU time of this process's finished children so far."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def startup_seconds(launcher: str) -> tuple[float, float]:
+    """(CPU, wall) seconds of a one-step 2-process run started by ``launcher``."""
+    with tempfile.TemporaryDirectory() as root:
+        config = RunConfig(
+            task=TASK, optimizer="sgd", lr=0.1, batch_size=64, steps=1, warmup_steps=0,
+            eval_every=1, nproc=2, out_dir=str(Path(root) / "run"),
+        )  # fmt: skip
+        if launcher == "largebatch":
+            command = [sys.executable, "-m", "largebatch", "run", "--config", "CONFIG",
+                       "--no-progress"]  # fmt: skip
+        else:
+            command = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                       "--nproc-per-node=2", "-m", "largebatch.train.worker", "CONFIG"]  # fmt: skip
+        path = Path(root) / "config.json"
+        path.write_text(json.dumps({"config": config.to_dict()}))
+        command[command.index("CONFIG")] = str(path)
+        cpu, wall = children_cpu_seconds(), time.perf_counter()
+        subprocess.run(command, check=True, capture_output=True)
+        return children_cpu_seconds() - cpu, time.perf_counter() - wall
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--batch-size", type=int, nargs="+", default=[64, 256])
@@ -112,9 +144,20 @@ def main() -> None:
     parser.add_argument("--noise-every", type=int, nargs="+", default=[1, 10])
     parser.add_argument("--skip-overhead", action="store_true", help="skip benchmark 1")
     parser.add_argument("--skip-ddp", action="store_true", help="skip benchmark 3")
+    parser.add_argument("--startup", action="store_true", help="only benchmark 4")
     args = parser.parse_args()
     torch.set_num_threads(1)
     get_task(TASK)  # generate and cache the data outside the timings
+    if args.startup:
+        print(f"Start-up of a one-step 2-process run (median of {args.repeats}, alternating)")
+        times = {"largebatch": [], "torchrun": []}
+        for _ in range(args.repeats):
+            for launcher, measured in times.items():
+                measured.append(startup_seconds(launcher))
+        for launcher, measured in times.items():
+            cpu, wall = (statistics.median(m[i] for m in measured) for i in (0, 1))
+            print(f"  {launcher:>10}: CPU {cpu:.2f} s (all processes), wall {wall:.2f} s")
+        return
 
     print(f"CPU time per step on {TASK}, SGD+momentum, 1 thread (median of {args.repeats})")
     for batch_size in args.batch_size if not args.skip_overhead else []:

@@ -1,4 +1,4 @@
-"""``python -m largebatch`` (also what torchrun launches)."""
+"""``python -m largebatch``: the command line."""
 
 from largebatch.cli import main
 

@@ -2,7 +2,7 @@
 
 Loads a run (its directory, for the newest checkpoint, or one checkpoint file),
 rebuilds its task and model from the run's ``config.json``, measures the
-diagnostics of :mod:`largebatch.diagnostics.suite` on a fixed, seeded training
+diagnostics of :mod:`largebatch.experiments.checkpoint_diagnostics` on a fixed, seeded training
 subset, prints a table and writes ``diagnostics.json`` (atomically) into the
 run directory. ``--compare OTHER`` adds the loss and accuracy along the line
 between the two runs' weights, and a plot of it.
@@ -15,7 +15,20 @@ from typing import Any
 
 import click
 
-from largebatch.cli.run import SETUP_ERRORS, error_message
+from largebatch.cli.common import SETUP_ERRORS, Command, error_message
+from largebatch.experiments.checkpoint_diagnostics import DiagnosticsSettings
+
+DEFAULTS = DiagnosticsSettings()
+#: (flag, DiagnosticsSettings field, help): integer settings, default from the settings class
+SETTINGS_OPTIONS = [
+    ("--examples", "num_examples", "Size of the seeded training subset (at most the training set)."),
+    ("--seed", "seed", "Seeds the subset, start points, subspace and random vectors."),
+    ("--subspace-dim", "subspace_dim", "Dimension of the random-subspace sharpness (0: full space only)."),
+    ("--k", "k", "Number of top Hessian eigenvalues."),
+    ("--probes", "num_probes", "Hutchinson probes for the trace."),
+    ("--density-steps", "density_steps", "Lanczos steps of the spectral density."),
+    ("--batch-size", "batch_size", "Examples per forward pass."),
+]  # fmt: skip
 
 
 def _names(ctx: click.Context, param: click.Parameter, text: str) -> tuple[str, ...]:
@@ -31,16 +44,18 @@ def _floats(ctx: click.Context, param: click.Parameter, text: str) -> tuple[floa
         raise click.BadParameter(f"expected numbers separated by commas, got {text!r}") from None
 
 
-def _defaults() -> Any:
-    from largebatch.diagnostics.suite import DiagnosticsSettings
+def settings_options(function: Any) -> Any:
+    """The :data:`SETTINGS_OPTIONS`, each passed to the command under its field's name."""
+    for flag, name, text in reversed(SETTINGS_OPTIONS):
+        default = getattr(DEFAULTS, name)
+        option = click.option(
+            flag, name, type=int, default=default or 0, show_default=True, help=text
+        )
+        function = option(function)
+    return function
 
-    return DiagnosticsSettings()
 
-
-DEFAULTS = _defaults()
-
-
-@click.command("diagnose")
+@click.command("diagnose", cls=Command)
 @click.argument("checkpoint", type=click.Path(exists=True, path_type=Path))
 @click.option(
     "--compare",
@@ -58,20 +73,6 @@ DEFAULTS = _defaults()
     help="Which of sharpness, eigenvalues, trace, density to measure (or none).",
 )
 @click.option(
-    "--examples",
-    type=int,
-    default=DEFAULTS.num_examples,
-    show_default=True,
-    help="Size of the seeded training subset (at most the training set).",
-)
-@click.option(
-    "--seed",
-    type=int,
-    default=DEFAULTS.seed,
-    show_default=True,
-    help="Seeds the subset, start points, subspace and random vectors.",
-)
-@click.option(
     "--epsilons",
     default=",".join(map(str, DEFAULTS.epsilons)),
     show_default=True,
@@ -79,41 +80,7 @@ DEFAULTS = _defaults()
     metavar="EPS,...",
     help="Sharpness box sizes.",
 )
-@click.option(
-    "--subspace-dim",
-    type=int,
-    default=DEFAULTS.subspace_dim,
-    show_default=True,
-    help="Dimension of the random-subspace sharpness (0: full space only).",
-)
-@click.option(
-    "--k",
-    type=int,
-    default=DEFAULTS.k,
-    show_default=True,
-    help="Number of top Hessian eigenvalues.",
-)
-@click.option(
-    "--probes",
-    type=int,
-    default=DEFAULTS.num_probes,
-    show_default=True,
-    help="Hutchinson probes for the trace.",
-)
-@click.option(
-    "--density-steps",
-    type=int,
-    default=DEFAULTS.density_steps,
-    show_default=True,
-    help="Lanczos steps of the spectral density.",
-)
-@click.option(
-    "--batch-size",
-    type=int,
-    default=DEFAULTS.batch_size,
-    show_default=True,
-    help="Examples per forward pass.",
-)
+@settings_options
 @click.option(
     "--train-mode",
     is_flag=True,
@@ -134,52 +101,45 @@ def diagnose(
     checkpoint: Path,
     other: Path | None,
     names: tuple[str, ...],
-    examples: int,
-    seed: int,
     epsilons: tuple[float, ...],
-    subspace_dim: int,
-    k: int,
-    probes: int,
-    density_steps: int,
-    batch_size: int,
     train_mode: bool,
     device: str,
     out: Path | None,
     plot: Path | None,
+    **settings: int,
 ) -> None:
     """Sharpness, Hessian eigenvalues and trace of the model saved in CHECKPOINT.
 
     CHECKPOINT is a run directory (its newest checkpoint is used) or a checkpoint
     file in its checkpoints/ folder.
     """
-    from largebatch.diagnostics.plots import interpolation_figure
-    from largebatch.diagnostics.suite import (
+    from largebatch.experiments.checkpoint_diagnostics import (
         DIAGNOSTICS_FILE,
-        DiagnosticsSettings,
         interpolate_runs,
         load_run,
         run_diagnostics,
     )
+    from largebatch.experiments.plots import interpolation_figure
     from largebatch.experiments.report import png_bytes
     from largebatch.utils.atomic import write_bytes_atomic, write_json_atomic
 
     if not names and other is None:
         raise click.UsageError("Nothing to do: --diagnostics none and no --compare")
     try:
-        settings = DiagnosticsSettings(
-            diagnostics=names, num_examples=examples, batch_size=batch_size, seed=seed,
-            epsilons=epsilons, subspace_dim=subspace_dim or None, k=k, num_probes=probes,
-            density_steps=density_steps, train_mode=train_mode,
+        subspace_dim = settings.pop("subspace_dim") or None
+        config = DiagnosticsSettings(
+            diagnostics=names, epsilons=epsilons, subspace_dim=subspace_dim,
+            train_mode=train_mode, **settings,
         )  # fmt: skip
         run = load_run(checkpoint, device)
         runs = [run] + ([load_run(other, device)] if other is not None else [])
     except SETUP_ERRORS as error:
         raise click.UsageError(error_message(error)) from None
 
-    record = run_diagnostics(run, settings)
+    record = run_diagnostics(run, config)
     if other is not None:
         try:
-            interpolation = interpolate_runs(run, runs[1], settings)
+            interpolation = interpolate_runs(run, runs[1], config)
         except ValueError as error:
             raise click.UsageError(error_message(error)) from None
         record["interpolation"] = {"other_checkpoint": str(runs[1].checkpoint)}

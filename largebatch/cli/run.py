@@ -2,153 +2,91 @@
 
 Options map one-to-one onto :class:`~largebatch.train.config.RunConfig`; an
 option left out keeps the value of ``--config`` (a previous run's
-``config.json``) or the RunConfig default. ``--nproc N`` re-launches the same
-command through torchrun; under torchrun every process runs it directly.
+``config.json``) or the RunConfig default, which the help shows. ``--nproc N``
+starts N worker processes (:func:`largebatch.train.launch`); under a torchrun
+started by the user, every process runs the command directly.
 """
 
 from __future__ import annotations
 
-import ast
-import dataclasses
-import json
 import os
 import re
-import tempfile
+import shlex
+import time
 from pathlib import Path
 from typing import Any
 
 import click
 
-from largebatch.train.config import RunConfig
+from largebatch.cli.common import (
+    SETUP_ERRORS,
+    Command,
+    budget_options,
+    defaults_of,
+    error_message,
+    nproc_option,
+    parse_pairs,
+    parse_warmup,
+    progress_option,
+    shown,
+    target_option,
+    task_options,
+)
+from largebatch.train.config import DEFAULT_EPOCHS, RunConfig
 from largebatch.train.schedules import DECAYS, SCALING_RULES
 
-DEFAULT_EPOCHS = 10.0
-# what a bad config, task or optimizer setting raises before training starts
-SETUP_ERRORS = (ValueError, KeyError, ImportError, TypeError)
+DEFAULTS = defaults_of(RunConfig)
+BUDGETS = ("epochs", "steps", "examples")
 
 
-def parse_value(text: str) -> Any:
-    """A command-line value as a Python literal (``0.9``, ``True``, ``(0.9, 0.99)``) or a string."""
-    lowered = text.strip().lower()
-    if lowered in ("true", "false", "none", "null"):
-        return {"true": True, "false": False}.get(lowered)
-    try:
-        return ast.literal_eval(text)
-    except (ValueError, SyntaxError):
-        return text
-
-
-def parse_pairs(ctx: click.Context, param: click.Parameter, items: tuple[str, ...]) -> dict | None:
-    """``KEY=VALUE`` items -> dict; ``None`` when the option was not given."""
-    if not items:
-        return None
-    pairs = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key:
-            raise click.BadParameter(f"expected KEY=VALUE, got {item!r}", ctx, param)
-        pairs[key.strip()] = parse_value(value)
-    return pairs
-
-
-def parse_warmup(ctx: click.Context, param: click.Parameter, text: str | None) -> dict | None:
-    """``"500"`` -> 500 warm-up steps; ``"2ep"`` or ``"0.5ep"`` -> warm-up in epochs."""
-    if text is None:
-        return None
-    match = re.fullmatch(r"\s*(\d+(?:\.\d*)?)\s*(ep|epochs?)?\s*", text)
-    if match is None or (match[2] is None and "." in match[1]):
-        raise click.BadParameter(
-            f"{text!r} is neither a number of steps (500) nor of epochs (2ep)", ctx, param
-        )
-    if match[2] is None:
-        return {"warmup_steps": int(match[1]), "warmup_epochs": None}
-    return {"warmup_steps": None, "warmup_epochs": float(match[1])}
-
-
-def parse_target(ctx: click.Context, param: click.Parameter, text: str | None):
-    """``accuracy=0.95`` -> ``("accuracy", 0.95)``."""
-    if text is None:
-        return None
-    name, _, value = text.partition("=")
-    try:
-        return name.strip(), float(value)
-    except ValueError:
-        pass
-    raise click.BadParameter(f"expected NAME=VALUE with a number, got {text!r}", ctx, param)
-
-
-def default_out_dir(config: RunConfig) -> str:
+def default_out_dir(values: dict[str, Any]) -> str:
     """``runs/<task>-<optimizer>-b<batch>-s<seed>``, safe as a directory name."""
-    name = f"{config.task}-{config.optimizer}-b{config.batch_size}-s{config.seed}"
+    values = {**DEFAULTS, **values}
+    name = f"{values['task']}-{values['optimizer']}-b{values['batch_size']}-s{values['seed']}"
     return str(Path("runs") / re.sub(r"[^\w.-]+", "_", name))
 
 
+def read_config_file(path: str) -> dict[str, Any]:
+    """The fields of a ``--config`` file (a run's ``config.json``), checked."""
+    try:
+        text = Path(path).read_text()
+    except OSError as error:
+        raise click.UsageError(f"Cannot read {path}: {error.strerror}") from None
+    return RunConfig.from_json(text, path).to_dict()
+
+
 def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
-    """The run's config: ``config_file`` (or defaults) overridden by the given options.
+    """The run's config: ``config_file`` (or the defaults) overridden by the given options.
 
     With ``--resume`` and no ``--config``, the run directory's own ``config.json``
     is the base, so ``largebatch run --out DIR --resume`` continues a run as it was.
     """
     given = {key: value for key, value in options.items() if value is not None}
-    if config_file is None:
-        config = RunConfig(out_dir="", progress=True)
-    else:
-        saved = json.loads(Path(config_file).read_text())
-        config = RunConfig.from_dict(saved.get("config", saved))
-    if given.keys() & {"epochs", "steps", "examples"}:
-        config = dataclasses.replace(config, epochs=None, steps=None, examples=None)
-    config = dataclasses.replace(config, **given.pop("warmup", {}), **given)
-    if (config.epochs, config.steps, config.examples) == (None, None, None):
-        config = dataclasses.replace(config, epochs=DEFAULT_EPOCHS)
-    if not config.out_dir:
-        config = dataclasses.replace(config, out_dir=default_out_dir(config))
-    saved_config = Path(config.out_dir) / "config.json"
-    if config.resume and config_file is None and saved_config.exists():
-        return build_config(str(saved_config), options)
-    if "nproc" not in given and "WORLD_SIZE" in os.environ:
-        config = dataclasses.replace(config, nproc=int(os.environ["WORLD_SIZE"]))
-    return config
+    given.update(given.pop("warmup", {}))
+    if "nproc" not in given and "WORLD_SIZE" in os.environ:  # under the user's torchrun
+        given["nproc"] = int(os.environ["WORLD_SIZE"])
+    values = {"progress": True} if config_file is None else read_config_file(config_file)
+    if given.keys() & set(BUDGETS):
+        values.update(dict.fromkeys(BUDGETS))
+    values.update(given)
+    values["out_dir"] = values.get("out_dir") or default_out_dir(values)
+    saved = Path(values["out_dir"]) / "config.json"
+    if config_file is None and values.get("resume") and saved.exists():
+        return build_config(str(saved), {**options, "out_dir": values["out_dir"]})
+    return RunConfig.from_dict(values)
 
 
-def error_message(error: Exception) -> str:
-    """An exception's message (``KeyError`` would add quotes)."""
-    return str(error.args[0]) if error.args else type(error).__name__
-
-
-def _check(config: RunConfig) -> None:
-    """Every check that can fail before training, as a click error naming the value."""
-    from largebatch.tasks import get_task
-    from largebatch.train.plan import plan_run, validate
-
-    try:
-        validate(config)
-        plan_run(config, get_task(config.task, **config.task_options))
-    except SETUP_ERRORS as error:
-        raise click.UsageError(error_message(error)) from None
-
-
-@click.command("run")
+@click.command("run", cls=Command)
 @click.option(
     "--config",
     "config_file",
     type=click.Path(exists=True, dir_okay=False),
     help="Start from this config.json (e.g. a previous run's); options override it.",
 )
+@task_options(DEFAULTS["task"])
 @click.option(
-    "--task",
-    help="Task name (see `largebatch list tasks`) or package.module:function."
-    "  [default: mnist1d-cnn]",
-)
-@click.option(
-    "--task-opt",
-    "task_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=parse_pairs,
-    help="Task option, repeatable (e.g. num_samples=4000).",
-)
-@click.option(
-    "--optimizer", help="Optimizer name (see `largebatch list optimizers`).  [default: sgd]"
+    "--optimizer",
+    help="Optimizer name (see `largebatch list optimizers`)." + shown(DEFAULTS["optimizer"]),
 )
 @click.option(
     "--opt",
@@ -158,59 +96,64 @@ def _check(config: RunConfig) -> None:
     callback=parse_pairs,
     help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
 )
-@click.option("--batch-size", type=int, help="Global batch size.  [default: 64]")
+@click.option("--batch-size", type=int, help="Global batch size." + shown(DEFAULTS["batch_size"]))
 @click.option(
-    "--base-batch-size", type=int, help="Batch size at which --lr is given.  [default: 64]"
+    "--base-batch-size",
+    type=int,
+    help="Batch size at which --lr is given." + shown(DEFAULTS["base_batch_size"]),
 )
 @click.option(
-    "--lr", type=float, help="Learning rate at --base-batch-size.  [default: the optimizer's]"
+    "--lr", type=float, help="Learning rate at --base-batch-size." + shown("the optimizer's")
 )
 @click.option(
     "--scaling",
     type=click.Choice(SCALING_RULES),
-    help="How the learning rate grows with the batch.  [default: the optimizer's]",
+    help="How the learning rate grows with the batch." + shown("the optimizer's"),
 )
 @click.option(
     "--warmup",
     callback=parse_warmup,
     metavar="STEPS|Nep",
-    help="Linear warm-up: steps (500) or epochs (2ep).  [default: the optimizer's]",
+    help="Linear warm-up: steps (500) or epochs (2ep)." + shown("the optimizer's"),
 )
 @click.option(
-    "--schedule", type=click.Choice(DECAYS), help="Decay after warm-up.  [default: cosine]"
+    "--schedule",
+    type=click.Choice(DECAYS),
+    help="Decay after warm-up." + shown(DEFAULTS["schedule"]),
 )
-@click.option("--decay-power", type=float, help="Exponent of the poly decay.  [default: 1]")
-@click.option("--epochs", type=float, help=f"Budget in epochs.  [default: {DEFAULT_EPOCHS:g}]")
-@click.option("--steps", type=int, help="Budget in optimizer steps.")
+@click.option(
+    "--decay-power",
+    type=float,
+    help="Exponent of the poly decay." + shown(f"{DEFAULTS['decay_power']:g}"),
+)
+@budget_options(DEFAULT_EPOCHS)
 @click.option("--examples", type=int, help="Budget in training examples.")
 @click.option(
     "--accumulation-steps",
     type=int,
-    help="Micro-batches per step and device (gradient accumulation).  [default: 1]",
+    help="Micro-batches per step and device (gradient accumulation)."
+    + shown(DEFAULTS["accumulation_steps"]),
 )
-@click.option("--eval-every", type=int, help="Steps between evaluations.  [default: one epoch]")
-@click.option("--eval-batch-size", type=int, help="Evaluation batch per device.")
+@click.option("--eval-every", type=int, help="Steps between evaluations." + shown("one epoch"))
 @click.option(
-    "--target",
-    callback=parse_target,
-    metavar="NAME=VALUE",
-    help="Record steps to reach e.g. accuracy=0.95 (or val_accuracy, test_loss...).",
+    "--eval-batch-size", type=int, help="Evaluation batch per device." + shown("the micro-batch")
 )
+@target_option("the task's")
 @click.option(
     "--stop-at-target/--no-stop-at-target", default=None, help="Stop once the target is reached."
 )
 @click.option(
     "--checkpoint-every", type=int, help="Steps between checkpoints (always one at the end)."
 )
-@click.option("--seed", type=int, help="Random seed.  [default: 0]")
-@click.option("--nproc", type=int, help="Data-parallel processes on this machine.  [default: 1]")
-@click.option("--device", help="auto, cpu, cuda or cuda:N.  [default: auto]")
+@click.option("--seed", type=int, help="Random seed." + shown(DEFAULTS["seed"]))
+@nproc_option(DEFAULTS["nproc"])
+@click.option("--device", help="auto, cpu, cuda or cuda:N." + shown(DEFAULTS["device"]))
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (for GPUs).")
 @click.option(
     "--out",
     "out_dir",
     type=click.Path(file_okay=False),
-    help="Run directory.  [default: runs/<task>-<optimizer>-b<batch>-s<seed>]",
+    help="Run directory." + shown("runs/<task>-<optimizer>-b<batch>-s<seed>"),
 )
 @click.option(
     "--resume",
@@ -218,50 +161,66 @@ def _check(config: RunConfig) -> None:
     default=None,
     help="Continue from the run directory's newest checkpoint, if any.",
 )
-@click.option("--progress/--no-progress", default=None, help="Progress bar.  [default: on]")
+@progress_option(None)
 @click.option(
     "--noise-scale/--no-noise-scale",
     default=None,
     help="Log the gradient noise scale B_simple (free with --nproc >= 2 or "
-    "--accumulation-steps >= 2).  [default: when free]",
+    "--accumulation-steps >= 2)." + shown("when free"),
 )
 @click.option(
     "--noise-scale-every",
     type=int,
-    help="Measure the noise scale on every N-th step.  [default: 10]",
+    help="Measure the noise scale on every N-th step." + shown(DEFAULTS["noise_scale_every"]),
 )
 def run(config_file: str | None, **options: Any) -> None:
-    """Train one model and write its run directory (config, metrics, checkpoints, result)."""
+    """Train one model and write its run directory (config, metrics, checkpoints, result).
+
+    Exits with status 0 when the run is done, 1 when it failed or diverged (the
+    reason is printed and kept in result.json), 2 for a bad option.
+    """
+    from largebatch.train import launch, train
+    from largebatch.train.run_dir import read_result
+
     config = build_config(config_file, options)
-    if config.nproc > 1 and "RANK" not in os.environ:
-        _check(config)  # before starting the processes
-        _launch(config)
-        return
-
-    from largebatch.train import train
-
+    started = time.time()
     try:
-        result = train(config)
+        if config.nproc > 1 and "RANK" not in os.environ:
+            status = launch(config)
+            result = read_result(config.out_dir, since=started)
+            if result is None:
+                raise click.ClickException(
+                    f"The {config.nproc} workers exited with status {status} without a result "
+                    "(their messages are above)"
+                )
+        else:
+            result = train(config)
     except SETUP_ERRORS as error:
         raise click.UsageError(error_message(error)) from None
+    except KeyboardInterrupt:
+        click.echo(interrupted_message(config.out_dir), err=True)
+        raise SystemExit(130) from None
     if int(os.environ.get("RANK", 0)) == 0:
         _print_summary(result, config.out_dir)
-    if result.status == "failed":
+    if result.status != "done":
         raise SystemExit(1)
 
 
-def _launch(config: RunConfig) -> None:
-    """Re-run this command in ``config.nproc`` processes through torchrun (rank 0 reports)."""
-    from largebatch.train.distributed import launch
+def interrupted_message(out_dir: str) -> str:
+    """What an interrupted run has kept, and the command that continues it."""
+    from largebatch.train.checkpoint import list_checkpoints
 
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
-        json.dump({"config": config.to_dict()}, file)
-    try:
-        status = launch(config.nproc, ["run", "--config", file.name])
-    finally:
-        os.unlink(file.name)
-    if status != 0:
-        raise SystemExit(status)
+    directory = Path(out_dir)
+    resume = f"largebatch run --out {shlex.quote(out_dir)} --resume"
+    if not (directory / "config.json").exists():
+        return "Interrupted before the run started; nothing was written."
+    checkpoints = list_checkpoints(directory / "checkpoints")
+    if not checkpoints:
+        return f"Interrupted before the first checkpoint; start the run again with:\n  {resume}"
+    return (
+        f"Interrupted. The checkpoints are kept in {directory / 'checkpoints'} (newest: "
+        f"{checkpoints[-1].name}); continue the run with:\n  {resume}"
+    )
 
 
 def _print_summary(result: Any, out_dir: str) -> None:

@@ -17,17 +17,23 @@ from typing import Any
 
 import click
 
-from largebatch.cli.run import parse_pairs, parse_target, parse_value
+from largebatch.cli.common import (
+    Command,
+    budget_options,
+    defaults_of,
+    nproc_option,
+    parse_list,
+    parse_pairs,
+    progress_option,
+    shown,
+    target_option,
+    task_options,
+)
+from largebatch.experiments.sweep_config import SweepSpec
 
 DEFAULT_SWEEP_DIR = "studies/sweep"
 DEMO_DIR = "studies/demo"
-
-
-def _list(ctx: click.Context, param: click.Parameter, text: str | None) -> list | None:
-    """``"64,256,full"`` -> ``[64, 256, "full"]`` (types are checked with the sweep)."""
-    if text is None:
-        return None
-    return [parse_value(item) for item in text.split(",") if item.strip()]
+SPEC_DEFAULTS = defaults_of(SweepSpec)
 
 
 def _flag_name(key: str) -> str:
@@ -38,22 +44,15 @@ def _flag_name(key: str) -> str:
 def _load(file: str | None, directory: Path, flags: dict[str, Any]) -> Any:
     """The sweep: saved spec (if no file), then the file, then the flags; checked."""
     from largebatch.experiments.sweep import SWEEP_FILE, load_saved_spec
-    from largebatch.experiments.sweep_config import SweepConfigError, load_sweep
+    from largebatch.experiments.sweep_config import load_sweep
 
     given = {key: value for key, value in flags.items() if value is not None}
     origins = {(key,): _flag_name(key) for key in given}
-    try:
-        saved = None if file is not None else load_saved_spec(directory)
-        base = {k: v for k, v in saved.to_dict().items() if v is not None} if saved else None
-        return load_sweep(
-            file,
-            overrides=given,
-            origins=origins,
-            base=base,
-            base_origin=str(directory / SWEEP_FILE),
-        )
-    except SweepConfigError as error:
-        raise click.UsageError(str(error)) from None
+    saved = None if file is not None else load_saved_spec(directory)
+    base = {k: v for k, v in saved.to_dict().items() if v is not None} if saved else None
+    return load_sweep(
+        file, overrides=given, origins=origins, base=base, base_origin=str(directory / SWEEP_FILE)
+    )
 
 
 def _run_and_report(
@@ -68,9 +67,8 @@ def _run_and_report(
     """Prepare, run, summarise, (optionally) diagnose and report; errors become click errors."""
     from largebatch.experiments.report import report as write_report
     from largebatch.experiments.report import summary
-    from largebatch.experiments.results_store import ResultsStore, ResultsStoreError
+    from largebatch.experiments.results_store import ResultsStore
     from largebatch.experiments.sweep import prepare, run_sweep
-    from largebatch.experiments.sweep_config import SweepConfigError
 
     try:
         sweep = prepare(spec, directory)
@@ -81,12 +79,11 @@ def _run_and_report(
 
             click.echo(diagnose_sweep(directory, progress=progress).describe(), err=True)
         rows = [r for r in ResultsStore(directory).rows() if r["cell_id"] in statuses]
-    except SweepConfigError as error:
-        raise click.UsageError(str(error)) from None
-    except ResultsStoreError as error:
-        raise click.ClickException(str(error)) from None
     except KeyboardInterrupt:
-        raise click.ClickException("Interrupted; run the same command again to continue.") from None
+        raise click.ClickException(
+            "Interrupted; finished runs are recorded and the others keep their checkpoints. "
+            "Run the same command again to continue."
+        ) from None
     click.echo(summary(rows))
     problems = {s: sum(v == s for v in statuses.values()) for s in ("diverged", "failed")}
     if any(problems.values()):
@@ -96,9 +93,15 @@ def _run_and_report(
     if report:
         html_path, md_path = write_report(directory)
         click.echo(f"report: {html_path}  {md_path}")
+    if statuses and sum(problems.values()) == len(statuses):
+        raise click.ClickException(
+            f"Every run failed or diverged ({problems['failed']} failed, "
+            f"{problems['diverged']} diverged); the reasons: `largebatch results {directory} "
+            "--columns cell_id,status,error`"
+        )
 
 
-@click.command("sweep")
+@click.command("sweep", cls=Command)
 @click.argument("directory", default=DEFAULT_SWEEP_DIR, type=click.Path(file_okay=False))
 @click.option(
     "--file",
@@ -106,49 +109,44 @@ def _run_and_report(
     type=click.Path(exists=True, dir_okay=False),
     help="TOML sweep file (flags override its keys).",
 )
-@click.option("--task", help="Task name or package.module:function.  [default: mnist1d-cnn]")
-@click.option(
-    "--task-opt",
-    "task_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=parse_pairs,
-    help="Task option, repeatable.",
-)
+@task_options(SPEC_DEFAULTS["task"])
 @click.option(
     "--batch-sizes",
-    callback=_list,
+    callback=parse_list,
     metavar="B,B,...",
-    help='Comma-separated batch sizes; "full" = the whole training set.',
+    help='Comma-separated batch sizes; "full" = the whole training set.'
+    + shown(",".join(map(str, SPEC_DEFAULTS["batch_sizes"]))),
 )
 @click.option(
-    "--optimizers", callback=_list, metavar="NAME,...", help="Comma-separated optimizer names."
+    "--optimizers",
+    callback=parse_list,
+    metavar="NAME,...",
+    help="Comma-separated optimizer names." + shown(",".join(SPEC_DEFAULTS["optimizers"])),
 )
 @click.option(
-    "--seeds", callback=_list, metavar="S,...", help="Comma-separated seeds.  [default: 0]"
+    "--seeds",
+    callback=parse_list,
+    metavar="S,...",
+    help="Comma-separated seeds." + shown(",".join(map(str, SPEC_DEFAULTS["seeds"]))),
 )
 @click.option(
     "--lrs",
-    callback=_list,
+    callback=parse_list,
     metavar="LR,...",
     help="Base learning rates to try (best chosen per batch size on validation).",
 )
 @click.option(
     "--lr-factors",
-    callback=_list,
+    callback=parse_list,
     metavar="F,...",
     help="Multiples of each optimizer's default learning rate to try.",
 )
-@click.option("--epochs", type=float, help="Budget in epochs (the default kind of budget).")
-@click.option("--steps", type=int, help="Budget in optimizer steps (same for every batch size).")
+@budget_options(SPEC_DEFAULTS["epochs"])
+@target_option("the task's")
 @click.option(
-    "--target",
-    callback=parse_target,
-    metavar="NAME=VALUE",
-    help="Target for steps-to-target, e.g. accuracy=0.9.  [default: the task's]",
+    "--evals-per-run", type=int, help="Evaluations per run." + shown(SPEC_DEFAULTS["evals_per_run"])
 )
-@click.option("--evals-per-run", type=int, help="Evaluations per run.  [default: 30]")
-@click.option("--nproc", type=int, help="Data-parallel processes per run.  [default: 1]")
+@nproc_option(SPEC_DEFAULTS["nproc"])
 @click.option(
     "--jobs",
     type=click.IntRange(min=1),
@@ -167,7 +165,7 @@ def _run_and_report(
 @click.option(
     "--report/--no-report", default=True, show_default=True, help="Write the report at the end."
 )
-@click.option("--progress/--no-progress", default=True, help="Progress bar.")
+@progress_option(True)
 def sweep(
     directory: str,
     file: str | None,
@@ -182,13 +180,14 @@ def sweep(
 
     Re-running continues: finished runs are skipped, interrupted ones resume. Without
     --file, the sweep saved in DIRECTORY (if any) is the starting point for the flags.
+    Exits with status 1 if every run failed or diverged.
     """
     directory_path = Path(directory)
     spec = _load(file, directory_path, flags)
     _run_and_report(spec, directory_path, jobs, retry_failed, report, progress, diagnose)
 
 
-@click.command("demo")
+@click.command("demo", cls=Command)
 @click.option(
     "--out",
     "directory",
@@ -204,18 +203,15 @@ def sweep(
     help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
 )
 @click.option("--diagnose", is_flag=True, help="Also measure sharpness and curvature (as sweep).")
-@click.option("--progress/--no-progress", default=True, help="Progress bar.")
+@progress_option(True)
 def demo(directory: str, jobs: int | None, diagnose: bool, progress: bool) -> None:
     """The default study: mnist1d-cnn, batch 64 to full batch, SGD, AdamW, LAMB and ALTO.
 
     About 10 minutes on 2 CPU cores; writes DIRECTORY/report.html. Re-running continues.
     """
-    from largebatch.experiments.sweep_config import SweepConfigError, demo_spec
+    from largebatch.experiments.sweep_config import demo_spec
 
-    try:
-        spec = demo_spec()
-    except SweepConfigError as error:
-        raise click.ClickException(str(error)) from None
+    spec = demo_spec()
     jobs = jobs or max(1, min(os.cpu_count() or 1, 4))
     _run_and_report(
         spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress,
@@ -223,16 +219,15 @@ def demo(directory: str, jobs: int | None, diagnose: bool, progress: bool) -> No
     )  # fmt: skip
 
 
-@click.command("report")
+@click.command("report", cls=Command)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 def report_cmd(directory: str) -> None:
     """Write DIRECTORY/report.html and report.md from the sweep's results."""
     from largebatch.experiments.report import report
-    from largebatch.experiments.results_store import ResultsStoreError
 
     try:
         html_path, md_path = report(directory)
-    except (ResultsStoreError, ValueError) as error:
+    except ValueError as error:  # no runs recorded yet
         raise click.ClickException(str(error)) from None
     click.echo(f"report: {html_path}  {md_path}")
 
@@ -251,7 +246,7 @@ def _cell(value: Any) -> str:
     return str(value)
 
 
-@click.command("results")
+@click.command("results", cls=Command)
 @click.argument("directory", type=click.Path(exists=True, file_okay=False))
 @click.option(
     "--filter",
@@ -262,7 +257,12 @@ def _cell(value: Any) -> str:
     help="Keep rows where KEY (column, metric or config field) equals VALUE; repeatable.",
 )
 @click.option("--sort", metavar="[-]KEY", help="Sort by KEY (prefix - for descending).")
-@click.option("--columns", callback=_list, metavar="KEY,...", help="Columns to print.")
+@click.option(
+    "--columns",
+    callback=parse_list,
+    metavar="KEY,...",
+    help="Columns to print (a column, metric or config field)." + shown(",".join(DEFAULT_COLUMNS)),
+)
 @click.option(
     "--csv",
     "csv_path",
@@ -277,27 +277,17 @@ def results(
     csv_path: str | None,
 ) -> None:
     """Print the runs recorded in DIRECTORY/results.sqlite."""
-    from largebatch.experiments.results_store import (
-        ResultsStore,
-        ResultsStoreError,
-        row_value,
-        select_rows,
-    )
+    from largebatch.experiments.results_store import ResultsStore, row_value, select_rows
 
-    try:
-        store = ResultsStore(directory, create=False)
-        rows = select_rows(store.rows(), filters, sort)
-        metrics = store.metric_names()
-    except ResultsStoreError as error:
-        raise click.ClickException(str(error)) from None
-    except KeyError as error:
-        raise click.UsageError(error.args[0]) from None
+    store = ResultsStore(directory, create=False)
+    picked = [str(c) for c in columns] if columns else DEFAULT_COLUMNS
+    rows = select_rows(store.rows(), filters, sort, columns=picked if columns else None)
+    metrics = store.metric_names()
     if csv_path is not None:
         _write_csv(rows, csv_path)
         return
-    shown = [str(c) for c in columns] if columns else DEFAULT_COLUMNS
-    table = [shown] + [[_cell(row_value(row, c)) for c in shown] for row in rows]
-    widths = [max(len(r[i]) for r in table) for i in range(len(shown))]
+    table = [picked] + [[_cell(row_value(row, c)) for c in picked] for row in rows]
+    widths = [max(len(r[i]) for r in table) for i in range(len(picked))]
     for r in table:
         click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
     click.echo(

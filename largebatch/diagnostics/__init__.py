@@ -1,9 +1,11 @@
 """Diagnostics of why large batches hurt: flatness, curvature and gradient noise.
 
-Every function takes a model, its loss function and fixed data (a list of
-``(inputs, targets)`` batches, e.g. from :func:`fixed_subset`), so a
-``largebatch diagnose CHECKPOINT`` command can call them with a task's model and
-a data subset. Results are small dataclasses with ``to_dict()``.
+The measurements only: every function takes a model, its loss function and
+fixed data (a list of ``(inputs, targets)`` batches, e.g. from
+:func:`fixed_subset`) and imports nothing of the training engine or the
+experiments. Running them on saved runs (``largebatch diagnose``, sweeps) lives
+in :mod:`largebatch.experiments.checkpoint_diagnostics`. Results are small
+dataclasses with ``to_dict()``.
 """
 
 from largebatch.diagnostics.evaluation import evaluate, fixed_subset

@@ -155,12 +155,17 @@ class GradientNormRecorder:
     """Records local and averaged gradient squared norms inside DDP's all-reduce.
 
     Registers a communication hook on ``ddp_model`` that, for every gradient
-    bucket, stores the squared norm of the rank's own (local-batch) gradient,
+    bucket, stores the squared norms of the rank's own (local-batch) gradients,
     averages the bucket across ranks exactly like DDP's default hook, and stores
-    the squared norm of the result. Costs two reductions of data already in
+    the squared norms of the result. Costs two reductions of data already in
     memory per bucket and no extra backward pass, and nothing while
     :attr:`recording` is ``False`` (the all-reduce alone). DDP takes one hook, so
     this replaces (and cannot be combined with) other hooks such as fp16 compression.
+
+    Norms are taken per parameter and summed in the model's parameter order, so
+    the result does not depend on how DDP groups parameters into buckets (it
+    regroups them after the first step, and again after a resume): a resumed run
+    reads bitwise the same numbers as an uninterrupted one.
     """
 
     def __init__(
@@ -176,6 +181,8 @@ class GradientNormRecorder:
         self.recording = True
         """Whether the next backward passes record norms (a training loop that measures
         every N steps switches it on for those steps only)."""
+        # parameter -> its position in the model, which orders the sums
+        self._position = {id(p): i for i, p in enumerate(ddp_model.module.parameters())}
         self._local: dict[int, torch.Tensor] = {}
         self._averaged: dict[int, torch.Tensor] = {}
         ddp_model.register_comm_hook(self, _record_and_allreduce)
@@ -189,8 +196,8 @@ class GradientNormRecorder:
             raise RuntimeError(
                 "GradientNormRecorder.read(): no synchronised backward since the last read"
             )
-        local = torch.stack(list(self._local.values())).sum()
-        averaged = torch.stack(list(self._averaged.values())).sum()
+        local = torch.stack([self._local[i] for i in sorted(self._local)]).sum()
+        averaged = torch.stack([self._averaged[i] for i in sorted(self._averaged)]).sum()
         self._local.clear()
         self._averaged.clear()
         group = self.process_group if self.process_group is not None else dist.group.WORLD
@@ -198,18 +205,25 @@ class GradientNormRecorder:
         return local / dist.get_world_size(group), averaged
 
 
+def _sqnorms(flat: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """Squared norms (float64) of the consecutive pieces of ``flat`` of the given sizes."""
+    norms = torch._foreach_norm(list(flat.split(sizes)), 2.0, dtype=torch.float64)
+    return torch._foreach_pow(norms, 2.0)
+
+
 def _record_and_allreduce(
     recorder: GradientNormRecorder, bucket: dist.GradBucket
 ) -> torch.futures.Future[torch.Tensor]:
-    """DDP comm hook: record the bucket's squared norm, average it, record again."""
+    """DDP comm hook: record each parameter's squared norm, average the bucket, record again."""
     if not recorder.recording:
         return allreduce_hook(recorder.process_group, bucket)
-    index = bucket.index()
-    recorder._local[index] = bucket.buffer().double().pow(2).sum()
+    positions = [recorder._position[id(p)] for p in bucket.parameters()]
+    sizes = [g.numel() for g in bucket.gradients()]
+    recorder._local.update(zip(positions, _sqnorms(bucket.buffer(), sizes)))
 
     def record_averaged(future: torch.futures.Future[torch.Tensor]) -> torch.Tensor:
         averaged = future.value()
-        recorder._averaged[index] = averaged.double().pow(2).sum()
+        recorder._averaged.update(zip(positions, _sqnorms(averaged, sizes)))
         return averaged
 
     return allreduce_hook(recorder.process_group, bucket).then(record_averaged)

@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from largebatch.train.run_dir import RESUMABLE_CHANGES
+from largebatch.train.config import RESUMABLE_CHANGES
 
 #: config fields that differ between the cells of one series by design, or that
 #: do not change a run's outcome

@@ -2,7 +2,7 @@
 
 A resumable pass over the results database. Every run recorded as done that
 lacks the diagnostics' columns is measured from its final checkpoint
-(:func:`~largebatch.diagnostics.suite.run_diagnostics` with
+(:func:`~largebatch.experiments.checkpoint_diagnostics.run_diagnostics` with
 :data:`SWEEP_SETTINGS`); the full record goes to
 ``runs/<id>/diagnostics.json`` and the headline numbers (``sharpness``,
 ``top_eigenvalue``, ``hessian_trace``, ``hessian_trace_stderr``) into the
@@ -23,7 +23,8 @@ from typing import Any
 
 from tqdm import tqdm
 
-from largebatch.diagnostics.suite import (
+from largebatch.experiments import analysis
+from largebatch.experiments.checkpoint_diagnostics import (
     DIAGNOSTICS_FILE,
     MAIN_EPSILON,
     DiagnosticsSettings,
@@ -33,10 +34,9 @@ from largebatch.diagnostics.suite import (
     run_diagnostics,
     summary_metrics,
 )
-from largebatch.experiments import analysis
 from largebatch.experiments.results_store import ResultsStore
-from largebatch.experiments.sweep import LOCK_FILE, locked
 from largebatch.utils.atomic import write_json_atomic
+from largebatch.utils.locking import locked
 
 INTERPOLATION_FILE = "interpolation.json"
 #: what is measured per run: the headline numbers, quickly (a few seconds on mnist1d-cnn)
@@ -98,7 +98,7 @@ def diagnose_sweep(
     todo = missing_diagnostics(store.rows(), settings)
     for row in tqdm(todo, desc="diagnose", unit="run", disable=not progress, dynamic_ncols=True):
         run_dir = directory / row["run_dir"]
-        with locked(run_dir / LOCK_FILE):
+        with locked(run_dir, wait=True):
             current = {r["cell_id"]: r for r in store.rows()}[row["cell_id"]]
             if not missing_diagnostics([current], settings):
                 continue  # another process measured it meanwhile

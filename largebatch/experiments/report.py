@@ -3,10 +3,10 @@
 A report is a list of sections, each built by a function registered with
 :func:`register_section`. The core sections (overview, accuracy, generalization
 gap, steps-to-target and critical batch size, loss curves, results table) are
-defined here; other packages add theirs without touching this module, either by
-calling :func:`register_section` before :func:`report` runs or by shipping a
-``largebatch/<package>/report_sections.py`` module, which :func:`report`
-imports. A section function receives a :class:`ReportContext` and returns a
+defined here; the modules named in :data:`SECTION_MODULES` (the diagnostics'
+sections) register theirs when :func:`report` imports them, and user code adds
+its own by calling :func:`register_section` before :func:`report` runs. A
+section function receives a :class:`ReportContext` and returns a
 :class:`Section`, or ``None`` when it has nothing to show.
 """
 
@@ -16,11 +16,9 @@ import base64
 import csv
 import html
 import importlib
-import importlib.util
 import io
 import json
 import math
-import pkgutil
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -39,6 +37,9 @@ from largebatch.experiments.results_store import ResultsStore
 from largebatch.utils.atomic import write_bytes_atomic, write_text_atomic
 
 FIGURES_DIR = "figures"
+#: modules whose sections the report shows besides the core ones; each imports this
+#: module and calls :func:`register_section`, so they are imported when a report is made
+SECTION_MODULES = ("largebatch.experiments.diagnostics_sections",)
 
 
 @dataclass
@@ -140,13 +141,9 @@ def register_section(name: str, order: float = 100.0) -> Callable[[SectionBuilde
 
 
 def _import_section_plugins() -> None:
-    """Import ``largebatch.<package>.report_sections`` modules, which register sections."""
-    import largebatch
-
-    for module in pkgutil.iter_modules(largebatch.__path__):
-        name = f"largebatch.{module.name}.report_sections"
-        if module.ispkg and importlib.util.find_spec(name) is not None:
-            importlib.import_module(name)
+    """Import the :data:`SECTION_MODULES`, which register their sections."""
+    for name in SECTION_MODULES:
+        importlib.import_module(name)
 
 
 # --- formatting helpers ------------------------------------------------------------

@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from largebatch.train.config import RunConfig, RunResult
+from largebatch.utils.errors import LargeBatchError, UnknownNameError
 
 DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -44,7 +45,7 @@ CONFIG_COLUMNS = {
 _SQL_TYPES = {int: "INTEGER", float: "REAL", str: "TEXT"}
 
 
-class ResultsStoreError(RuntimeError):
+class ResultsStoreError(LargeBatchError, RuntimeError):
     """The results database cannot be used (locked, corrupt, not ours)."""
 
 
@@ -338,18 +339,20 @@ def select_rows(
     rows: Iterable[Mapping[str, Any]],
     filters: Mapping[str, Any] | None = None,
     sort: str | None = None,
+    columns: Iterable[str] | None = None,
 ) -> list[Mapping[str, Any]]:
     """Rows matching every ``key == value`` filter, sorted by ``sort`` (``-key``: descending).
 
-    Keys are row columns, metric names or config fields (see :func:`row_value`);
-    an unknown key raises ``KeyError`` naming it. Missing values sort last.
+    Keys (of ``filters``, ``sort`` and the ``columns`` to be shown) are row
+    columns, metric names or config fields (see :func:`row_value`); an unknown
+    key raises ``UnknownNameError`` (a ``KeyError``) naming it. Missing values sort last.
     """
     rows = list(rows)
     known = set().union(*(set(r) | set(r["config"]) for r in rows)) - {"config", "extra"}
-    keys = [*(filters or {}), *([sort.removeprefix("-")] if sort else [])]
+    keys = [*(filters or {}), *([sort.removeprefix("-")] if sort else []), *(columns or [])]
     for key in keys:
         if rows and key.removeprefix("config.") not in known:
-            raise KeyError(f"Unknown column {key!r}; known: {', '.join(sorted(known))}")
+            raise UnknownNameError(f"Unknown column {key!r}; known: {', '.join(sorted(known))}")
     for key, wanted in (filters or {}).items():
         rows = [r for r in rows if _same(row_value(r, key), wanted)]
     if sort:

@@ -11,16 +11,12 @@ A cell that fails or diverges is recorded with its reason and the sweep goes on.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import json
 import math
 import multiprocessing
 import os
-import tempfile
 import time
 import traceback
-from collections.abc import Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -30,12 +26,15 @@ from tqdm import tqdm
 from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, cell_name, expand
 from largebatch.tasks import get_task
-from largebatch.train import RunConfig, RunResult, plan_run, train, validate
-from largebatch.train.run_dir import RunDirectory
+from largebatch.train import RunConfig, RunResult, launch, plan_run, train
+from largebatch.train.distributed import pick_device
+from largebatch.train.run_dir import RunDirectory, read_result
 from largebatch.utils.atomic import write_json_atomic
+from largebatch.utils.errors import ConfigError, LargeBatchError
+from largebatch.utils.locking import locked
+from largebatch.utils.processes import die_with_parent
 
 SWEEP_FILE = "sweep.json"
-LOCK_FILE = ".lock"
 
 
 @dataclass(frozen=True)
@@ -58,25 +57,21 @@ def prepare(spec: SweepSpec, directory: str | Path) -> Sweep:
     directory = Path(directory)
     try:
         task = get_task(spec.task, **spec.task_options)
-    except (ValueError, TypeError, ImportError) as exc:
+    except (LargeBatchError, ValueError, TypeError, ImportError) as exc:
         raise SweepConfigError(f"task {spec.task!r}: {exc}") from None
+    try:
+        pick_device(spec.device, local_rank=spec.nproc - 1)
+    except ConfigError as exc:
+        raise SweepConfigError(f"device: {exc}") from None
 
     def eval_every(config: RunConfig) -> int:
         try:
             total_steps = plan_run(config, task).total_steps
-        except ValueError as exc:
+        except ConfigError as exc:
             raise SweepConfigError(f"cell {cell_name(config)}: {exc}") from None
         return max(1, math.ceil(total_steps / spec.evals_per_run))
 
-    cells = expand(spec, directory, len(task.train), eval_every)
-    runs_dir = directory / "runs"
-    for cell in cells:
-        try:
-            validate(replace(cell.config, out_dir=str(runs_dir), resume=True))
-            plan_run(cell.config, task)
-        except ValueError as exc:
-            raise SweepConfigError(f"cell {cell.cell_id}: {exc}") from None
-    return Sweep(spec, directory, tuple(cells))
+    return Sweep(spec, directory, tuple(expand(spec, directory, len(task.train), eval_every)))
 
 
 def load_saved_spec(directory: str | Path) -> SweepSpec | None:
@@ -90,38 +85,15 @@ def load_saved_spec(directory: str | Path) -> SweepSpec | None:
 # --- one cell -----------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``path`` (released by the OS if the process dies)."""
-    with open(path, "a") as file:
-        fcntl.flock(file, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(file, fcntl.LOCK_UN)
-
-
-def _saved_result(run_dir: Path) -> RunResult | None:
-    """The run's ``result.json`` (written atomically at its end), if it exists."""
-    path = run_dir / "result.json"
-    if not path.exists():
-        return None
-    return RunResult(**json.loads(path.read_text()))
-
-
 def _train_data_parallel(config: RunConfig) -> RunResult:
-    """Run a cell with ``config.nproc`` processes through torchrun, as ``largebatch run`` does."""
-    from largebatch.train.distributed import launch
-
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as file:
-        json.dump({"config": config.to_dict()}, file)
-    try:
-        status = launch(config.nproc, ["run", "--config", file.name, "--no-progress"])
-    finally:
-        os.unlink(file.name)
-    result = _saved_result(Path(config.out_dir))
+    """Run a cell in ``config.nproc`` worker processes, as ``largebatch run --nproc`` does."""
+    started = time.time()
+    status = launch(config)
+    result = read_result(config.out_dir, since=started)
     if result is None:
-        raise RuntimeError(f"torchrun exited with status {status} without writing result.json")
+        raise RuntimeError(
+            f"the {config.nproc} workers exited with status {status} without writing result.json"
+        )
     return result
 
 
@@ -152,11 +124,11 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
     run_dir = cell.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     store = ResultsStore(store_path)
-    with locked(run_dir / LOCK_FILE):
+    with locked(run_dir, wait=True):
         recorded = store.statuses().get(cell.cell_id)
         if recorded is not None and not (retry_failed and recorded == "failed"):
             return recorded
-        result = _saved_result(run_dir)
+        result = read_result(run_dir)
         if result is None or (retry_failed and result.status == "failed"):
             result = _train(cell.config)
         if result.status == "diverged" and result.error is None:
@@ -167,8 +139,10 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
 
 
 def _init_worker(threads: int) -> None:
+    """Set up a process of the pool: it dies with the sweep, and shares the cores."""
     import torch
 
+    die_with_parent()
     torch.set_num_threads(threads)
 
 

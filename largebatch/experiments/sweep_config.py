@@ -34,22 +34,22 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from largebatch.optim.registry import get_spec as get_optimizer_spec
-from largebatch.optim.registry import list_optimizers, unknown_name_message
+from largebatch.optim.registry import OptimizerArguments, list_optimizers, optimizer_arguments
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
-from largebatch.train.config import RunConfig, Scaling, Schedule
-from largebatch.train.run_dir import RESUMABLE_CHANGES
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
+from largebatch.utils.errors import ConfigError, unknown_name_message
+from largebatch.utils.values import check_like, is_number
 
 KeyPath = tuple[str, ...]
 FULL_BATCH = "full"
 
 
-class SweepConfigError(ValueError):
+class SweepConfigError(ConfigError):
     """A sweep definition is invalid; the message names the key and where it was set."""
 
 
-class _Invalid(Exception):
+class _Invalid(ConfigError):
     """Raised by a value check with what was expected; turned into a SweepConfigError."""
 
 
@@ -58,10 +58,6 @@ class _InvalidItem(_Invalid):
 
 
 # --- value checks: each returns the normalised value or raises _Invalid ----------------
-
-
-def _is_number(value: Any) -> bool:
-    return isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _string(value: Any) -> str:
@@ -89,13 +85,13 @@ def _non_negative_int(value: Any) -> int:
 
 
 def _positive_number(value: Any) -> float:
-    if not _is_number(value) or not value > 0:
+    if not is_number(value) or not value > 0:
         raise _Invalid("expected a number > 0")
     return float(value)
 
 
 def _non_negative_number(value: Any) -> float:
-    if not _is_number(value) or not value >= 0:
+    if not is_number(value) or not value >= 0:
         raise _Invalid("expected a number >= 0")
     return float(value)
 
@@ -147,7 +143,7 @@ def _target(value: Any) -> tuple[str, float]:
         isinstance(value, list | tuple)
         and len(value) == 2
         and isinstance(value[0], str)
-        and _is_number(value[1])
+        and is_number(value[1])
     ):
         raise _Invalid('expected [metric, value], e.g. ["accuracy", 0.9]')
     return (value[0], float(value[1]))
@@ -323,48 +319,16 @@ def _fail(origins: Origins, path: KeyPath, problem: str) -> SweepConfigError:
 # --- validation --------------------------------------------------------------------------
 
 
-def _optimizer_arguments(name: str) -> dict[str, Any]:
-    """Hyperparameter name -> default of a registered optimizer (wrappers include the base's)."""
-    spec = get_optimizer_spec(name)
-    defaults: dict[str, Any] = {}
-    if spec.wraps is not None:
-        defaults.update(_optimizer_arguments(spec.wraps))
-        defaults["base"] = spec.wraps
-    # the first argument is the parameters (or, for a wrapper, the base optimizer)
-    for param in list(inspect.signature(spec.load()).parameters.values())[1:]:
-        if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            continue
-        defaults[param.name] = None if param.default is param.empty else param.default
-    defaults.update(spec.defaults)
-    return defaults
-
-
-def _default_lr(name: str) -> float | None:
-    """The learning rate an optimizer uses when none is given."""
-    return _optimizer_arguments(name).get("lr")
-
-
-def _check_like(default: Any, value: Any) -> Any:
-    """``value`` if it has the type of ``default``, else _Invalid (a float default takes ints)."""
-    if default is None:
-        return value
-    if isinstance(default, bool):
-        return _boolean(value)
-    if isinstance(default, int):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise _Invalid(f"expected an integer (default {default!r})")
-        return value
-    if isinstance(default, float):
-        if not _is_number(value):
-            raise _Invalid(f"expected a number (default {default!r})")
-        return float(value)
-    if isinstance(default, str):
-        return _string(value)
-    if isinstance(default, tuple | list):
-        if not isinstance(value, list | tuple) or len(value) != len(default):
-            raise _Invalid(f"expected a list of {len(default)} values (default {list(default)})")
-        return type(default)(_check_like(d, v) for d, v in zip(default, value))
-    return value
+def _optimizer_arguments(name: str, base: Any = None) -> OptimizerArguments:
+    """What optimizer ``name`` (with the wrapper's ``base``, if set) accepts; _Invalid if unknown."""
+    if base is not None and not isinstance(base, str):
+        raise _Invalid(f"base: expected an optimizer name, got {base!r}")
+    try:
+        return optimizer_arguments(name, base)
+    except KeyError as exc:
+        raise _Invalid(exc.args[0]) from None
+    except ValueError as exc:
+        raise _Invalid(str(exc)) from None
 
 
 def _check_value(origins: Origins, path: KeyPath, check: Callable[[Any], Any], value: Any) -> Any:
@@ -372,7 +336,7 @@ def _check_value(origins: Origins, path: KeyPath, check: Callable[[Any], Any], v
         return check(value)
     except _InvalidItem as exc:
         raise _fail(origins, path, str(exc)) from None
-    except _Invalid as exc:
+    except ConfigError as exc:
         raise _fail(origins, path, f"{exc}, got {value!r}") from None
 
 
@@ -383,16 +347,20 @@ def _check_optimizer_section(
     path = ("optimizer", name)
     section = _check_value(origins, path, _table, section)
     try:
-        arguments = _optimizer_arguments(name)
-    except KeyError as exc:
-        raise _fail(origins, path, exc.args[0]) from None
+        accepted = _optimizer_arguments(name, section.get("base"))
+        arguments = accepted.defaults
+    except _Invalid as exc:
+        where = (*path, "base") if "base" in section else path
+        raise _fail(origins, where, str(exc)) from None
     settings, hyperparameters = {}, {}
     for key, value in section.items():
         if key in RUN_SETTINGS:
             settings[key] = _check_value(origins, (*path, key), RUN_SETTINGS[key], value)
+        elif key in arguments and value is None and key in accepted.optional:
+            hyperparameters[key] = value
         elif key in arguments:
             checked = _check_value(
-                origins, (*path, key), lambda v, d=arguments[key]: _check_like(d, v), value
+                origins, (*path, key), lambda v, d=arguments[key]: check_like(d, v), value
             )
             hyperparameters[key] = checked
         else:
@@ -505,7 +473,7 @@ def _check_names(spec: SweepSpec, origins: Origins) -> None:
         if (
             settings["lr_factors"] is not None
             and settings["lr"] is None
-            and _default_lr(name) is None
+            and _default_lr(spec, name) is None
         ):
             raise _fail(origins, ("lr_factors",), f"optimizer {name!r} has no default lr; set lr")
     try:
@@ -523,7 +491,7 @@ def _check_names(spec: SweepSpec, origins: Origins) -> None:
                 origins, ("task_options", key), unknown_name_message("task option", key, options)
             )
         _check_value(
-            origins, ("task_options", key), lambda v, d=options[key]: _check_like(d, v), value
+            origins, ("task_options", key), lambda v, d=options[key]: check_like(d, v), value
         )
 
 
@@ -535,13 +503,19 @@ def resolve_batch_sizes(spec: SweepSpec, train_size: int) -> tuple[int, ...]:
     return tuple(train_size if b == FULL_BATCH else b for b in spec.batch_sizes)
 
 
+def _default_lr(spec: SweepSpec, optimizer: str) -> float | None:
+    """The learning rate ``optimizer`` uses when none is given (with the sweep's ``base=``)."""
+    base = spec.hyperparameters.get(optimizer, {}).get("base")
+    return optimizer_arguments(optimizer, base).lr
+
+
 def _learning_rates(spec: SweepSpec, optimizer: str) -> tuple[float | None, ...]:
     """The base learning rates of ``optimizer``'s cells (``None``: registry default)."""
     settings = spec.settings_for(optimizer)
     if settings["lrs"] is not None:
         return settings["lrs"]
     if settings["lr_factors"] is not None:
-        base_lr = settings["lr"] if settings["lr"] is not None else _default_lr(optimizer)
+        base_lr = settings["lr"] if settings["lr"] is not None else _default_lr(spec, optimizer)
         return tuple(base_lr * factor for factor in settings["lr_factors"])
     return (settings["lr"],)
 
@@ -560,8 +534,12 @@ def cell_id(config: RunConfig) -> str:
 
 def cell_name(config: RunConfig) -> str:
     """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
-    lr = f"-lr{config.lr:g}" if config.lr is not None else ""
-    return f"{config.optimizer}-b{config.batch_size}-s{config.seed}{lr}"
+    return _name(config.optimizer, config.batch_size, config.seed, config.lr)
+
+
+def _name(optimizer: str, batch_size: int, seed: int, lr: float | None) -> str:
+    lr_part = f"-lr{lr:g}" if lr is not None else ""
+    return f"{optimizer}-b{batch_size}-s{seed}{lr_part}"
 
 
 def expand(
@@ -584,28 +562,32 @@ def expand(
             for optimizer in spec.optimizers:
                 settings = spec.settings_for(optimizer)
                 for lr in _learning_rates(spec, optimizer):
-                    config = RunConfig(
-                        task=spec.task,
-                        task_options=dict(spec.task_options),
-                        optimizer=optimizer,
-                        optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
-                        lr=lr,
-                        base_batch_size=spec.base_batch_size,
-                        batch_size=batch_size,
-                        accumulation_steps=spec.accumulation_steps,
-                        scaling=settings["scaling"],
-                        warmup_steps=settings["warmup_steps"],
-                        warmup_epochs=settings["warmup_epochs"],
-                        schedule=settings["schedule"] or RunConfig.schedule,
-                        epochs=spec.epochs,
-                        steps=spec.steps,
-                        target=spec.target,
-                        stop_at_target=spec.stop_at_target,
-                        seed=seed,
-                        device=spec.device,
-                        bf16=spec.bf16,
-                        nproc=spec.nproc,
-                    )
+                    try:
+                        config = RunConfig(
+                            task=spec.task,
+                            task_options=dict(spec.task_options),
+                            optimizer=optimizer,
+                            optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
+                            lr=lr,
+                            base_batch_size=spec.base_batch_size,
+                            batch_size=batch_size,
+                            accumulation_steps=spec.accumulation_steps,
+                            scaling=settings["scaling"],
+                            warmup_steps=settings["warmup_steps"],
+                            warmup_epochs=settings["warmup_epochs"],
+                            schedule=settings["schedule"] or RunConfig.schedule,
+                            epochs=spec.epochs,
+                            steps=spec.steps,
+                            target=spec.target,
+                            stop_at_target=spec.stop_at_target,
+                            seed=seed,
+                            device=spec.device,
+                            bf16=spec.bf16,
+                            nproc=spec.nproc,
+                        )
+                    except ConfigError as exc:
+                        name = _name(optimizer, batch_size, seed, lr)
+                        raise SweepConfigError(f"cell {name}: {exc}") from None
                     every = eval_every(config)
                     config = replace(
                         config, eval_every=every, checkpoint_every=spec.checkpoint_every or every

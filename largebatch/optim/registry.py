@@ -7,17 +7,18 @@ Adding an optimizer means adding one ``register(...)`` call below.
 
 from __future__ import annotations
 
-import difflib
 import importlib
 import inspect
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import Any
 
 import torch
 from torch import nn
 
 from largebatch.optim.param_groups import param_groups
+from largebatch.utils.errors import unknown_name_message
 
 ScalingRule = str  # "none" | "linear" | "sqrt"
 
@@ -66,14 +67,6 @@ def register(spec: OptimizerSpec) -> OptimizerSpec:
     return spec
 
 
-def unknown_name_message(kind: str, name: str, valid: Iterable[str]) -> str:
-    """'unknown X' message listing valid names and suggesting the closest."""
-    valid = sorted(valid)
-    close = difflib.get_close_matches(name, valid, n=1)
-    hint = f" Did you mean {close[0]!r}?" if close else ""
-    return f"Unknown {kind} {name!r}.{hint} Valid names: {', '.join(valid)}."
-
-
 def get_spec(name: str) -> OptimizerSpec:
     """The spec registered under ``name``; a ``KeyError`` that lists the valid names."""
     try:
@@ -85,6 +78,65 @@ def get_spec(name: str) -> OptimizerSpec:
 def list_optimizers() -> list[OptimizerSpec]:
     """All registered specs, in registration order."""
     return list(_REGISTRY.values())
+
+
+@dataclass(frozen=True)
+class OptimizerArguments:
+    """What :func:`create_optimizer` accepts for one optimizer, and with which defaults.
+
+    Attributes:
+        defaults: every keyword argument -> the value used when it is left out
+            (the spec's default, else the constructor's; ``None`` if it has none).
+            A wrapper's include its base optimizer's and ``base``. A constructor's
+            integer default for an argument annotated as a float reads as a float
+            (torch's ``momentum: float = 0`` takes ``0.9``).
+        lr: the learning rate used when none is given (a wrapper's comes from its
+            base); ``None`` if the optimizer has none.
+        optional: the arguments that take ``None`` (annotated so, or defaulting to it).
+        open: the constructor takes ``**kwargs``, so names beyond ``defaults`` pass too.
+    """
+
+    defaults: Mapping[str, Any]
+    lr: float | None
+    optional: frozenset[str] = frozenset()
+    open: bool = False
+
+
+def optimizer_arguments(name: str, base: str | None = None) -> OptimizerArguments:
+    """The keyword arguments optimizer ``name`` accepts and its default learning rate.
+
+    ``base`` is a wrapper's ``base=`` hyperparameter (its default base when
+    ``None``), so ``optimizer_arguments("e", base="lamb")`` includes LAMB's
+    arguments and LAMB's learning rate. Raises ``KeyError`` for an unknown name
+    and ``ValueError`` for a ``base`` given to an optimizer that wraps none.
+    """
+    spec = get_spec(name)
+    if base is not None and spec.wraps is None:
+        raise ValueError(f"Invalid base: {base!r} ({name!r} does not wrap another optimizer)")
+    defaults: dict[str, Any] = {}
+    optional: set[str] = set()
+    is_open = False
+    if spec.wraps is not None:
+        inner = optimizer_arguments(base or spec.wraps)
+        defaults.update(inner.defaults)
+        defaults["base"] = base or spec.wraps
+        optional |= inner.optional
+        is_open = inner.open
+    # the first argument is the parameters (or, for a wrapper, the base optimizer)
+    for param in list(inspect.signature(spec.load()).parameters.values())[1:]:
+        if param.kind is param.VAR_KEYWORD:
+            is_open = True
+        elif param.kind is not param.VAR_POSITIONAL:
+            default = None if param.default is param.empty else param.default
+            annotation = str(param.annotation)
+            if type(default) is int and "float" in annotation:
+                default = float(default)
+            if default is None or "None" in annotation or "Optional" in annotation:
+                optional.add(param.name)
+            defaults[param.name] = default
+    defaults.update(spec.defaults)
+    lr = defaults.get("lr")
+    return OptimizerArguments(MappingProxyType(defaults), lr, frozenset(optional), is_open)
 
 
 def _accepted_keys(cls: type) -> set[str] | None:

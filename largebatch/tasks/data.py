@@ -7,17 +7,27 @@ deterministic, and a split is a seeded permutation of row indices.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
+from torch import nn
+from torch.nn import functional as F
 from torch.utils.data import TensorDataset
+
+from largebatch.tasks.base import Task
 
 
 def check_positive_int(name: str, value: int) -> None:
     """``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+
+
+def check_positive_ints(**values: int) -> None:
+    """:func:`check_positive_int` for each keyword argument (its name is the option's)."""
+    for name, value in values.items():
+        check_positive_int(name, value)
 
 
 def check_seed(seed: int) -> None:
@@ -84,3 +94,28 @@ def carve_val(
     inputs, targets = train.tensors
     rest, val = split_rows(inputs, targets, [val_fraction], seed)
     return rest, val
+
+
+def classification_task(
+    name: str,
+    train: TensorDataset,
+    test: TensorDataset,
+    build_model: Callable[[], nn.Module],
+    target_accuracy: float,
+    val_fraction: float,
+    val_seed: int,
+) -> Task:
+    """A classification :class:`Task` (cross-entropy loss, accuracy target) on in-memory data.
+
+    A seeded ``val_fraction`` of ``train`` becomes the validation split (:func:`carve_val`).
+    """
+    train, val = carve_val(train, val_fraction, val_seed)
+    return Task(
+        name=name,
+        train=train,
+        val=val,
+        test=test,
+        build_model=build_model,
+        loss_fn=F.cross_entropy,
+        target_metric=("accuracy", target_accuracy),
+    )

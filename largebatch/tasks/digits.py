@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import numpy as np
 from torch import nn
-from torch.nn import functional as F
 
 from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
-    carve_val,
     check_fraction,
     check_positive_int,
     check_seed,
+    classification_task,
     tensor_dataset,
 )
 
@@ -54,13 +53,12 @@ def digits_cnn(
     x_train, x_test, y_train, y_test = train_test_split(
         images, digits.target, test_size=test_fraction, random_state=seed, stratify=digits.target
     )
-    train, val = carve_val(tensor_dataset(x_train, y_train), val_fraction, seed)
-    return Task(
-        name="digits-cnn",
-        train=train,
-        val=val,
+    return classification_task(
+        "digits-cnn",
+        train=tensor_dataset(x_train, y_train),
         test=tensor_dataset(x_test, y_test),
         build_model=lambda: digits_cnn_model(channels),
-        loss_fn=F.cross_entropy,
-        target_metric=("accuracy", 0.95),
+        target_accuracy=0.95,
+        val_fraction=val_fraction,
+        val_seed=seed,
     )

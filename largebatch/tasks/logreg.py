@@ -13,14 +13,13 @@ from __future__ import annotations
 
 import numpy as np
 from torch import nn
-from torch.nn import functional as F
 
 from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
-    carve_val,
     check_num_classes,
-    check_positive_int,
+    check_positive_ints,
     check_seed,
+    classification_task,
     tensor_dataset,
 )
 
@@ -61,12 +60,7 @@ def logreg(
     """Sparse tf-idf bag-of-words classification with a linear model (multinomial logistic regression)."""
     from sklearn.feature_extraction.text import TfidfTransformer
 
-    for option, value in [
-        ("num_train", num_train),
-        ("num_test", num_test),
-        ("num_features", num_features),
-    ]:
-        check_positive_int(option, value)
+    check_positive_ints(num_train=num_train, num_test=num_test, num_features=num_features)
     check_num_classes(num_classes)
     if not doc_length > 0:
         raise ValueError(f"Invalid doc_length: {doc_length} (expected > 0)")
@@ -83,15 +77,12 @@ def logreg(
     tfidf = TfidfTransformer(sublinear_tf=True).fit(counts[:num_train])
     features = tfidf.transform(counts).toarray()
 
-    train, val = carve_val(
-        tensor_dataset(features[:num_train], labels[:num_train]), val_fraction, seed
-    )
-    return Task(
-        name="logreg",
-        train=train,
-        val=val,
+    return classification_task(
+        "logreg",
+        train=tensor_dataset(features[:num_train], labels[:num_train]),
         test=tensor_dataset(features[num_train:], labels[num_train:]),
         build_model=lambda: nn.Linear(num_features, num_classes),
-        loss_fn=F.cross_entropy,
-        target_metric=("accuracy", 0.85),
+        target_accuracy=0.85,
+        val_fraction=val_fraction,
+        val_seed=seed,
     )

@@ -20,10 +20,10 @@ from torch.nn import functional as F
 from largebatch.tasks.base import Task
 from largebatch.tasks.cache import Arrays, cached
 from largebatch.tasks.data import (
-    carve_val,
     check_fraction,
     check_positive_int,
     check_seed,
+    classification_task,
     tensor_dataset,
 )
 from largebatch.tasks.models import mlp
@@ -117,15 +117,14 @@ def _mnist1d_task(
     check_seed(seed)
     key = generation_key(num_samples, test_fraction, seed)
     data = cached("mnist1d", key, partial(_generate, key))
-    train, val = carve_val(tensor_dataset(data["x"], data["y"]), val_fraction, seed)
-    return Task(
-        name=name,
-        train=train,
-        val=val,
+    return classification_task(
+        name,
+        train=tensor_dataset(data["x"], data["y"]),
         test=tensor_dataset(data["x_test"], data["y_test"]),
         build_model=build_model,
-        loss_fn=F.cross_entropy,
-        target_metric=("accuracy", target_accuracy),
+        target_accuracy=target_accuracy,
+        val_fraction=val_fraction,
+        val_seed=seed,
     )
 
 

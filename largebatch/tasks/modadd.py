@@ -16,14 +16,14 @@ import math
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
-    carve_val,
     check_fraction,
     check_positive_int,
+    check_positive_ints,
     check_seed,
+    classification_task,
     split_rows,
 )
 
@@ -105,21 +105,19 @@ def modadd_transformer(
     if modulus < 2:
         raise ValueError(f"Invalid modulus: {modulus} (expected at least 2)")
     check_fraction("train_fraction", train_fraction)
-    for option, value in [("d_model", d_model), ("n_layers", n_layers), ("n_heads", n_heads)]:
-        check_positive_int(option, value)
+    check_positive_ints(d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     if d_model % n_heads:
         raise ValueError(f"Invalid n_heads: {n_heads} (must divide d_model={d_model})")
     check_seed(seed)
 
     tokens, answers = modular_addition_data(modulus)
     test, train = split_rows(tokens, answers, [train_fraction], seed)
-    train, val = carve_val(train, val_fraction, seed + 1)
-    return Task(
-        name="modadd-transformer",
+    return classification_task(
+        "modadd-transformer",
         train=train,
-        val=val,
         test=test,
         build_model=lambda: ModAddTransformer(modulus, d_model, n_layers, n_heads),
-        loss_fn=F.cross_entropy,
-        target_metric=("accuracy", 0.95),
+        target_accuracy=0.95,
+        val_fraction=val_fraction,
+        val_seed=seed + 1,
     )

@@ -13,14 +13,15 @@ import inspect
 import numbers
 import os
 import sys
+import traceback
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 from typing import Any
 
-from largebatch.optim.registry import unknown_name_message
 from largebatch.tasks import digits, logreg, mnist1d, modadd, teacher_student
 from largebatch.tasks.base import Task
+from largebatch.utils.errors import ConfigError, TaskError, UnknownNameError, unknown_name_message
 
 TaskBuilder = Callable[..., Task]
 
@@ -68,11 +69,11 @@ def list_tasks() -> list[TaskSpec]:
 
 
 def get_spec(name: str) -> TaskSpec:
-    """The spec registered under ``name``; a ``KeyError`` that lists the valid names."""
+    """The spec registered under ``name``; an ``UnknownNameError`` (a ``KeyError``) listing the valid names."""
     try:
         return _REGISTRY[name]
     except KeyError:
-        raise KeyError(unknown_name_message("task", name, _REGISTRY)) from None
+        raise UnknownNameError(unknown_name_message("task", name, _REGISTRY)) from None
 
 
 def _parse_bool(text: str) -> bool:
@@ -103,20 +104,33 @@ def _coerce(option: str, value: Any, default: Any) -> Any:
             pass
     elif isinstance(value, accepted) and (kind is bool or not isinstance(value, bool)):
         return kind(value)
-    raise ValueError(
+    raise ConfigError(
         f"Invalid value for task option {option!r}: {value!r} (expected {kind.__name__})"
     )
 
 
-def _validated_options(spec: TaskSpec, options: Mapping[str, Any]) -> dict[str, Any]:
-    """Options checked against the spec's names and converted to the defaults' types."""
+def validated_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of registered task ``name``, checked and converted to their defaults' types.
+
+    Raises ``UnknownNameError`` for an unknown task and ``ConfigError`` (a
+    ``ValueError``) naming an unknown option or a value of the wrong type.
+    """
+    spec = get_spec(name)
     unknown = sorted(set(options) - set(spec.options))
     if unknown:
-        raise ValueError(
+        raise ConfigError(
             f"Unknown option(s) {', '.join(map(repr, unknown))} for task {spec.name!r}. "
             f"Valid options: {', '.join(spec.options) or '(none)'}."
         )
     return {key: _coerce(key, value, spec.options[key]) for key, value in options.items()}
+
+
+def split_user_task(target: str) -> tuple[str, str]:
+    """``"package.module:function"`` -> ``("package.module", "function")``; ``ConfigError`` if malformed."""
+    module_name, _, attr = target.partition(":")
+    if not module_name or not attr:
+        raise ConfigError(f"Invalid user task {target!r}: expected 'package.module:function'")
+    return module_name, attr
 
 
 def load_user_builder(target: str) -> TaskBuilder:
@@ -125,9 +139,7 @@ def load_user_builder(target: str) -> TaskBuilder:
     The current directory is importable, as with ``python -m``, so a task module
     next to where the command runs is found.
     """
-    module_name, _, attr = target.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"Invalid user task {target!r}: expected 'package.module:function'")
+    module_name, attr = split_user_task(target)
     if os.getcwd() not in sys.path:
         sys.path.append(os.getcwd())
     try:
@@ -135,6 +147,10 @@ def load_user_builder(target: str) -> TaskBuilder:
     except ImportError as exc:
         raise ImportError(
             f"Cannot import module {module_name!r} for task {target!r}: {exc}"
+        ) from exc
+    except Exception as exc:  # the module itself raised while being imported
+        raise TaskError(
+            f"Importing {module_name!r} for task {target!r} raised {_where(exc)}"
         ) from exc
     try:
         builder = getattr(module, attr)
@@ -156,22 +172,39 @@ def get_task(name: str, **options: Any) -> Task:
             a user task's options must fit its function's signature.
         ImportError: a user task's module or function cannot be imported.
         TypeError: a user task returned something other than a ``Task``.
+        TaskError: a user task's function raised (the exception is the ``__cause__``).
     """
     if ":" in name:
         builder = load_user_builder(name)
+        parameters = inspect.signature(builder).parameters
         try:
             inspect.signature(builder).bind(**options)
         except TypeError as exc:
-            raise ValueError(f"Invalid options for task {name!r}: {exc}") from None
-        task = builder(**options)
+            raise ConfigError(f"Invalid options for task {name!r}: {exc}") from None
+        options = {
+            key: value if parameters[key].default is inspect.Parameter.empty
+            else _coerce(key, value, parameters[key].default)
+            for key, value in options.items()
+        }  # fmt: skip
+        try:
+            task = builder(**options)
+        except Exception as exc:
+            raise TaskError(f"Task {name!r} raised {_where(exc)}") from exc
         if not isinstance(task, Task):
             raise TypeError(
                 f"Task {name!r} returned {type(task).__name__}, expected largebatch.tasks.Task"
             )
         return task
     spec = get_spec(name)
-    task = spec.build(**_validated_options(spec, options))
+    task = spec.build(**validated_options(name, options))
     return replace(task, description=task.description or spec.description)
+
+
+def _where(exc: Exception) -> str:
+    """``Type: message (file:line)`` of an exception, at the innermost frame it passed."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    place = f" ({frames[-1].filename}:{frames[-1].lineno})" if frames else ""
+    return f"{type(exc).__name__}: {exc}{place}"
 
 
 # --- the registry -----------------------------------------------------------------

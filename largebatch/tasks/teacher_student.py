@@ -18,11 +18,11 @@ from torch.nn import functional as F
 
 from largebatch.tasks.base import Task
 from largebatch.tasks.data import (
-    carve_val,
     check_fraction,
     check_num_classes,
-    check_positive_int,
+    check_positive_ints,
     check_seed,
+    classification_task,
     tensor_dataset,
 )
 from largebatch.tasks.models import mlp
@@ -55,14 +55,10 @@ def teacher_student(
     seed: int = 0,
 ) -> Task:
     """Gaussian inputs, random-teacher labels (optionally noisy), a two-hidden-layer student MLP."""
-    for option, value in [
-        ("num_train", num_train),
-        ("num_test", num_test),
-        ("input_dim", input_dim),
-        ("teacher_hidden", teacher_hidden),
-        ("student_hidden", student_hidden),
-    ]:
-        check_positive_int(option, value)
+    check_positive_ints(
+        num_train=num_train, num_test=num_test, input_dim=input_dim,
+        teacher_hidden=teacher_hidden, student_hidden=student_hidden,
+    )  # fmt: skip
     check_num_classes(num_classes)
     check_fraction("label_noise", label_noise, allow_zero=True)
     check_seed(seed)
@@ -75,13 +71,12 @@ def teacher_student(
     random_labels = torch.randint(num_classes, (num_train,), generator=generator)
     train_labels[noisy] = random_labels[noisy]
 
-    train, val = carve_val(tensor_dataset(inputs[:num_train], train_labels), val_fraction, seed)
-    return Task(
-        name="teacher-student",
-        train=train,
-        val=val,
+    return classification_task(
+        "teacher-student",
+        train=tensor_dataset(inputs[:num_train], train_labels),
         test=tensor_dataset(inputs[num_train:], labels[num_train:]),
         build_model=partial(mlp, input_dim, [student_hidden, student_hidden], num_classes),
-        loss_fn=F.cross_entropy,
-        target_metric=("accuracy", 0.8),
+        target_accuracy=0.8,
+        val_fraction=val_fraction,
+        val_seed=seed,
     )

@@ -2,9 +2,10 @@
 
 A checkpoint file is ``torch.save`` bytes followed by a footer (a magic string
 and the SHA-256 of those bytes), written atomically (:mod:`largebatch.utils.atomic`):
-a crash leaves either the old file or the new one, never half of one. The newest two are kept; loading checks the
-footer and falls back to the older file, with a clear message, when the newest
-is truncated or corrupt.
+a crash leaves either the old file or the new one, never half of one. The
+newest two are kept; loading checks the footer and falls back to the older
+file, with a clear message, when the newest is truncated or corrupt. When no
+checkpoint is usable, loading fails and leaves every file where it is.
 """
 
 from __future__ import annotations
@@ -20,14 +21,11 @@ import numpy as np
 import torch
 
 from largebatch.utils.atomic import write_bytes_atomic
+from largebatch.utils.errors import CheckpointError
 
 MAGIC = b"LBCKPT01"
 FOOTER_SIZE = len(MAGIC) + hashlib.sha256().digest_size
 KEEP = 2
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used (truncated, corrupt, or not a checkpoint)."""
 
 
 def checkpoint_path(directory: Path, step: int) -> Path:
@@ -71,22 +69,37 @@ def load_latest(
 ) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint in ``directory`` and its path; ``None`` if there is none.
 
-    An unusable newer file is, if ``rename_corrupt`` (one process only), renamed
-    ``*.corrupt`` (kept for inspection, out of the way of later saves) with a
-    warning, and the previous one is tried. Raises ``CheckpointError`` if
-    checkpoints exist but none is usable.
+    An unusable newer file is skipped with a warning and the previous one is
+    tried; once a usable one is found, the unusable newer ones are, if
+    ``rename_corrupt`` (one process only), renamed ``*.corrupt`` (kept for
+    inspection, out of the way of later saves). Raises ``CheckpointError`` if
+    checkpoints exist (or only ``*.corrupt`` ones set aside earlier) but none is
+    usable; then nothing is renamed, so a later attempt fails the same way rather
+    than starting over from step 0.
     """
-    errors = []
-    for path in reversed(list_checkpoints(directory)):
+    candidates = list_checkpoints(directory)[::-1]
+    unusable = []
+    for i, path in enumerate(candidates):
         try:
-            return load_checkpoint(path, map_location), path
+            state = load_checkpoint(path, map_location)
         except CheckpointError as error:
-            errors.append(str(error))
-            if rename_corrupt:
-                path.rename(path.with_name(path.name + ".corrupt"))
-            warnings.warn(f"{error}; falling back to the previous checkpoint", stacklevel=2)
-    if errors:
-        raise CheckpointError(f"No usable checkpoint in {directory}: " + "; ".join(errors))
+            unusable.append(path)
+            more = "; falling back to the previous checkpoint" if i + 1 < len(candidates) else ""
+            warnings.warn(f"{error}{more}", stacklevel=2)
+            continue
+        if rename_corrupt:
+            for bad in unusable:
+                bad.rename(bad.with_name(bad.name + ".corrupt"))
+        return state, path
+    set_aside = sorted(directory.glob("step-*.pt.corrupt"))
+    if unusable or set_aside:
+        names = [p.name for p in [*unusable, *set_aside]]
+        verb = "is" if len(names) == 1 else "are"
+        raise CheckpointError(
+            f"No usable checkpoint in {directory}: {', '.join(names)} {verb} truncated or "
+            "corrupt, and left there. To start this run over, delete its directory (or "
+            "choose another)"
+        )
     return None
 
 

@@ -3,21 +3,41 @@
 :class:`RunConfig` is what ``largebatch run`` parses its flags into and what a
 sweep writes for each cell; :class:`RunResult` is what a run reports back and
 what the results database stores. Both are plain, JSON-serialisable dataclasses.
+A ``RunConfig`` checks itself when it is built (pure checks: no files, no
+devices, no data), so a config that exists is a valid one.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+from largebatch.optim.registry import optimizer_arguments
+from largebatch.tasks import registry as tasks
+from largebatch.train.distributed import check_device
+from largebatch.train.schedules import DECAYS, SCALING_RULES, check_decay
+from largebatch.utils.errors import ConfigError, UnknownNameError, unknown_name_message
+from largebatch.utils.values import check_like, is_number
 
 Scaling = Literal["none", "linear", "sqrt"]
 Schedule = Literal["constant", "cosine", "poly", "step"]
 Status = Literal["done", "diverged", "failed"]
 
+#: the budget of a run that sets none of epochs, steps and examples
+DEFAULT_EPOCHS = 10.0
+#: config fields that may change when a run is resumed (none changes the trained parameters)
+RESUMABLE_CHANGES = (
+    "resume", "progress", "device", "out_dir", "checkpoint_every", "eval_batch_size",
+    "noise_scale", "noise_scale_every",
+)  # fmt: skip
 
-@dataclass
+
+@dataclass(frozen=True)
 class RunConfig:
-    """Everything that determines a training run.
+    """Everything that determines a training run; invalid values raise on construction.
 
     Learning rate: ``lr`` is the base learning rate at ``base_batch_size``; the
     run uses it scaled by ``scaling`` to ``batch_size``. ``None`` for ``lr``,
@@ -26,8 +46,8 @@ class RunConfig:
     Batch: ``batch_size`` is the global batch (all devices, all accumulation
     micro-steps); per-device batch = batch_size / (nproc * accumulation_steps).
 
-    Budget: exactly one of ``epochs``, ``steps`` or ``examples`` is set; all
-    schedules are defined in global optimizer steps.
+    Budget: at most one of ``epochs``, ``steps`` or ``examples`` is set (none:
+    :data:`DEFAULT_EPOCHS`); all schedules are defined in global optimizer steps.
 
     Schedule: warm-up, then ``schedule`` decay over the remaining steps;
     ``decay_power`` is the exponent of "poly" (1 = linear decay, as LAMB's BERT
@@ -43,9 +63,8 @@ class RunConfig:
     ``RunResult.extra``) from gradients the step computes anyway, which needs
     ``nproc >= 2`` or ``accumulation_steps >= 2``; ``None`` logs it when so,
     ``True`` insists, ``False`` never logs. It is measured on every
-    ``noise_scale_every``-th step (a measurement costs about 0.2 ms of host time,
-    which is 8-16% of a small CPU model's step). Neither changes the trained
-    parameters.
+    ``noise_scale_every``-th step (each measurement costs host time: see
+    docs/training.md). Neither changes the trained parameters.
     """
 
     task: str = "mnist1d-cnn"
@@ -81,17 +100,182 @@ class RunConfig:
     noise_scale: bool | None = None
     noise_scale_every: int = 10
 
+    def __post_init__(self) -> None:
+        _check_names(self)
+        _check_sizes(self)
+        _check_schedule(self)
+        _check_rest(self)
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        """The config of :meth:`to_dict` (or its JSON); an unknown key is a :class:`ConfigError`."""
+        known = [f.name for f in dataclasses.fields(cls)]
+        for key in data:
+            if key not in known:
+                raise ConfigError(unknown_name_message("config key", key, known))
         data = dict(data)
         if data.get("target") is not None:
             data["target"] = tuple(data["target"])
         if data.get("decay_milestones") is not None:
             data["decay_milestones"] = tuple(data["decay_milestones"])
         return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "<config>") -> RunConfig:
+        """The config in JSON ``text``: a run's ``config.json`` or ``{"config": {...}}`` or the
+        fields themselves. ``source`` names the text in errors (``ConfigError``)."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as error:
+            raise ConfigError(f"{source} is not a JSON config: {error}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source} is not a JSON config: expected an object")
+        data = data.get("config", data)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{source}: 'config' is not an object")
+        try:
+            return cls.from_dict(data)
+        except ConfigError as error:
+            raise ConfigError(f"{source}: {error}") from None
+
+    def budget(self) -> tuple[str, float]:
+        """``(name, value)`` of the budget: the one of epochs, steps, examples that is set."""
+        for name in ("steps", "examples", "epochs"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return "epochs", DEFAULT_EPOCHS
+
+
+def _invalid(name: str, value: Any, expected: str) -> ConfigError:
+    return ConfigError(f"Invalid {name}: {value!r} ({expected})")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_names(config: RunConfig) -> None:
+    """Task and optimizer exist; the optimizer options have the types of their defaults."""
+    if not isinstance(config.task, str) or not config.task:
+        raise _invalid("task", config.task, "a registered name or package.module:function")
+    if not isinstance(config.task_options, dict):
+        raise _invalid("task_options", config.task_options, "a dict of option -> value")
+    if ":" in config.task:
+        tasks.split_user_task(config.task)  # importing it is left to building the task
+    else:
+        tasks.validated_options(config.task, config.task_options)
+    if not isinstance(config.optimizer_options, dict):
+        raise _invalid("optimizer_options", config.optimizer_options, "a dict of name -> value")
+    options = config.optimizer_options
+    if not isinstance(options.get("base", ""), str):
+        raise _invalid("base", options["base"], "the name of the base optimizer")
+    try:
+        arguments = optimizer_arguments(config.optimizer, options.get("base"))
+    except KeyError as error:
+        raise UnknownNameError(error.args[0]) from None
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if "lr" in options:
+        raise ConfigError(
+            f"Invalid optimizer option lr={options['lr']!r}. Set the learning rate with lr "
+            "(--lr), not as an optimizer option: it is the rate at base_batch_size, scaled "
+            "to batch_size"
+        )
+    for key, value in options.items():
+        if key in arguments.defaults and not (value is None and key in arguments.optional):
+            try:
+                check_like(arguments.defaults[key], value)
+            except ConfigError as error:
+                raise ConfigError(f"Invalid optimizer option {key}={value!r}: {error}") from None
+    if config.lr is None and arguments.lr is None:
+        raise ConfigError(f"Optimizer {config.optimizer!r} has no default learning rate; set lr")
+
+
+def _check_sizes(config: RunConfig) -> None:
+    """Batch, processes, budget and intervals are positive integers that fit together."""
+    for name in (
+        "batch_size",
+        "base_batch_size",
+        "accumulation_steps",
+        "nproc",
+        "noise_scale_every",
+    ):
+        value = getattr(config, name)
+        if not _is_int(value) or value < 1:
+            raise _invalid(name, value, "must be a positive integer")
+    devices_times_steps = config.nproc * config.accumulation_steps
+    if config.batch_size % devices_times_steps:
+        raise ConfigError(
+            f"Invalid batch_size: {config.batch_size} is not divisible by "
+            f"nproc x accumulation_steps = {config.nproc} x {config.accumulation_steps}"
+        )
+    budgets = {k: getattr(config, k) for k in ("epochs", "steps", "examples")}
+    given = {k: v for k, v in budgets.items() if v is not None}
+    if len(given) > 1:
+        raise ConfigError(f"Set exactly one of epochs, steps, examples (got {given})")
+    if config.epochs is not None and not (is_number(config.epochs) and config.epochs > 0):
+        raise ConfigError(f"Invalid epochs: {config.epochs} (must be > 0)")
+    for name in ("steps", "examples"):
+        value = getattr(config, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise ConfigError(f"Invalid {name}: {value} (must be a positive integer)")
+    for name in ("eval_every", "eval_batch_size", "checkpoint_every"):
+        value = getattr(config, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise _invalid(name, value, "must be a positive integer")
+
+
+def _check_schedule(config: RunConfig) -> None:
+    """Learning rate, scaling rule, warm-up and decay."""
+    if config.lr is not None and not (is_number(config.lr) and 0 < config.lr < math.inf):
+        raise ConfigError(f"Invalid learning rate: {config.lr} (must be > 0)")
+    if config.scaling is not None and config.scaling not in SCALING_RULES:
+        raise _invalid("scaling", config.scaling, f"choose from {', '.join(SCALING_RULES)}")
+    if config.schedule not in DECAYS:
+        raise _invalid("schedule", config.schedule, f"choose from {', '.join(DECAYS)}")
+    if config.warmup_steps is not None and config.warmup_epochs is not None:
+        raise ConfigError("Set at most one of warmup_steps and warmup_epochs")
+    if config.warmup_steps is not None and (
+        not _is_int(config.warmup_steps) or config.warmup_steps < 0
+    ):
+        raise _invalid("warmup_steps", config.warmup_steps, "must be an integer >= 0")
+    if config.warmup_epochs is not None and not (
+        is_number(config.warmup_epochs) and config.warmup_epochs >= 0
+    ):
+        raise _invalid("warmup_epochs", config.warmup_epochs, "must be a number >= 0")
+    check_decay(config.schedule, config.decay_power, config.decay_milestones, config.decay_gamma)
+
+
+def _check_rest(config: RunConfig) -> None:
+    """Target, seed, device, output directory, switches and the noise scale."""
+    target = config.target
+    if target is not None and not (
+        isinstance(target, tuple | list)
+        and len(target) == 2
+        and isinstance(target[0], str)
+        and is_number(target[1])
+    ):
+        raise _invalid("target", target, "expected (metric, value), e.g. ('accuracy', 0.9)")
+    if not _is_int(config.seed) or not 0 <= config.seed < 2**32:
+        raise _invalid("seed", config.seed, "must be an integer in [0, 2**32)")
+    if not isinstance(config.device, str):
+        raise _invalid("device", config.device, "auto, cpu, cuda or cuda:N")
+    check_device(config.device)
+    if not isinstance(config.out_dir, str) or not config.out_dir:
+        raise _invalid("out_dir", config.out_dir, "a directory path")
+    for name in ("stop_at_target", "bf16", "resume", "progress"):
+        if not isinstance(getattr(config, name), bool):
+            raise _invalid(name, getattr(config, name), "True or False")
+    if config.noise_scale not in (None, True, False):
+        raise _invalid("noise_scale", config.noise_scale, "None, True or False")
+    if config.noise_scale and config.nproc == 1 and config.accumulation_steps == 1:
+        raise ConfigError(
+            "noise_scale=True needs two gradients of different batch sizes per step: "
+            "set nproc >= 2 or accumulation_steps >= 2"
+        )
 
 
 @dataclass

@@ -1,6 +1,6 @@
 """Data parallelism on ``torch.distributed``, in the few lines nanoGPT needs.
 
-A process launched by torchrun finds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``
+A worker process (started by ``launch.py`` or by torchrun) finds ``RANK``, ``LOCAL_RANK`` and ``WORLD_SIZE``
 in its environment; that alone switches data parallelism on (gloo on CPU, NCCL
 on GPU). Without them everything here is a no-op, so the loop has one code path.
 Multi-node runs need nothing more: torchrun's rendezvous sets the same variables.
@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-import subprocess
-import sys
-from collections.abc import Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,6 +18,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
+
+from largebatch.utils.errors import ConfigError
 
 
 @dataclass(frozen=True)
@@ -39,23 +39,39 @@ class Distributed:
 
 
 def check_device(requested: str) -> None:
-    """Raise ``ValueError`` unless ``requested`` is auto, cpu, cuda or cuda:N."""
-    if requested != "auto" and requested.split(":")[0] not in ("cpu", "cuda"):
-        raise ValueError(f"Invalid device: {requested!r} (auto, cpu, cuda or cuda:N)")
+    """``ConfigError`` unless ``requested`` is auto, cpu, cuda or cuda:N (a pure check)."""
+    kind, colon, index = requested.partition(":")
+    if requested != "auto" and not (
+        (kind == "cpu" and not colon) or (kind == "cuda" and (not colon or index.isdigit()))
+    ):
+        raise ConfigError(f"Invalid device: {requested!r} (auto, cpu, cuda or cuda:N)")
 
 
 def pick_device(requested: str, local_rank: int = 0) -> torch.device:
-    """``auto``: this process's GPU if CUDA is available, else the CPU."""
+    """``auto``: this process's GPU if CUDA is available, else the CPU.
+
+    ``ConfigError`` if ``requested`` names a CUDA device this machine does not have.
+    """
     check_device(requested)
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        return torch.device("cuda", local_rank)
-    return torch.device(requested)
+    device = torch.device("cuda", local_rank) if requested == "cuda" else torch.device(requested)
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if device.index >= count:
+            why = (
+                "this torch has no CUDA support"
+                if not torch.backends.cuda.is_built()
+                else (f"this machine has {count} CUDA device(s)")
+            )
+            if requested == "cuda" and local_rank:
+                why += f"; local rank {local_rank} needs cuda:{local_rank}"
+            raise ConfigError(f"Invalid device: {requested!r} ({why})")
+    return device
 
 
 def setup(requested_device: str = "auto") -> Distributed:
-    """Join the process group if launched by torchrun; pick the device either way.
+    """Join the process group if this is a worker process; pick the device either way.
 
     If the caller already initialised the process group it is reused and left open.
     """
@@ -113,6 +129,36 @@ def all_reduce_mean(tensor: torch.Tensor, ddp: Distributed) -> torch.Tensor:
     return tensor
 
 
+def broadcast_object(obj: Any, ddp: Distributed) -> Any:
+    """Rank 0's ``obj`` on every process (``obj`` itself without DDP)."""
+    if not ddp.enabled:
+        return obj
+    objects = [obj]
+    dist.broadcast_object_list(objects, src=0)
+    return objects[0]
+
+
+def on_rank_zero(ddp: Distributed, fn: Callable[..., Any], *args: Any) -> Any:
+    """``fn(*args)`` on rank 0 alone; its result on every process, or its error raised on all.
+
+    For what only rank 0 may do (lock and check the run directory, pick the
+    checkpoint): the other processes must not wait in a collective for a rank
+    that has given up.
+    """
+    if not ddp.enabled:
+        return fn(*args)
+    outcome: tuple[Any, Exception | None] = (None, None)
+    if ddp.is_main:
+        try:
+            outcome = (fn(*args), None)
+        except Exception as error:
+            outcome = (None, error)
+    result, error = broadcast_object(outcome, ddp)
+    if error is not None:
+        raise error
+    return result
+
+
 def gather_objects(obj: Any, ddp: Distributed) -> list[Any]:
     """Every process's ``obj``, in rank order (a one-element list without DDP)."""
     if not ddp.enabled:
@@ -120,15 +166,3 @@ def gather_objects(obj: Any, ddp: Distributed) -> list[Any]:
     objects: list[Any] = [None] * ddp.world_size
     dist.all_gather_object(objects, obj)
     return objects
-
-
-def launch(nproc: int, args: Sequence[str]) -> int:
-    """Run ``python -m largebatch <args>`` in ``nproc`` processes on this node via torchrun.
-
-    Returns torchrun's exit status. ``--standalone`` picks a free rendezvous port.
-    """
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone",
-        f"--nproc-per-node={nproc}", "-m", "largebatch", *args,
-    ]  # fmt: skip
-    return subprocess.call(command)

@@ -1,10 +1,12 @@
 """The training loop: ``train(config) -> RunResult``.
 
-Read :func:`train` top to bottom: set-up, data, model, optimizer and schedule,
-resume, then the loop (one global batch per optimizer step, driven by the
-optimizer's step protocol), evaluation, target, checkpoint and result. Under
-torchrun every process runs this same code (see ``distributed.py``). The
-gradient noise scale is read off the gradients as they pass (``noise_scale.py``).
+Read :func:`_train` top to bottom: set-up (task, plan, data, model, optimizer
+and schedule: everything that can reject the run, before anything is written),
+the run directory (locked, checked, resumed), then the loop (one global batch
+per optimizer step, driven by the optimizer's step protocol), evaluation,
+target, checkpoint and result. Under data parallelism every process runs this
+same code (see ``distributed.py`` and ``launch.py``). The gradient noise scale is
+read off the gradients as they pass (``noise_scale.py``).
 """
 
 from __future__ import annotations
@@ -14,9 +16,11 @@ import math
 import random
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from functools import partial
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -26,16 +30,17 @@ from tqdm import tqdm
 
 from largebatch.diagnostics.evaluation import evaluate
 from largebatch.diagnostics.noise_scale import gradient_sqnorm
-from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
+from largebatch.optim import StepProtocol
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
 from largebatch.train import distributed
-from largebatch.train.checkpoint import load_latest, rng_state, save_checkpoint, set_rng_state
+from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
 from largebatch.train.data import Batch, BatchStream, shard_batches
 from largebatch.train.distributed import Distributed
+from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
-from largebatch.train.plan import RunPlan, plan_run, validate
+from largebatch.train.plan import RunPlan, build_optimizer, plan_run
 from largebatch.train.run_dir import RunDirectory
 from largebatch.train.schedules import build_scheduler
 
@@ -65,145 +70,175 @@ class Progress:
 def train(config: RunConfig, task: Task | None = None) -> RunResult:
     """Train as ``config`` says and return the outcome (also written to ``result.json``).
 
-    ``task`` replaces ``config.task`` by a :class:`Task` built in code. A bad
-    config raises ``ValueError`` before training starts; once training runs, a
-    non-finite loss ends it as "diverged" and an exception as "failed", both
-    returned rather than raised.
+    ``task`` replaces ``config.task`` by a :class:`Task` built in code. Whatever
+    can reject the run (the task, the plan, the device, the optimizer's
+    hyperparameters, a run directory in use or holding another run, unusable
+    checkpoints) raises before anything is written: the errors of
+    :mod:`largebatch.utils.errors`, or the optimizer's own ``ValueError`` /
+    ``TypeError``. Once training runs, a non-finite loss ends it as "diverged" and
+    an exception as "failed", both returned rather than raised.
     """
     ddp = distributed.setup(config.device)
     try:
-        validate(config)
-        distributed.barrier(ddp)  # every process checks the directory before rank 0 writes
         return _train(config, task, ddp)
     finally:
         distributed.teardown(ddp)
 
 
 def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
-    # --- set-up: task, plan, run directory, seeds ------------------------------------
+    # --- set-up: task, plan, seeds, data, model, optimizer (nothing is written yet) ---
     task = task if task is not None else get_task(config.task, **config.task_options)
     plan = plan_run(config, task, ddp.world_size)
-    run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
-    run_dir.write_config(config, plan)
     seed_everything(config.seed)
     autocast = (
         partial(torch.autocast, ddp.device.type, torch.bfloat16)
         if config.bf16
         else contextlib.nullcontext
     )
-
-    # --- data: one seeded permutation per epoch, each process reads its shard ---------
+    # one seeded permutation per epoch, each process reads its shard
     sampler = DistributedSampler(
         task.train, ddp.world_size, ddp.rank, shuffle=True, seed=config.seed, drop_last=True
     )
     stream = BatchStream(
-        task.train, sampler, plan.micro_batch_size, config.accumulation_steps, ddp.device
+        task.train, sampler, plan.micro_batch_size, plan.accumulation_steps, ddp.device
     )
-
-    # --- model, optimizer, learning-rate schedule ---------------------------------------
     model = task.build_model().to(ddp.device)
     ddp_model = distributed.wrap(model, ddp)
-    optimizer = create_optimizer(config.optimizer, model, lr=plan.lr, **config.optimizer_options)
+    optimizer, protocol = build_optimizer(config, plan, model)
     scheduler = build_scheduler(optimizer, plan.schedule)
-    protocol = step_protocol_of(optimizer)
-    if not protocol.gradient_before_step and protocol.closure is None:
-        raise ValueError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
-    noise = NoiseScaleMonitor.for_run(
-        config, protocol, ddp_model, plan.micro_batch_size, ddp.device
-    )
+    noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
 
-    # --- resume: the newest usable checkpoint, if any -----------------------------------
-    progress = Progress()
-    found = load_latest(run_dir.checkpoints, rename_corrupt=ddp.is_main) if config.resume else None
-    if found is not None:
-        saved, _ = found
-        model.load_state_dict(saved["model"])
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        progress = Progress(**saved["progress"])
-        if "noise_scale" in saved:  # absent from checkpoints of earlier versions
-            noise.load_state_dict(saved["noise_scale"])
-        set_rng_state(saved["rng"][ddp.rank])
-        stream.position = progress.batches_drawn
-    saved_step = progress.step if found is not None else None
-    run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
-    clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
+    # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
+    run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
+    with claimed(run_dir, config, ddp):
+        saved = newest_checkpoint(run_dir, ddp) if config.resume else None
+        run_dir.write_config(config, plan)
+        progress = Progress()
+        if saved is not None:
+            model.load_state_dict(saved["model"])
+            optimizer.load_state_dict(saved["optimizer"])
+            scheduler.load_state_dict(saved["scheduler"])
+            progress = Progress(**saved["progress"])
+            if "noise_scale" in saved:  # absent from checkpoints of earlier versions
+                noise.load_state_dict(saved["noise_scale"])
+            set_rng_state(saved["rng"][ddp.rank])
+            stream.position = progress.batches_drawn
+        saved_step = progress.step if saved is not None else None
+        run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
+        clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
-    def save() -> None:
-        """Write a checkpoint (every process hands its RNG state to rank 0, which writes)."""
-        progress.elapsed = time.perf_counter() - clock_start
-        state = {
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "progress": asdict(progress),
-            "rng": distributed.gather_objects(rng_state(), ddp),
-            "noise_scale": noise.state_dict(),
-        }
-        if ddp.is_main:
-            save_checkpoint(run_dir.checkpoints, progress.step, state)
+        def save() -> None:
+            """Write a checkpoint (every process hands its RNG state to rank 0, which writes)."""
+            progress.elapsed = time.perf_counter() - clock_start
+            state = {
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "progress": asdict(progress),
+                "rng": distributed.gather_objects(rng_state(), ddp),
+                "noise_scale": noise.state_dict(),
+            }
+            if ddp.is_main:
+                save_checkpoint(run_dir.checkpoints, progress.step, state)
 
-    def evaluate_and_log() -> bool:
-        """Evaluate, log a row; False if the training loss is no longer finite."""
-        metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
-        progress.elapsed = time.perf_counter() - clock_start
-        record_evaluation(progress, metrics, plan, config.batch_size)
-        row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan, config)
-        run_dir.log(row | noise.row())
-        progress.loss_sum, progress.loss_count = 0.0, 0
-        return math.isfinite(metrics["train"]["loss"])
+        def evaluate_and_log() -> bool:
+            """Evaluate, log a row; False if the training loss is no longer finite."""
+            metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
+            progress.elapsed = time.perf_counter() - clock_start
+            record_evaluation(progress, metrics, plan)
+            row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
+            run_dir.log(row | noise.row())
+            progress.loss_sum, progress.loss_count = 0.0, 0
+            return math.isfinite(metrics["train"]["loss"])
 
-    # --- the loop: one global batch per optimizer step ------------------------------------
-    bar = tqdm(
-        total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
-        disable=not (config.progress and ddp.is_main),
-    )  # fmt: skip
-    status, error, error_log = "done", None, None
-    try:
-        if progress.last_eval_step is None and not evaluate_and_log():
-            status = "diverged"
-        while (
-            status == "done" and progress.step < plan.total_steps and not stop_now(progress, config)
-        ):
-            sqnorms = noise.begin_step(progress.step)
-            loss, evaluations = optimizer_step(
-                ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
-            )
-            noise.update(progress.step, sqnorms)
-            scheduler.step()
-            progress.step += 1
-            progress.batches_drawn = stream.position
-            progress.gradient_evaluations += evaluations
-            loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
-            if not math.isfinite(loss_value):
+        # --- the loop: one global batch per optimizer step ------------------------------------
+        bar = tqdm(
+            total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
+            disable=not (config.progress and ddp.is_main),
+        )  # fmt: skip
+        status, error, error_log, divergence = "done", None, None, None
+        try:
+            if progress.last_eval_step is None and not evaluate_and_log():
                 status = "diverged"
-                break
-            progress.loss_sum += loss_value
-            progress.loss_count += 1
-            bar.update()
-            if not bar.disable:
-                bar.set_postfix(progress_postfix(progress), refresh=False)
-            evaluation_due = progress.step % plan.eval_every == 0
-            if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
-                status = "diverged"
-                break
-            if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+                divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
+            while (
+                status == "done"
+                and progress.step < plan.total_steps
+                and not stop_now(progress, config)
+            ):
+                sqnorms = noise.begin_step(progress.step)
+                loss, evaluations, batches = optimizer_step(
+                    ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
+                )
+                noise.update(progress.step, sqnorms)
+                scheduler.step()
+                progress.step += 1
+                progress.batches_drawn = stream.position
+                progress.gradient_evaluations += evaluations
+                loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
+                if not math.isfinite(loss_value):
+                    status = "diverged"
+                    divergence = Divergence.at_step(progress.step, loss_value, model, batches, ddp)
+                    break
+                progress.loss_sum += loss_value
+                progress.loss_count += 1
+                bar.update()
+                if not bar.disable:
+                    bar.set_postfix(progress_postfix(progress), refresh=False)
+                evaluation_due = progress.step % plan.eval_every == 0
+                if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
+                    status = "diverged"
+                    divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
+                    break
+                if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+                    save()
+                    saved_step = progress.step
+            if status == "done" and saved_step != progress.step:
                 save()
-                saved_step = progress.step
-        if status == "done" and saved_step != progress.step:
-            save()
-    except Exception as exception:  # a failed run is a result, not a crash
-        status, error = "failed", f"{type(exception).__name__}: {exception}"
-        error_log = str(run_dir.write_error(traceback.format_exc(), ddp.rank))
-    finally:
-        bar.close()
-    progress.elapsed = time.perf_counter() - clock_start
+        except Exception as exception:  # a failed run is a result, not a crash
+            status, error = "failed", f"{type(exception).__name__}: {exception}"
+            error_log = str(run_dir.write_error(traceback.format_exc(), ddp.rank))
+        finally:
+            bar.close()
+        progress.elapsed = time.perf_counter() - clock_start
 
-    result = make_result(status, error, progress, plan, config, noise.result())
-    result.error_log = error_log
-    run_dir.write_result(result)
-    run_dir.close()
-    return result
+        if divergence is not None:
+            error = divergence.describe()
+        result = make_result(status, error, progress, plan, noise.result())
+        if divergence is not None:
+            result.extra["divergence"] = asdict(divergence)
+        result.error_log = error_log
+        run_dir.write_result(result)
+        run_dir.close()
+        return result
+
+
+@contextlib.contextmanager
+def claimed(run_dir: RunDirectory, config: RunConfig, ddp: Distributed) -> Iterator[None]:
+    """Rank 0 holds the run directory (locked, checked) for the enclosed block."""
+    distributed.on_rank_zero(ddp, run_dir.claim, config)
+    try:
+        yield
+    finally:
+        run_dir.release()
+
+
+def newest_checkpoint(run_dir: RunDirectory, ddp: Distributed) -> dict[str, Any] | None:
+    """The state of the run directory's newest usable checkpoint on every process, if any.
+
+    Rank 0 finds it (setting unusable newer ones aside); the others load the same file.
+    """
+    found = None
+
+    def find() -> Path | None:
+        nonlocal found
+        found = run_dir.latest_checkpoint()
+        return None if found is None else found[1]
+
+    path = distributed.on_rank_zero(ddp, find)
+    if path is None:
+        return None
+    return found[0] if found is not None else load_checkpoint(path)
 
 
 def seed_everything(seed: int) -> None:
@@ -257,14 +292,15 @@ def optimizer_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     autocast: Callable,
     sqnorms: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, int]:
+) -> tuple[torch.Tensor, int, list[Batch]]:
     """One update from the next global batch, as the optimizer's protocol asks.
 
     Standard optimizers: gradient, then ``step()``. Closure optimizers also get
     ``step(closure)``, the closure recomputing the gradient on the same batch or
-    on a fresh one. Returns the loss at the current parameters and the number of
-    gradient evaluations (forward/backward passes over a global batch).
-    ``sqnorms`` goes to the first gradient's :func:`forward_backward`.
+    on a fresh one. Returns the loss at the current parameters, the number of
+    gradient evaluations (forward/backward passes over a global batch) and this
+    process's micro-batches of the step. ``sqnorms`` goes to the first gradient's
+    :func:`forward_backward`.
     """
     micro_batches = stream.next()
     evaluations = 0
@@ -277,7 +313,7 @@ def optimizer_step(
         evaluations += 1
     if protocol.closure is None:
         optimizer.step()
-        return loss, evaluations
+        return loss, evaluations, micro_batches
 
     def closure() -> torch.Tensor:
         nonlocal evaluations
@@ -287,7 +323,8 @@ def optimizer_step(
         return forward_backward(model, batches, loss_fn, autocast)
 
     closure_loss = optimizer.step(closure)
-    return (loss if loss is not None else torch.as_tensor(closure_loss)), evaluations
+    loss = loss if loss is not None else torch.as_tensor(closure_loss)
+    return loss, evaluations, micro_batches
 
 
 def evaluate_splits(
@@ -313,7 +350,7 @@ def evaluate_splits(
 
 
 def record_evaluation(
-    progress: Progress, metrics: dict[str, dict[str, float]], plan: RunPlan, batch_size: int
+    progress: Progress, metrics: dict[str, dict[str, float]], plan: RunPlan
 ) -> None:
     """Keep the latest and best values, and note when the target is first reached."""
     progress.last_eval_step = progress.step
@@ -326,7 +363,7 @@ def record_evaluation(
     target = plan.target
     if target is not None and progress.steps_to_target is None and target.reached(metrics):
         progress.steps_to_target = progress.step
-        progress.examples_to_target = progress.batches_drawn * batch_size
+        progress.examples_to_target = progress.batches_drawn * plan.batch_size
 
 
 def stop_now(progress: Progress, config: RunConfig) -> bool:
@@ -349,13 +386,12 @@ def metrics_row(
     metrics: dict[str, dict[str, float]],
     lr: float,
     plan: RunPlan,
-    config: RunConfig,
 ) -> dict[str, float]:
     """One ``metrics.csv`` row for the evaluation just done."""
     row = {
         "step": progress.step,
         "epoch": progress.batches_drawn / plan.steps_per_epoch,
-        "examples": progress.batches_drawn * config.batch_size,
+        "examples": progress.batches_drawn * plan.batch_size,
         "gradient_evaluations": progress.gradient_evaluations,
         "lr": lr,
         "time": progress.elapsed,
@@ -381,14 +417,13 @@ def make_result(
     error: str | None,
     progress: Progress,
     plan: RunPlan,
-    config: RunConfig,
     noise_scale: dict[str, float],
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
     ``noise_scale`` (the final noise-scale averages, if measured) goes into ``extra``.
     """
-    examples = progress.batches_drawn * config.batch_size
+    examples = progress.batches_drawn * plan.batch_size
     fields = {}
     if status != "diverged":
         for split, values in progress.last_eval.items():

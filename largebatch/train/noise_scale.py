@@ -20,7 +20,7 @@ the parameters are bitwise those of a run without it.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import torch
 from torch import nn
@@ -32,6 +32,10 @@ from largebatch.diagnostics.noise_scale import (
 )
 from largebatch.optim import StepProtocol
 from largebatch.train.config import RunConfig
+from largebatch.utils.errors import ConfigError
+
+if TYPE_CHECKING:  # plan.py imports this module
+    from largebatch.train.plan import RunPlan
 
 Source = Literal["data_parallel", "accumulation"]
 #: moving-average factor per measurement: the logged B_simple averages about the last
@@ -52,8 +56,8 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:
             source = "accumulation"
-    if config.noise_scale and source is None:  # validate() has checked nproc and accumulation
-        raise ValueError(
+    if config.noise_scale and source is None:  # RunConfig has checked nproc and accumulation
+        raise ConfigError(
             "noise_scale=True: in one process the noise scale comes from the accumulated "
             "gradient, but this optimizer computes none before its step (closures only)"
         )
@@ -102,18 +106,18 @@ class NoiseScaleMonitor:
     def for_run(
         cls,
         config: RunConfig,
+        plan: RunPlan,
         protocol: StepProtocol,
         model: nn.Module,
-        micro_batch_size: int,
         device: torch.device,
     ) -> NoiseScaleMonitor:
         """The monitor of a run (one that does nothing if the run cannot measure for free)."""
         source = noise_scale_source(config, protocol)
         if source == "data_parallel":  # this process's batch vs the global batch
-            small = micro_batch_size * config.accumulation_steps
+            small = plan.micro_batch_size * plan.accumulation_steps
         else:  # one micro-batch vs the whole batch
-            small = micro_batch_size
-        return cls(source, model, small, config.batch_size, config.noise_scale_every, device=device)
+            small = plan.micro_batch_size
+        return cls(source, model, small, plan.batch_size, config.noise_scale_every, device=device)
 
     @property
     def columns(self) -> list[str]:

@@ -1,11 +1,16 @@
-"""The files of one run directory.
+"""The files of one run directory, and who may write them.
 
 ``config.json`` (the config, the resolved plan, versions, git hash),
 ``metrics.csv`` (one row per evaluation), ``result.json`` (the
-:class:`RunResult`), ``checkpoints/`` and, when ``tensorboard`` is installed,
-TensorBoard event files. Only rank 0 writes; on other ranks every method is a
-no-op. On resume, rows logged after the checkpoint are dropped, so no step is
-ever logged twice.
+:class:`RunResult`), ``checkpoints/``, ``error.log`` after a failure and, when
+``tensorboard`` is installed, TensorBoard event files. Only rank 0 writes; on
+other ranks every method is a no-op. On resume, rows logged after the
+checkpoint are dropped, so no step is ever logged twice.
+
+A run first :meth:`~RunDirectory.claim` s its directory: it takes the
+directory's lock (:mod:`largebatch.utils.locking`; a second writer fails at
+once, naming the holder) and checks that the directory may be written as the
+config asks. Every check of the file system is here; the config checks itself.
 """
 
 from __future__ import annotations
@@ -16,19 +21,20 @@ import io
 import json
 import platform
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from largebatch.train.config import RunConfig, RunResult
+from largebatch.train.checkpoint import load_latest
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, RunResult
 from largebatch.utils.atomic import write_json_atomic, write_text_atomic
+from largebatch.utils.errors import ConfigError
+from largebatch.utils.locking import DirectoryLock
 
-# config fields that may change when a run is resumed (none changes the trained parameters)
-RESUMABLE_CHANGES = (
-    "resume", "progress", "device", "out_dir", "checkpoint_every", "eval_batch_size",
-    "noise_scale", "noise_scale_every",
-)  # fmt: skip
+# files whose presence means a run directory already holds a run
+RUN_FILES = ("metrics.csv", "result.json", "checkpoints")
 
 
 def _git_hash() -> str | None:
@@ -75,6 +81,21 @@ def scalar_items(row: dict[str, Any]) -> list[tuple[str, float]]:
     ]
 
 
+def read_result(path: str | Path, since: float | None = None) -> RunResult | None:
+    """The ``result.json`` of run directory ``path`` (written atomically at a run's end).
+
+    ``None`` if there is none, or if it is older than ``since`` (a ``time.time()``):
+    the result of an earlier attempt at the run.
+    """
+    file = Path(path) / "result.json"
+    try:
+        if since is not None and file.stat().st_mtime < since:
+            return None
+        return RunResult(**json.loads(file.read_text()))
+    except FileNotFoundError:
+        return None
+
+
 class RunDirectory:
     """Writes a run's files under ``path`` (only if ``enabled``, i.e. on rank 0)."""
 
@@ -82,18 +103,58 @@ class RunDirectory:
         self.path = Path(path)
         self.enabled = enabled
         self.checkpoints = self.path / "checkpoints"
+        self.lock = DirectoryLock(self.path)
+        self._claimed = False
         self._metrics_file = None
         self._writer: csv.DictWriter | None = None
         self._tensorboard = None
 
-    def write_config(self, config: RunConfig, plan: Any) -> None:
-        """Write ``config.json``; on resume, first check the config matches the saved one.
+    def claim(self, config: RunConfig) -> None:
+        """Lock the directory (creating it) and check ``config`` may write there.
 
-        Raises ``ValueError`` naming the fields that differ, as resuming with other
-        settings would not continue the same run.
+        Raises :class:`~largebatch.utils.errors.RunDirectoryError` if another
+        process holds the lock, and ``ConfigError`` if the directory is not
+        writable, already holds a run (without ``resume``), or holds a run whose
+        config differs (with ``resume``). Nothing is written unless it succeeds.
+        Undo with :meth:`release`.
         """
+        try:
+            self.lock.acquire()
+        except OSError as error:
+            raise ConfigError(
+                f"Output directory {str(self.path)!r} is not writable: {error}"
+            ) from None
+        try:
+            self._check_usable(config)
+        except BaseException:
+            self.lock.release()
+            raise
+        self._claimed = True
+
+    def release(self) -> None:
+        """Give up what :meth:`claim` took."""
+        if self._claimed:
+            self._claimed = False
+            self.lock.release()
+
+    def _check_usable(self, config: RunConfig) -> None:
+        try:
+            with tempfile.TemporaryFile(dir=self.path):
+                pass
+        except OSError as error:
+            raise ConfigError(
+                f"Output directory {str(self.path)!r} is not writable: {error}"
+            ) from None
+        if not config.resume:
+            used = [name for name in RUN_FILES if (self.path / name).exists()]
+            if used:
+                raise ConfigError(
+                    f"Output directory {str(self.path)!r} already holds a run "
+                    f"({', '.join(used)}); resume it or choose another directory"
+                )
+            return
         file = self.path / "config.json"
-        if config.resume and file.exists():
+        if file.exists():
             saved = RunConfig.from_dict(json.loads(file.read_text())["config"])
             changed = [
                 f.name
@@ -102,11 +163,19 @@ class RunDirectory:
                 and getattr(saved, f.name) != getattr(config, f.name)
             ]
             if changed:
-                raise ValueError(
+                raise ConfigError(
                     f"Cannot resume {self.path}: the config differs in {', '.join(changed)}"
                 )
+
+    def latest_checkpoint(self) -> tuple[dict[str, Any], Path] | None:
+        """The newest usable checkpoint and its path (see :func:`~.checkpoint.load_latest`)."""
+        return load_latest(self.checkpoints, rename_corrupt=self.enabled)
+
+    def write_config(self, config: RunConfig, plan: Any) -> None:
+        """Write ``config.json``: the config, the resolved plan, versions and git hash."""
         if not self.enabled:
             return
+        file = self.path / "config.json"
         content = {
             "config": config.to_dict(),
             "plan": dataclasses.asdict(plan),

@@ -13,6 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch.optim.lr_scheduler import LambdaLR
 
+from largebatch.utils.errors import ConfigError
+from largebatch.utils.values import is_number
+
 SCALING_RULES = ("none", "linear", "sqrt")
 DECAYS = ("constant", "cosine", "poly", "step")
 
@@ -31,7 +34,21 @@ def scale_lr(base_lr: float, batch_size: int, base_batch_size: int, rule: str) -
         return base_lr * math.sqrt(ratio)
     if rule == "none":
         return base_lr
-    raise ValueError(f"Invalid scaling rule: {rule!r} (choose from {', '.join(SCALING_RULES)})")
+    raise ConfigError(f"Invalid scaling rule: {rule!r} (choose from {', '.join(SCALING_RULES)})")
+
+
+def check_decay(decay: str, power: float, milestones: tuple[float, ...], gamma: float) -> None:
+    """``ConfigError`` naming the first invalid decay setting (see :class:`WarmupThenDecay`)."""
+    if decay not in DECAYS:
+        raise ConfigError(f"Invalid decay: {decay!r} (choose from {', '.join(DECAYS)})")
+    if not is_number(power) or power <= 0:
+        raise ConfigError(f"Invalid decay power: {power!r} (must be > 0)")
+    if not is_number(gamma) or not 0 < gamma <= 1:
+        raise ConfigError(f"Invalid decay gamma: {gamma!r} (must be in (0, 1])")
+    if not isinstance(milestones, tuple | list) or any(
+        not is_number(m) or not 0 < m < 1 for m in milestones
+    ):
+        raise ConfigError(f"Invalid decay milestones: {milestones} (fractions in (0, 1))")
 
 
 @dataclass
@@ -57,19 +74,12 @@ class WarmupThenDecay:
 
     def __post_init__(self) -> None:
         if self.total_steps < 1:
-            raise ValueError(f"Invalid total_steps: {self.total_steps} (must be >= 1)")
+            raise ConfigError(f"Invalid total_steps: {self.total_steps} (must be >= 1)")
         if not 0 <= self.warmup_steps <= self.total_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid warmup_steps: {self.warmup_steps} (must be in [0, {self.total_steps}])"
             )
-        if self.decay not in DECAYS:
-            raise ValueError(f"Invalid decay: {self.decay!r} (choose from {', '.join(DECAYS)})")
-        if self.power <= 0:
-            raise ValueError(f"Invalid decay power: {self.power} (must be > 0)")
-        if not 0 < self.gamma <= 1:
-            raise ValueError(f"Invalid decay gamma: {self.gamma} (must be in (0, 1])")
-        if any(not 0 < m < 1 for m in self.milestones):
-            raise ValueError(f"Invalid decay milestones: {self.milestones} (fractions in (0, 1))")
+        check_decay(self.decay, self.power, self.milestones, self.gamma)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:

@@ -67,6 +67,8 @@ def test_results_filter_sort_and_csv(synthetic_sweep, tmp_path):
 
     bad = CliRunner().invoke(main, ["results", str(synthetic_sweep), "--sort", "nope"])
     assert bad.exit_code == 2 and "Unknown column 'nope'" in bad.output
+    bad = CliRunner().invoke(main, ["results", str(synthetic_sweep), "--columns", "lr,bogus"])
+    assert bad.exit_code == 2 and "Unknown column 'bogus'" in bad.output
 
 
 def test_report_command(synthetic_sweep, tmp_path):
@@ -74,3 +76,32 @@ def test_report_command(synthetic_sweep, tmp_path):
     assert result.exit_code == 0 and "report.html" in result.output
     empty = CliRunner().invoke(main, ["report", str(tmp_path)])
     assert empty.exit_code == 1 and "No results database" in empty.output
+
+
+def test_a_sweep_whose_every_run_failed_exits_non_zero(tmp_path):
+    task_options = [f"--task-opt={k}={v}" for k, v in TINY_TASK_OPTIONS.items()]
+    common = ["--task", "teacher-student", *task_options, "--batch-sizes", "16", "--steps", "2",
+              "--no-progress", "--no-report"]  # fmt: skip
+    path = tmp_path / "bad.toml"
+    path.write_text('optimizers = ["adamw"]\n[optimizer.adamw]\nbetas = [0.9, 1.5]\n')
+    failed = CliRunner().invoke(main, ["sweep", str(tmp_path / "a"), "--file", str(path), *common])
+    assert failed.exit_code == 1, failed.output
+    assert "Every run failed or diverged (1 failed, 0 diverged)" in failed.output
+    fine = CliRunner().invoke(main, ["sweep", str(tmp_path / "b"), "--optimizers", "sgd", *common])
+    assert fine.exit_code == 0, fine.output  # the negative control
+
+
+def test_a_user_task_that_raises_stops_the_sweep_with_one_line(tmp_path, monkeypatch):
+    (tmp_path / "raising_task.py").write_text(
+        "def build(size: int = 3):\n    raise RuntimeError(f'no data of size {size}')\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    result = CliRunner().invoke(
+        main, ["sweep", str(tmp_path / "s"), "--task", "raising_task:build", "--optimizers", "sgd"]
+    )
+    assert result.exit_code == 2, result.output
+    assert "task 'raising_task:build': Task 'raising_task:build' raised RuntimeError: " in (
+        result.output
+    )
+    assert "no data of size 3" in result.output and "Traceback" not in result.output
+    assert not (tmp_path / "s").exists()

@@ -20,8 +20,7 @@ from largebatch.experiments.sweep_config import (
     toml_key_lines,
 )
 from largebatch.optim import get_spec
-from largebatch.train.config import RunConfig
-from largebatch.train.run_dir import RESUMABLE_CHANGES
+from largebatch.train.config import RESUMABLE_CHANGES, RunConfig
 
 EXAMPLE = Path(__file__).parents[2] / "examples" / "sweep.toml"
 
@@ -210,6 +209,42 @@ def test_expansion_order_count_and_settings(tmp_path):
     assert all(c.config.eval_every == 7 and c.config.checkpoint_every == 7 for c in cells)
     assert all(Path(c.config.out_dir) == tmp_path / "runs" / c.cell_id for c in cells)
     assert len({c.cell_id for c in cells}) == len(cells)
+
+
+def test_wrapper_base_sets_default_lr_and_accepted_keys(tmp_path):
+    """``[optimizer.e] base = "lamb"``: lr_factors scale LAMB's default learning rate, not the
+    default base's (AdamW), and LAMB-only hyperparameters are accepted."""
+    lamb_lr, adamw_lr = get_spec("lamb").defaults["lr"], get_spec("adamw").defaults["lr"]
+    assert lamb_lr != adamw_lr
+    path = write(
+        tmp_path,
+        """
+        task = "teacher-student"
+        optimizers = ["e"]
+        batch_sizes = [16]
+        lr_factors = [0.5, 2.0]
+        [optimizer.e]
+        base = "lamb"
+        bias_correction = false
+        """,
+    )
+    spec = load_sweep(path)
+    cells = expand(spec, tmp_path, train_size=300, eval_every=lambda config: 7)
+    assert [c.config.lr for c in cells] == [0.5 * lamb_lr, 2.0 * lamb_lr]
+    assert cells[0].config.optimizer_options == {"base": "lamb", "bias_correction": False}
+
+    # negative controls: the default base (AdamW) has its own rate and no bias_correction
+    default_base = load_sweep(
+        overrides={"optimizers": ["e"], "batch_sizes": [16], "lr_factors": [1.0]}
+    )
+    (cell,) = expand(default_base, tmp_path, train_size=300, eval_every=lambda config: 7)
+    assert cell.config.lr == adamw_lr
+    with pytest.raises(SweepConfigError, match="bias_correction: Unknown key"):
+        load_sweep(overrides={"optimizers": ["e"], "optimizer": {"e": {"bias_correction": False}}})
+    with pytest.raises(SweepConfigError, match=r"optimizer\.sgd\.base: .*does not wrap"):
+        load_sweep(overrides={"optimizers": ["sgd"], "optimizer": {"sgd": {"base": "lamb"}}})
+    with pytest.raises(SweepConfigError, match=r"optimizer\.e\.base: Unknown optimizer 'lam'"):
+        load_sweep(overrides={"optimizers": ["e"], "optimizer": {"e": {"base": "lam"}}})
 
 
 def test_cell_ids_are_stable_hashes(tmp_path):

@@ -11,8 +11,8 @@ from click.testing import CliRunner
 from sweep_helpers import TINY_TASK_OPTIONS
 
 from largebatch.cli import main
-from largebatch.diagnostics.suite import DiagnosticsSettings
 from largebatch.experiments import diagnose as diagnose_module
+from largebatch.experiments.checkpoint_diagnostics import DiagnosticsSettings
 from largebatch.experiments.diagnose import SWEEP_SETTINGS
 from largebatch.experiments.results_store import ResultsStore
 

@@ -5,11 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 from click.testing import CliRunner
 from tiny_train_task import TINY_TASK
 
 from largebatch.cli import main
-from largebatch.cli.run import parse_value
+from largebatch.cli.common import parse_value
 from largebatch.optim import list_optimizers
 from largebatch.tasks import list_tasks
 
@@ -110,13 +111,98 @@ def test_resume_continues_from_the_run_directory_config(tmp_path, tiny_args):
         (["--epochs", "0"], "Invalid epochs: 0.0"),
         (["--examples", "0"], "Invalid examples: 0"),
         (["--scaling", "cubic"], "Invalid value for '--scaling'"),
+        (["--seed", "-1"], "Invalid seed: -1"),
+        (["--opt", "momentum=abc"],
+         "Invalid optimizer option momentum='abc': expected a number (default 0.9)"),
+        (["--optimizer", "adamw", "--opt", "betas=0.9"],
+         "Invalid optimizer option betas=0.9: expected a list of 2 values (default [0.9, 0.999])"),
+        (["--opt", "lr=abc"], "Invalid optimizer option lr='abc'. Set the learning rate with lr"),
+        (["--optimizer", "adamw", "--opt", "betas=(0.9, 1.5)"], "Invalid beta parameter"),
+        (["--task-opt", "num_train=lots"], "Invalid value for task option 'num_train'"),
+        (["--task", "no_such_module_xyz:build"], "Cannot import module 'no_such_module_xyz'"),
+        (["--device", "cuda:99"], "Invalid device: 'cuda:99'"),
+        (["--device", "tpu"], "Invalid device: 'tpu'"),
     ],
 )  # fmt: skip
-def test_bad_values_get_an_error_naming_them(tiny_args, extra, message):
+def test_bad_values_get_an_error_naming_them(tmp_path, tiny_args, extra, message):
     budget = [] if {"--epochs", "--steps", "--examples"} & set(extra) else ["--steps", "4"]
     result = invoke(*tiny_args, *budget, *extra)
     assert result.exit_code == 2, result.output
     assert message in result.output
+    assert "Traceback" not in result.output
+    assert not (tmp_path / "r").exists()  # checked before anything is created
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+def test_cuda_without_cuda_is_a_one_line_error(tmp_path, tiny_args):
+    result = invoke(*tiny_args, "--steps", "4", "--device", "cuda")
+    assert result.exit_code == 2, result.output
+    assert "Invalid device: 'cuda' (this torch has no CUDA support" in result.output or (
+        "Invalid device: 'cuda' (this machine has 0 CUDA device(s)" in result.output
+    )
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_task_that_raises_is_a_one_line_error_naming_where(tmp_path, tiny_args):
+    result = invoke(*tiny_args, "--steps", "4", "--task-opt", "broken=true")
+    assert result.exit_code == 1, result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+    assert f"Task '{TINY_TASK}' raised RuntimeError: the data server is down (" in line
+    assert "tiny_train_task.py:" in line
+    assert not (tmp_path / "r").exists()
+
+
+def test_config_file_that_is_not_json_or_has_an_unknown_key(tmp_path, tiny_args):
+    broken = tmp_path / "broken.json"
+    broken.write_text("{'task': 'x'")
+    result = invoke(*tiny_args, "--config", str(broken))
+    assert result.exit_code == 2 and f"{broken} is not a JSON config" in result.output
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"config": {"task": TINY_TASK, "batch_sise": 16}}))
+    result = invoke(*tiny_args, "--config", str(unknown))
+    assert result.exit_code == 2, result.output
+    assert "Unknown config key 'batch_sise'. Did you mean 'batch_size'?" in result.output
+    assert not (tmp_path / "r").exists()
+
+
+def test_a_diverged_run_says_where_and_exits_non_zero(tmp_path, tiny_args):
+    """Which quantity became non-finite at which step, and whether the data is to blame."""
+    result = invoke(*tiny_args, "--steps", "30", "--lr", "1e12", "--opt", "momentum=0.9")
+    assert result.exit_code == 1, result.output
+    assert "diverged: " in result.output
+    (line,) = [line for line in result.output.splitlines() if line.startswith("error: ")]
+    assert "non-finite loss by step " in line and ("is nan" in line or "is inf" in line)
+    assert "input data finite" in line and "parameters non-finite" in line
+    saved = json.loads((tmp_path / "r" / "result.json").read_text())
+    assert saved["error"] == line.removeprefix("error: ")
+    assert saved["extra"]["divergence"]["inputs_finite"] is True
+
+    nan_data = invoke(*tiny_args[:-1], str(tmp_path / "nan"), "--steps", "4",
+                      "--task-opt", "nan_inputs=true")  # fmt: skip
+    assert nan_data.exit_code == 1, nan_data.output
+    assert (
+        "non-finite loss by step 0: the training-set loss evaluated at step 0 is non-finite "
+        in (nan_data.output)
+    )
+    assert "parameters finite, training input data non-finite" in nan_data.output
+
+
+def test_resume_when_every_checkpoint_is_corrupt(tmp_path, tiny_args):
+    """One line, the files kept where they were (and named), never a silent restart."""
+    assert invoke(*tiny_args, "--steps", "8", "--checkpoint-every", "4").exit_code == 0
+    checkpoints = sorted((tmp_path / "r" / "checkpoints").iterdir())
+    assert len(checkpoints) == 2
+    for path in checkpoints:
+        path.write_bytes(path.read_bytes()[:-10])
+    metrics = (tmp_path / "r" / "metrics.csv").read_text()
+    for _ in range(2):  # a second attempt fails the same way: nothing was renamed
+        result = invoke("run", "--out", str(tmp_path / "r"), "--resume", "--no-progress")
+        assert result.exit_code == 1, result.output
+        (line,) = [line for line in result.output.splitlines() if line.startswith("Error")]
+        assert f"No usable checkpoint in {tmp_path / 'r' / 'checkpoints'}" in line
+        assert all(path.name in line for path in checkpoints) and "left there" in line
+        assert sorted((tmp_path / "r" / "checkpoints").iterdir()) == checkpoints
+        assert (tmp_path / "r" / "metrics.csv").read_text() == metrics
 
 
 def test_unwritable_or_used_output_directory(tmp_path, tiny_args):
@@ -130,10 +216,14 @@ def test_unwritable_or_used_output_directory(tmp_path, tiny_args):
     assert again.exit_code == 2 and "already holds a run" in again.output
 
 
-def test_nproc_checks_before_launching(tiny_args):
+def test_nproc_checks_before_launching(tmp_path, tiny_args):
     result = invoke(*tiny_args, "--steps", "4", "--nproc", "3")
     assert result.exit_code == 2
     assert "not divisible by nproc x accumulation_steps = 3 x 1" in result.output
+    for extra in (["--opt", "momentun=0.9"], ["--task-opt", "broken=true"], ["--warmup", "9"]):
+        result = invoke(*tiny_args, "--steps", "4", "--nproc", "2", *extra)
+        assert result.exit_code in (1, 2) and "Error" in result.output, result.output
+        assert not (tmp_path / "r").exists()  # no worker started, nothing created
 
 
 def test_list_shows_every_registered_name_with_description_and_defaults():

@@ -142,3 +142,12 @@ def test_plan_rejects_warmup_not_shorter_than_run(tmp_path):
     config = RunConfig(out_dir=str(tmp_path), batch_size=100, epochs=1, warmup_epochs=1)
     with pytest.raises(ValueError, match="Invalid warm-up: 10 steps is not shorter than the run"):
         plan_run(config, _task_with(1000))
+
+
+def test_plan_takes_a_wrappers_default_lr_from_its_base(tmp_path):
+    task = _task_with(1000)
+    base = dict(out_dir=str(tmp_path), batch_size=64, epochs=1, scaling="none")
+    on_lamb = plan_run(RunConfig(optimizer="e", optimizer_options={"base": "lamb"}, **base), task)
+    on_default = plan_run(RunConfig(optimizer="e", **base), task)
+    assert on_lamb.base_lr == get_spec("lamb").defaults["lr"]
+    assert on_default.base_lr == get_spec("adamw").defaults["lr"] != on_lamb.base_lr

@@ -56,17 +56,24 @@ def build(
     delay: float = 0.0,
     dropout: float = 0.0,
     fail_after: int = 0,
+    broken: bool = False,
+    nan_inputs: bool = False,
 ) -> Task:
     """Gaussian inputs labelled by a fixed random linear map; a small MLP.
 
     Inputs carry their example index in the last feature (scaled down), so tests
     can tell which examples a forward pass saw. ``fail_after`` > 0 makes the
-    model raise on its training forward passes after that many.
+    model raise on its training forward passes after that many; ``broken`` makes
+    this function raise; ``nan_inputs`` puts a NaN into every training input.
     """
+    if broken:
+        raise RuntimeError("the data server is down")
     generator = torch.Generator().manual_seed(1234)
     total = num_train + 64
     inputs = torch.randn(total, dim, generator=generator)
     inputs[:, -1] = torch.arange(total) / 1000.0
+    if nan_inputs:
+        inputs[:num_train, 0] = float("nan")
     targets = (inputs @ torch.randn(dim, classes, generator=generator)).argmax(dim=1)
     train = TensorDataset(inputs[:num_train], targets[:num_train])
     test = TensorDataset(inputs[num_train:], targets[num_train:])

@@ -1,6 +1,6 @@
 """Report sections of the diagnostics, plugged into :mod:`largebatch.experiments.report`.
 
-The report imports this module (``largebatch/<package>/report_sections.py``),
+The report imports this module (it is listed in ``report.SECTION_MODULES``),
 which registers three sections; each shows nothing when its data is absent:
 
 * sharpness, top Hessian eigenvalue and trace vs batch size: the columns
@@ -24,9 +24,9 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from largebatch.diagnostics.plots import interpolation_figure, log_axis
 from largebatch.experiments.analysis import CriticalBatch
 from largebatch.experiments.diagnose import INTERPOLATION_FILE
+from largebatch.experiments.plots import interpolation_figure, log_axis
 from largebatch.experiments.report import (
     Plot,
     ReportContext,
