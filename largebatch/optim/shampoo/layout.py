@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from largebatch.optim.shampoo.blocking import ParamBlocking, plan_blocking
+from largebatch.optim.shampoo.blocking import ParamBlocking, TileGroup, plan_blocking
 from largebatch.optim.shampoo.grafting import GraftingRule, make_grafting
 from largebatch.optim.shampoo.preconditioner import BucketMember, KroneckerBucket, split_bucket
 
@@ -156,6 +156,11 @@ class Partition:
         self.param_units: dict[int, list[Unit]] = {param: [] for param, _ in members}
         for unit in sorted(units, key=lambda unit: (unit.param, unit.block or 0)):
             self.param_units[unit.param].append(unit)
+        self.transfers = {
+            param: self._transfers(blocking, self.param_units[param])
+            for param, blocking in members
+            if blocking.preconditioned
+        }
         self.numel = offset
 
         def flat() -> Tensor:
@@ -176,9 +181,38 @@ class Partition:
         return self._lookahead
 
     @staticmethod
+    def _transfers(blocking: ParamBlocking, units: list[Unit]) -> list[tuple[TileGroup, int]]:
+        """How a parameter's blocks move to and from the flat buffers: (tile group, offset) pairs.
+
+        A group whose blocks sit one after another in one bucket moves as one strided
+        copy; otherwise (a bucket boundary inside it) each of its blocks moves alone.
+        """
+        transfers = []
+        for group in blocking.tile_groups():
+            members = [units[index] for index in group.blocks]
+            first = members[0]
+            if all(
+                unit.bucket == first.bucket and unit.offset == first.offset + i * first.numel
+                for i, unit in enumerate(members)
+            ):
+                transfers.append((group, first.offset))
+                continue
+            for index, unit in zip(group.blocks, members):
+                block = blocking.blocks[index]
+                single = TileGroup(block.slices, (1,) * len(block.shape), block.shape, (index,))
+                transfers.append((single, unit.offset))
+        return transfers
+
+    @staticmethod
     def view(flat: Tensor, unit: Unit) -> Tensor:
         """A unit's piece of a flat buffer, in the unit's shape."""
         return flat[unit.offset : unit.offset + unit.numel].view(unit.shape)
+
+    @staticmethod
+    def group_view(flat: Tensor, group: TileGroup, offset: int) -> Tensor:
+        """A tile group's blocks in a flat buffer, shaped as :meth:`TileGroup.view`."""
+        numel = math.prod(group.counts) * math.prod(group.shape)
+        return flat[offset : offset + numel].view(*group.counts, *group.shape)
 
     def active_set(self, params: tuple[int, ...]) -> ActiveSet:
         """The active set for these parameters (cached: the same parameters usually have gradients)."""

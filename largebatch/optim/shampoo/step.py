@@ -88,10 +88,14 @@ def gather(
     for param in active.params:
         grad = params[param].grad
         blocking = blockings[param]
-        pieces = blocking.block_views(grad) if blocking.preconditioned else [grad]
-        for unit, piece in zip(partition.param_units[param], pieces):
-            targets.append(partition.view(partition.grads, unit))
-            sources.append(piece)
+        if not blocking.preconditioned:
+            targets.append(partition.view(partition.grads, partition.param_units[param][0]))
+            sources.append(grad)
+            continue
+        merged = grad.reshape(blocking.merged_shape)
+        for group, offset in partition.transfers[param]:
+            targets.append(partition.group_view(partition.grads, group, offset))
+            sources.append(group.view(merged))
     foreach_pairs(torch._foreach_copy_, targets, sources)
 
 
@@ -159,10 +163,11 @@ def apply(
     """Precondition the blocks of the parameters in ``preconditioned``; update every active parameter.
 
     A parameter's update is Shampoo's direction rescaled to the grafted norm, block by
-    block, or the grafted update itself (warm-up, unblocked parameters). Decoupled weight
-    decay comes first.
+    block, or the grafted update itself (warm-up, unblocked parameters); the rescaled
+    directions overwrite their blocks' grafted updates in the flat buffer, from which
+    every parameter is updated. Decoupled weight decay comes first.
     """
-    updates = active.unit_views(directions.grafted)
+    updates = directions.grafted
     runs = [
         run
         for run in active.runs
@@ -177,41 +182,47 @@ def apply(
             stacked.append(
                 precondition(roots, active.run_view(directions.inputs, run), settings.matmul_dtype)
             )
+        grafted = active.unit_views(updates)
         ratios = grafting_ratios(
             [block for run_blocks in stacked for block in run_blocks.unbind(0)],
-            [updates[index] for run in runs for index in run.units],
+            [grafted[index] for run in runs for index in run.units],
         )
         start = 0
         for run, run_blocks in zip(runs, stacked):
             count = run.stop - run.start
-            run_blocks.mul_(ratios[start : start + count].view(-1, *[1] * (run_blocks.dim() - 1)))
+            ratio = ratios[start : start + count].view(-1, *[1] * (run_blocks.dim() - 1))
             start += count
-            for row, index in enumerate(run.units):
-                if active.units[index].param in preconditioned:
-                    updates[index] = run_blocks[row]
+            rows = [
+                row
+                for row, index in enumerate(run.units)
+                if active.units[index].param in preconditioned
+            ]
+            if len(rows) == count:
+                torch.mul(run_blocks, ratio, out=active.run_view(updates, run))
+            else:  # some rows still warm up (their parameters joined later)
+                run_blocks.mul_(ratio)
+                torch._foreach_copy_(
+                    [grafted[run.first + row] for row in rows], [run_blocks[row] for row in rows]
+                )
 
     targets, sources = [], []
     for param in active.params:
-        pieces = [updates[index] for index in active.param_units[param]]
         tensor = params[param]
         blocking = blockings[param]
         if not blocking.preconditioned:
             targets.append(tensor)
-            sources.append(pieces[0])
+            sources.append(partition.view(updates, partition.param_units[param][0]))
         elif tensor.is_contiguous():
-            targets += blocking.block_views(tensor)
-            sources += pieces
-        else:  # e.g. channels_last: its block "views" would be copies
+            merged = tensor.view(blocking.merged_shape)
+            for group, offset in partition.transfers[param]:
+                targets.append(group.view(merged))
+                sources.append(partition.group_view(updates, group, offset))
+        else:  # e.g. channels_last: no merged view; assemble the update first
+            merged = torch.empty(blocking.merged_shape, dtype=tensor.dtype, device=tensor.device)
+            for group, offset in partition.transfers[param]:
+                group.view(merged).copy_(partition.group_view(updates, group, offset))
             targets.append(tensor)
-            sources.append(_assemble(tensor, blocking, pieces))
+            sources.append(merged.view(tensor.shape))
     if settings.weight_decay:
         torch._foreach_mul_([params[param] for param in active.params], scalars.decay)
     foreach_pairs(torch._foreach_add_, targets, sources)
-
-
-def _assemble(param: Tensor, blocking: ParamBlocking, pieces: list[Tensor]) -> Tensor:
-    """A parameter-shaped update from its blocks' updates."""
-    full = torch.empty(blocking.merged_shape, dtype=param.dtype, device=param.device)
-    for block, piece in zip(blocking.blocks, pieces):
-        full[block.slices] = piece
-    return full.view(param.shape)
