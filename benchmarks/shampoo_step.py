@@ -71,7 +71,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import math
 import statistics
 import time
 from collections.abc import Callable
@@ -91,6 +90,7 @@ except ImportError:
     distributed_shampoo = None
 
 FREQUENCY = 100
+CPU = torch.device("cpu")
 DISABLED = 10**9  # a frequency or start step that is never reached
 Row = dict[str, object]
 TARGETS = {"median / matrix products": 2.0, "Meta amortized / ours": 5.0, "root stall": 0.20}
@@ -393,7 +393,7 @@ def run_shampoo_benchmark(
     quick: bool,
     staleness: int | None = None,
     param_sets_by_name: dict[str, Shapes] | None = None,
-    device: torch.device = torch.device("cpu"),
+    device: torch.device = CPU,
 ) -> list[Row]:
     """All step rows: per parameter set and block size (256 only when quick; 1024 and 256 otherwise)."""
     sets = param_sets_by_name or param_sets(device)
