@@ -13,6 +13,7 @@ only per-unit scalars (parameters whose step counts differ) need one tensor per 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -29,55 +30,32 @@ from largebatch.optim.shampoo.scalars import PerUnit, UnitViews, add_, mul_
 SECOND_MOMENT = "graft_second_moment"
 
 
-class SGDGrafting:
-    """``D = scale * x``: no state."""
+@dataclass(frozen=True)
+class GraftingRule:
+    """A grafted optimizer's update: ``D = scale * x / (sqrt(v) + epsilon)``, or ``scale * x`` (SGD).
 
-    state_keys: tuple[str, ...] = ()
-    epsilon = 0.0
+    ``v`` is a sum (AdaGrad) or an EMA (RMSprop, Adam) of ``g**2``. Adam's bias correction ``sqrt(v / c) = sqrt(v) / sqrt(c)`` is folded into ``scale`` and
+    ``epsilon`` (both multiplied by ``sqrt(c)``, see :meth:`correction`), so it costs no pass
+    of its own.
+    """
+
+    second_moment: bool
+    beta2: float | None = None  # None: a running sum (AdaGrad)
+    epsilon: float = 0.0
+    bias_correction: bool = False
+
+    @property
+    def state_keys(self) -> tuple[str, ...]:
+        return (SECOND_MOMENT,) if self.second_moment else ()
 
     def correction(self, step: int) -> float:
         """The factor ``sqrt(1 - beta2^step)`` folded into the scale and epsilon (1: none)."""
-        return 1.0
-
-    def accumulate(self, states: dict[str, list[Tensor]], grads: list[Tensor]) -> None:
-        """Fold this step's gradients (segments) into the grafting state (segments)."""
-
-    def direction(
-        self,
-        xs: list[Tensor],
-        states: dict[str, list[Tensor]],
-        out: list[Tensor],
-        scale: PerUnit,
-        epsilon: PerUnit,
-        units: UnitViews,
-    ) -> None:
-        """Write the grafted update for the inputs ``xs`` into ``out`` (segments all three)."""
-        if isinstance(scale, list):
-            torch._foreach_copy_(out, xs)
-            mul_(out, scale, units)
-        else:
-            for x, d in zip(xs, out):
-                torch.mul(x, scale, out=d)
-
-
-class DiagonalGrafting:
-    """``D = scale * x / (sqrt(v) + epsilon)``, ``v`` a sum or an EMA of ``g**2``.
-
-    Adam's bias correction ``sqrt(v / c) = sqrt(v) / sqrt(c)`` is folded into ``scale`` and
-    ``epsilon`` (both multiplied by ``sqrt(c)``), so it costs no pass of its own.
-    """
-
-    state_keys: tuple[str, ...] = (SECOND_MOMENT,)
-
-    def __init__(self, beta2: float | None, epsilon: float, bias_correction: bool) -> None:
-        self.beta2 = beta2  # None: running sum (AdaGrad)
-        self.epsilon = epsilon
-        self.bias_correction = bias_correction
-
-    def correction(self, step: int) -> float:
         return math.sqrt(1.0 - self.beta2**step) if self.bias_correction else 1.0
 
     def accumulate(self, states: dict[str, list[Tensor]], grads: list[Tensor]) -> None:
+        """Fold this step's gradients (segments) into the grafting state (segments)."""
+        if not self.second_moment:
+            return
         second_moments = states[SECOND_MOMENT]
         if self.beta2 is None:
             torch._foreach_addcmul_(second_moments, grads, grads)
@@ -94,25 +72,30 @@ class DiagonalGrafting:
         epsilon: PerUnit,
         units: UnitViews,
     ) -> None:
-        for v, d in zip(states[SECOND_MOMENT], out):
-            torch.sqrt(v, out=d)
-        add_(out, epsilon, units)
-        for x, d in zip(xs, out):
-            torch.div(x, d, out=d)
+        """Write the grafted update for the inputs ``xs`` into ``out`` (segments all three)."""
+        if not self.second_moment and not isinstance(scale, list):
+            for x, d in zip(xs, out):  # SGD: one pass, the scaled copy
+                torch.mul(x, scale, out=d)
+            return
+        if self.second_moment:
+            for v, d in zip(states[SECOND_MOMENT], out):
+                torch.sqrt(v, out=d)
+            add_(out, epsilon, units)
+            for x, d in zip(xs, out):
+                torch.div(x, d, out=d)
+        else:
+            torch._foreach_copy_(out, xs)
         mul_(out, scale, units)
-
-
-GraftingRule = SGDGrafting | DiagonalGrafting
 
 
 def make_grafting(config: GraftingConfig) -> GraftingRule:
     """The rule implementing a grafting config."""
     if isinstance(config, AdamGraftingConfig):  # before RMSprop, its base class
-        return DiagonalGrafting(config.beta2, config.epsilon, bias_correction=True)
+        return GraftingRule(True, config.beta2, config.epsilon, bias_correction=True)
     if isinstance(config, RMSpropGraftingConfig):
-        return DiagonalGrafting(config.beta2, config.epsilon, bias_correction=False)
+        return GraftingRule(True, config.beta2, config.epsilon)
     if isinstance(config, AdaGradGraftingConfig):
-        return DiagonalGrafting(None, config.epsilon, bias_correction=False)
+        return GraftingRule(True, None, config.epsilon)
     if isinstance(config, SGDGraftingConfig):
-        return SGDGrafting()
+        return GraftingRule(False)
     raise ValueError(f"Invalid grafting: {config!r}")

@@ -202,9 +202,9 @@ class Shampoo(torch.optim.Optimizer):
         counters = self.state[params[0]]
         counters["group_step"] += 1
         step = int(counters["group_step"])  # CPU tensors: no device synchronisation
-        steps = [self.state[params[i]]["step"] for i in active]
-        torch._foreach_add_(steps, 1)
-        counts = dict(zip(active, torch.stack(steps).tolist()))
+        step_counts = [self.state[params[i]]["step"] for i in active]
+        torch._foreach_add_(step_counts, 1)
+        counts = dict(zip(active, torch.stack(step_counts).tolist()))
         if group["staleness"] > 0 and layout.ensure_snapshots():
             self._bind_state(group_index)
         settings = StepSettings.of(group)
@@ -215,9 +215,11 @@ class Shampoo(torch.optim.Optimizer):
             if not mine:
                 continue
             plan = part.active_set(mine)
-            steps = [counts[unit.param] for unit in plan.units]
             scalars = StepScalars.for_steps(
-                group, layout.grafting.correction, layout.grafting.epsilon, steps
+                group,
+                layout.grafting.correction,
+                layout.grafting.epsilon,
+                [counts[unit.param] for unit in plan.units],
             )
             preconditioned = frozenset(
                 i for i in mine if counts[i] >= group["start_preconditioning_step"]

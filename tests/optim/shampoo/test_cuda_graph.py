@@ -37,15 +37,11 @@ def record(frozen: bool):
     return capture, captures, replays
 
 
-def small_model() -> torch.nn.Module:
+def train(graphs: bool, device: str = "cpu", steps: int = 16) -> tuple[list[torch.Tensor], Shampoo]:
+    """A small float64 model under a learning-rate schedule; one parameter left out at steps 10-11."""
     torch.manual_seed(0)
-    return torch.nn.Sequential(
-        torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3)
-    ).double()
-
-
-def train(graphs: bool, steps: int = 16) -> tuple[list[torch.Tensor], Shampoo]:
-    model = small_model()
+    model = torch.nn.Sequential(torch.nn.Linear(6, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+    model = model.to(device, torch.float64)
     optimizer = Shampoo(
         model.parameters(),
         lr=0.02,
@@ -60,23 +56,29 @@ def train(graphs: bool, steps: int = 16) -> tuple[list[torch.Tensor], Shampoo]:
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
     generator = torch.Generator().manual_seed(1)
     for step in range(steps):
-        inputs = torch.randn(16, 6, generator=generator, dtype=torch.float64)
-        targets = torch.randn(16, 3, generator=generator, dtype=torch.float64)
+        inputs = torch.randn(16, 6, generator=generator, dtype=torch.float64).to(device)
+        targets = torch.randn(16, 3, generator=generator, dtype=torch.float64).to(device)
         optimizer.zero_grad()
         torch.nn.functional.mse_loss(model(inputs), targets).backward()
-        if step in (9, 10):  # steps with a parameter left out run eagerly
+        if step in (9, 10):
             model[2].bias.grad = None
         optimizer.step()
         schedule.step()
-    return [p.detach().clone() for p in model.parameters()], optimizer
+    return [p.detach().cpu() for p in model.parameters()], optimizer
 
 
-def test_replayed_steps_follow_the_eager_trajectory(monkeypatch):
-    capture, captures, replays = record(frozen=False)
+def replayed_and_eager(monkeypatch, frozen: bool):
+    """Training with recorded "graphs" on the CPU, and without."""
+    capture, captures, replays = record(frozen)
     monkeypatch.setattr(StepGraphs, "eligible", lambda self, device, dtype: self.enabled)
     monkeypatch.setattr(StepGraphs, "_capture", capture)
     replayed, optimizer = train(graphs=True)
     eager, _ = train(graphs=False)
+    return replayed, eager, captures, replays, optimizer
+
+
+def test_replayed_steps_follow_the_eager_trajectory(monkeypatch):
+    replayed, eager, captures, replays, optimizer = replayed_and_eager(monkeypatch, frozen=False)
     for a, b in zip(replayed, eager):
         torch.testing.assert_close(a, b, rtol=1e-13, atol=1e-15)
     # Warm-up steps (1-2, grafted) and preconditioned ones each got a graph: warmed up at
@@ -95,11 +97,7 @@ def test_replayed_steps_follow_the_eager_trajectory(monkeypatch):
 
 
 def test_a_graph_that_froze_the_first_scalars_would_be_caught(monkeypatch):
-    capture, _, _ = record(frozen=True)
-    monkeypatch.setattr(StepGraphs, "eligible", lambda self, device, dtype: self.enabled)
-    monkeypatch.setattr(StepGraphs, "_capture", capture)
-    replayed, _ = train(graphs=True)
-    eager, _ = train(graphs=False)
+    replayed, eager, *_ = replayed_and_eager(monkeypatch, frozen=True)
     assert not all(torch.allclose(a, b, rtol=1e-6) for a, b in zip(replayed, eager))
 
 
@@ -114,28 +112,8 @@ def test_graphs_stay_off_the_cpu_and_when_disabled():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graphs_replay_the_eager_trajectory_on_the_gpu():
-    results = {}
-    for graphs in (True, False):
-        torch.manual_seed(0)
-        model = torch.nn.Sequential(torch.nn.Linear(64, 96), torch.nn.Linear(96, 10)).cuda()
-        optimizer = Shampoo(
-            model.parameters(),
-            max_preconditioner_dim=32,
-            precondition_frequency=5,
-            staleness=2,
-            start_preconditioning_step=3,
-            cuda_graphs=graphs,
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0 / (1 + step))
-        generator = torch.Generator(device="cuda").manual_seed(1)
-        for _ in range(20):
-            inputs = torch.randn(32, 64, generator=generator, device="cuda")
-            optimizer.zero_grad()
-            model(inputs).square().mean().backward()
-            optimizer.step()
-            schedule.step()
-        results[graphs] = [p.detach().clone() for p in model.parameters()]
-        if graphs:
-            assert optimizer._graphs._captured  # a graph was captured and replayed
-    for a, b in zip(results[True], results[False]):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    replayed, optimizer = train(graphs=True, device="cuda")
+    eager, _ = train(graphs=False, device="cuda")
+    assert optimizer._graphs._captured  # a graph was captured and replayed
+    for a, b in zip(replayed, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
