@@ -9,7 +9,6 @@ factor's inverse root ``S_d^(-1/(2k))`` (``L^(-1/4) G R^(-1/4)`` for a matrix).
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
@@ -135,10 +134,6 @@ class KroneckerBucket:
         self.total_failures = torch.zeros(count, order, dtype=torch.int64)
         # Per dimension: chunks of slots whose roots one rank computes together, and that rank.
         self.root_chunks: list[list[tuple[range, int]]] = [[] for _ in shape]
-
-    @property
-    def block_numel(self) -> int:
-        return math.prod(self.shape)
 
     def ensure_snapshots(self) -> bool:
         """Allocate the snapshot buffers if missing; True when they were."""

@@ -108,7 +108,3 @@ class StepScalars:
     def views_of(cls, tensor: Tensor) -> StepScalars:
         """Scalars read from a device tensor holding :meth:`values` (what a CUDA graph captures)."""
         return cls(*tensor.unbind())
-
-    @staticmethod
-    def size() -> int:
-        return len(fields(StepScalars))
