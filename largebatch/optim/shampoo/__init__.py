@@ -10,7 +10,8 @@ from largebatch.optim.shampoo.config import (
     RootConfig,
     SGDGraftingConfig,
 )
-from largebatch.optim.shampoo.optimizer import FactorReport, RootComputationError, Shampoo
+from largebatch.optim.shampoo.optimizer import Shampoo
+from largebatch.optim.shampoo.roots import FactorReport, RootComputationError
 
 __all__ = [
     "AdaGradGraftingConfig",

@@ -35,6 +35,28 @@ class Block:
 
 
 @dataclass(frozen=True)
+class TileGroup:
+    """Blocks of one shape that tile a region of the merged tensor as a grid.
+
+    ``blocks`` lists their indices in row-major grid order; :meth:`view` gives all of them
+    as one strided view, so they move in one copy instead of one per block.
+    """
+
+    region: tuple[slice, ...]
+    counts: tuple[int, ...]  # blocks along each dimension
+    shape: tuple[int, ...]  # the block shape
+    blocks: tuple[int, ...]
+
+    def view(self, merged: Tensor) -> Tensor:
+        """``(*counts, *shape)`` view of the group's blocks of a merged-shape tensor."""
+        grid = merged[self.region]
+        for dim, (count, size) in enumerate(zip(self.counts, self.shape)):
+            grid = grid.unflatten(2 * dim, (count, size))
+        order = len(self.shape)
+        return grid.permute(*range(0, 2 * order, 2), *range(1, 2 * order, 2))
+
+
+@dataclass(frozen=True)
 class ParamBlocking:
     """A parameter's merged shape and blocks; no blocks means the diagonal (grafted) step only."""
 
@@ -42,18 +64,49 @@ class ParamBlocking:
     shape: tuple[int, ...]
     merged_shape: tuple[int, ...]
     blocks: tuple[Block, ...]
+    block_size: int = 0
+
+    def tile_groups(self) -> list[TileGroup]:
+        """The blocks as grids of equal blocks: full chunks or the remainder, along each dimension."""
+        chunks = [math.ceil(size / self.block_size) for size in self.merged_shape]
+        kinds = []  # per dimension: (region slice, chunk indices, block size) of each kind
+        for size, count in zip(self.merged_shape, chunks):
+            full = size // self.block_size
+            dim_kinds = []
+            if full:
+                dim_kinds.append((slice(0, full * self.block_size), range(full), self.block_size))
+            if size % self.block_size:
+                dim_kinds.append(
+                    (
+                        slice(full * self.block_size, size),
+                        range(full, count),
+                        size % self.block_size,
+                    )
+                )
+            kinds.append(dim_kinds)
+        groups = []
+        for combination in itertools.product(*kinds):
+            indices = itertools.product(*(chunk_indices for _, chunk_indices, _ in combination))
+            groups.append(
+                TileGroup(
+                    region=tuple(region for region, _, _ in combination),
+                    counts=tuple(len(chunk_indices) for _, chunk_indices, _ in combination),
+                    shape=tuple(size for _, _, size in combination),
+                    blocks=tuple(_row_major(index, chunks) for index in indices),
+                )
+            )
+        return groups
 
     @property
     def preconditioned(self) -> bool:
         return bool(self.blocks)
 
-    def block_views(self, tensor: Tensor) -> list[Tensor]:
-        """The blocks of ``tensor`` (a gradient or an update of this parameter's shape).
 
-        Views when ``tensor`` is contiguous, copies otherwise.
-        """
-        merged = tensor.reshape(self.merged_shape)
-        return [merged[block.slices] for block in self.blocks]
+def _row_major(index: tuple[int, ...], counts: list[int]) -> int:
+    flat = 0
+    for i, count in zip(index, counts):
+        flat = flat * count + i
+    return flat
 
 
 def _greedy_merge(shape: tuple[int, ...], max_dim: int) -> list[int]:
@@ -110,4 +163,10 @@ def plan_blocking(
         )
         for index, slices in enumerate(grid)
     )
-    return ParamBlocking(name=name, shape=tuple(shape), merged_shape=merged, blocks=blocks)
+    return ParamBlocking(
+        name=name,
+        shape=tuple(shape),
+        merged_shape=merged,
+        blocks=blocks,
+        block_size=max_preconditioner_dim,
+    )

@@ -25,18 +25,6 @@ def require(condition: bool, message: str) -> None:
 
 
 @dataclass(frozen=True)
-class AdamGraftingConfig:
-    """Adam's step (bias-corrected second moment EMA); the default, so Shampoo drops into AdamW recipes."""
-
-    beta2: float = 0.999
-    epsilon: float = 1e-8
-
-    def __post_init__(self) -> None:
-        require(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
-        require(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
-
-
-@dataclass(frozen=True)
 class AdaGradGraftingConfig:
     """AdaGrad's step (running sum of squared gradients), the paper's choice."""
 
@@ -56,6 +44,13 @@ class RMSpropGraftingConfig:
     def __post_init__(self) -> None:
         require(0.0 <= self.beta2 < 1.0, f"Invalid grafting beta2: {self.beta2}")
         require(self.epsilon > 0.0, f"Invalid grafting epsilon: {self.epsilon}")
+
+
+@dataclass(frozen=True)
+class AdamGraftingConfig(RMSpropGraftingConfig):
+    """Adam's step: RMSprop's with bias corrections; the default, so Shampoo drops into AdamW recipes."""
+
+    beta2: float = 0.999
 
 
 @dataclass(frozen=True)
@@ -206,6 +201,75 @@ class DistributedConfig:
 
     enabled: bool = True
     process_group: Any = None
+
+
+# --- a parameter group's hyperparameters ---------------------------------------------
+
+MATMUL_DTYPES = (None, torch.float32, torch.float64, torch.bfloat16)
+"""Allowed ``matmul_dtype`` values (float16 is left out: ``G G^T`` overflows its range)."""
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _dtype(value: Any) -> Any:
+    """A dtype given by name (``"bfloat16"``, e.g. from the command line) as ``torch.bfloat16``."""
+    if isinstance(value, str) and isinstance(getattr(torch, value, None), torch.dtype):
+        return getattr(torch, value)
+    return value
+
+
+def resolve_group(settings: dict[str, Any], asynchronous: bool) -> dict[str, Any]:
+    """Validate a parameter group's hyperparameters; fill the defaults that depend on others."""
+    lr = settings["lr"]
+    require(isinstance(lr, (int, float)) and lr >= 0.0, f"Invalid learning rate: {lr}")
+    betas = settings["betas"]
+    require(len(betas) == 2, f"Invalid betas: {betas}")
+    require(0.0 <= betas[0] < 1.0, f"Invalid beta parameter at index 0: {betas[0]}")
+    require(0.0 < betas[1] <= 1.0, f"Invalid beta parameter at index 1: {betas[1]}")
+    require(settings["epsilon"] > 0.0, f"Invalid epsilon: {settings['epsilon']}")
+    require(settings["weight_decay"] >= 0.0, f"Invalid weight_decay: {settings['weight_decay']}")
+    for key in ("nesterov", "maximize"):
+        require(isinstance(settings[key], bool), f"Invalid {key}: {settings[key]!r}")
+    for key in ("max_preconditioner_dim", "max_preconditioned_dim", "precondition_frequency"):
+        value = settings[key]
+        require(_is_int(value) and value >= 1, f"Invalid {key}: {value}")
+    frequency = settings["precondition_frequency"]
+    staleness = settings["staleness"]
+    if staleness is None:
+        staleness = max(1, frequency // 4) if asynchronous else 0
+    require(
+        _is_int(staleness) and 0 <= staleness <= frequency,
+        f"Invalid staleness: {staleness} (must be in [0, precondition_frequency={frequency}])",
+    )
+    require(
+        staleness >= 1 or not asynchronous,
+        f"Invalid staleness: {staleness} (asynchronous roots need staleness >= 1)",
+    )
+    start = settings["start_preconditioning_step"]
+    if start is None:
+        start = frequency + staleness
+    require(_is_int(start) and start >= 1, f"Invalid start_preconditioning_step: {start}")
+    factor_dtype = _dtype(settings["factor_dtype"])
+    require(
+        factor_dtype in (torch.float32, torch.float64),
+        f"Invalid factor_dtype: {settings['factor_dtype']}",
+    )
+    matmul_dtype = _dtype(settings["matmul_dtype"])
+    require(
+        matmul_dtype in MATMUL_DTYPES,
+        f"Invalid matmul_dtype: {settings['matmul_dtype']} (expected one of {MATMUL_DTYPES})",
+    )
+    return {
+        **settings,
+        "factor_dtype": factor_dtype,
+        "matmul_dtype": matmul_dtype,
+        "staleness": staleness,
+        "start_preconditioning_step": start,
+        "grafting": grafting_config(settings["grafting"]),
+        "roots": root_config(settings["roots"]),
+    }
 
 
 # Configs are stored in param_groups, so optimizer checkpoints contain them; let

@@ -16,13 +16,16 @@ from __future__ import annotations
 import heapq
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 from torch import Tensor
 
 from largebatch.optim.shampoo.config import DistributedConfig
+
+if TYPE_CHECKING:
+    from largebatch.optim.shampoo.preconditioner import KroneckerBucket
 
 ROOT_CHUNK_COST = 1024.0**3  # the most root work handed out as one unit: one 1024 x 1024 root
 
@@ -61,6 +64,9 @@ class Topology:
     rank: int = 0
     world_size: int = 1
     group: Any = None
+
+    def __deepcopy__(self, memo: dict) -> Topology:
+        return self  # immutable, and a process group handle cannot be copied
 
     @classmethod
     def resolve(cls, config: DistributedConfig | None) -> Topology:
@@ -104,3 +110,47 @@ def broadcast_from_owners(
                 for t in tensors:
                     t.copy_(flat[offset : offset + t.numel()].view_as(t))
                     offset += t.numel()
+
+
+class RootDistributor:
+    """Which rank computes each root, and the sharing of the results.
+
+    Owners are assigned once per parameter group, in the order groups are added; the
+    loads carry over between groups, so ranks stay balanced across the whole model.
+    """
+
+    def __init__(self, topology: Topology) -> None:
+        self.topology = topology
+        self._loads = [0.0] * topology.world_size
+
+    def is_mine(self, owner: int) -> bool:
+        return owner == self.topology.rank
+
+    def assign(self, buckets: Sequence[KroneckerBucket]) -> None:
+        """Cut each bucket's factors into root chunks and give each chunk a rank, balancing cost."""
+        chunks = [
+            (bucket, dim, slots)
+            for bucket in buckets
+            for dim, size in enumerate(bucket.shape)
+            for slots in root_chunks(len(bucket.members), size)
+        ]
+        costs = [len(slots) * root_cost(bucket.shape[dim]) for bucket, dim, slots in chunks]
+        for (bucket, dim, slots), owner in zip(chunks, balanced_owners(costs, self._loads)):
+            bucket.root_chunks[dim].append((slots, owner))
+
+    def share(self, buckets: Sequence[KroneckerBucket]) -> None:
+        """Give every rank each owner's roots and failure counters."""
+        if self.topology.world_size == 1 or not buckets:
+            return
+        entries = []
+        for bucket in buckets:
+            for dim in range(len(bucket.shape)):
+                for slot in range(len(bucket.members)):
+                    owner = bucket.owner(dim, slot)
+                    entries += [
+                        (owner, bucket.roots[dim][slot]),
+                        (owner, bucket.residuals[slot, dim : dim + 1]),
+                        (owner, bucket.consecutive_failures[slot, dim : dim + 1]),
+                        (owner, bucket.total_failures[slot, dim : dim + 1]),
+                    ]
+        broadcast_from_owners(entries, self.topology, buckets[0].roots[0].device)

@@ -45,6 +45,13 @@ def inverse_roots(matrices: Tensor, exponent: int, config: RootConfig) -> RootRe
     if exponent < 1:
         raise ValueError(f"Invalid root exponent: {exponent}")
     matrices = matrices.to(config.compute_dtype)
+    if matrices.is_meta:  # no values (shape inference, deferred initialisation): nothing to check
+        count = matrices.shape[0]
+        return RootResult(
+            roots=torch.empty_like(matrices),
+            residuals=torch.zeros(count, dtype=torch.float64),
+            ok=torch.ones(count, dtype=torch.bool),
+        )
     if isinstance(config.method, EighConfig):
         return eigh_inverse_roots(matrices, exponent, config.relative_epsilon, config.method)
     return coupled_newton_inverse_roots(matrices, exponent, config.relative_epsilon, config.method)

@@ -63,16 +63,20 @@ def precondition(
     return result.reshape(batch, *shape).to(stacked.dtype)
 
 
-# Largest bucket, in elements of its stacked blocks (4 MiB of float32). On the CPU a batched
-# product of big blocks is no faster than a loop, while bucket-sized temporaries that outgrow
-# the caches add memory traffic: at block size 256 on ResNet-50, one bucket per shape makes
-# the step ~20% slower (benchmarks/shampoo_step.py). Small blocks are still batched by the
-# hundreds.
+# Largest bucket on the CPU, in elements of its stacked blocks (4 MiB of float32). There a
+# batched product of big blocks is no faster than a loop, while bucket-sized temporaries that
+# outgrow the caches add memory traffic (benchmarks/shampoo_step.py measures both). Small
+# blocks are still batched by the hundreds. On other devices, where every product is a
+# kernel launch, a bucket holds every block of its shape.
 MAX_BUCKET_NUMEL = 2**20
 
 
-def split_bucket(members: list[BucketMember], block_numel: int) -> list[list[BucketMember]]:
-    """Same-shape blocks in consecutive buckets of at most ``MAX_BUCKET_NUMEL`` elements (one block at least)."""
+def split_bucket(
+    members: list[BucketMember], block_numel: int, device: torch.device
+) -> list[list[BucketMember]]:
+    """Same-shape blocks in consecutive buckets (on the CPU of at most ``MAX_BUCKET_NUMEL`` elements)."""
+    if device.type != "cpu":
+        return [members]
     per_bucket = max(1, MAX_BUCKET_NUMEL // block_numel)
     return [members[start : start + per_bucket] for start in range(0, len(members), per_bucket)]
 
@@ -87,10 +91,12 @@ class BucketMember:
 
 
 class KroneckerBucket:
-    """State of a stack of same-shape blocks: statistics, roots, momentum, grafting, root health.
+    """Kronecker factors of a stack of same-shape blocks: statistics, roots, snapshots, root health.
 
-    Every buffer has the member index as its leading dimension; :meth:`member_state`
-    returns per-member views, which the optimizer exposes as per-parameter state.
+    Every buffer has the member (slot) index as its leading dimension; :meth:`member_state`
+    returns per-member views, which the optimizer exposes as per-parameter state. The
+    blocks' momentum and grafting state live in the partition's flat buffers, at
+    ``offset`` (see :mod:`.layout`).
     """
 
     def __init__(
@@ -98,15 +104,15 @@ class KroneckerBucket:
         shape: tuple[int, ...],
         members: list[BucketMember],
         *,
+        offset: int,
         device: torch.device,
-        param_dtype: torch.dtype,
         factor_dtype: torch.dtype,
         epsilon: float,
-        graft_keys: tuple[str, ...],
         keep_snapshot: bool,
     ) -> None:
         self.shape = shape
         self.members = members
+        self.offset = offset
         count = len(members)
         order = len(shape)
         self.exponent = 2 * order
@@ -117,13 +123,11 @@ class KroneckerBucket:
         self.roots = [
             torch.eye(n, dtype=factor_dtype, device=device).repeat(count, 1, 1) for n in shape
         ]
-        self.snapshots = [f.clone() for f in self.factors] if keep_snapshot else []
+        self.snapshots: list[Tensor] = []
+        if keep_snapshot:
+            self.ensure_snapshots()
         self._cast_roots: list[Tensor] = []
         self._cast_roots_key: tuple = ()
-        self.momentum = torch.zeros(count, *shape, dtype=param_dtype, device=device)
-        self.graft_state = {
-            key: torch.zeros(count, *shape, dtype=param_dtype, device=device) for key in graft_keys
-        }
         # Root health lives on the CPU: read only when roots are installed.
         self.residuals = torch.zeros(count, order, dtype=torch.float64)
         self.consecutive_failures = torch.zeros(count, order, dtype=torch.int64)
@@ -131,17 +135,28 @@ class KroneckerBucket:
         # Per dimension: chunks of slots whose roots one rank computes together, and that rank.
         self.root_chunks: list[list[tuple[range, int]]] = [[] for _ in shape]
 
+    def ensure_snapshots(self) -> bool:
+        """Allocate the snapshot buffers if missing; True when they were."""
+        if self.snapshots:
+            return False
+        self.snapshots = [f.clone() for f in self.factors]
+        return True
+
     def roots_in(self, dtype: torch.dtype) -> list[Tensor]:
         """The roots in ``dtype``, for products in another precision (e.g. bfloat16).
 
-        The cast copies are kept until a root changes: every in-place write (an install, a
-        broadcast, a loaded state) bumps the tensor's version counter, which is the key.
+        The cast copies are persistent buffers (a captured CUDA graph reads them), rewritten
+        in place when a root has changed: every in-place write (an install, a broadcast, a
+        loaded state) bumps the root tensor's version counter, which is the key.
         """
         if dtype == self.roots[0].dtype:
             return self.roots
         key = (dtype, *(root._version for root in self.roots))
         if key != self._cast_roots_key:
-            self._cast_roots = [root.to(dtype) for root in self.roots]
+            if not self._cast_roots or self._cast_roots[0].dtype != dtype:
+                self._cast_roots = [torch.empty_like(root, dtype=dtype) for root in self.roots]
+            for cast, root in zip(self._cast_roots, self.roots):
+                cast.copy_(root)
             self._cast_roots_key = key
         return self._cast_roots
 
@@ -152,8 +167,7 @@ class KroneckerBucket:
     def member_state(self, slot: int) -> dict[str, Tensor]:
         """Views of slot ``slot``'s buffers, keyed as in the optimizer's per-parameter state."""
         prefix = f"block_{self.members[slot].block_index}."
-        views = {prefix + "momentum": self.momentum[slot]}
-        views.update({prefix + key: value[slot] for key, value in self.graft_state.items()})
+        views = {}
         for dim in range(len(self.shape)):
             views[f"{prefix}factor_{dim}"] = self.factors[dim][slot]
             views[f"{prefix}root_{dim}"] = self.roots[dim][slot]

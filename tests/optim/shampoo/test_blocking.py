@@ -33,23 +33,34 @@ def test_blocks_cover_every_element_exactly_once(shape):
         max_preconditioned_dim=8192,
     )
     assert blocking.preconditioned
-    index = torch.arange(math.prod(shape)).reshape(shape)
-    pieces = blocking.block_views(index)
-    covered = torch.cat([p.reshape(-1) for p in pieces]).sort().values
+    merged = torch.arange(math.prod(shape)).reshape(blocking.merged_shape)
+    pieces = {}
+    for group in blocking.tile_groups():  # grids of equal blocks, one strided view each
+        stacked = group.view(merged).reshape(-1, *group.shape)
+        pieces.update(zip(group.blocks, stacked))
+    assert sorted(pieces) == list(range(len(blocking.blocks)))
+    covered = torch.cat([p.reshape(-1) for p in pieces.values()]).sort().values
     assert torch.equal(covered, torch.arange(math.prod(shape)))
-    for piece, block in zip(pieces, blocking.blocks):
-        assert tuple(piece.shape) == block.shape
+    for index, block in enumerate(blocking.blocks):
+        assert torch.equal(pieces[index], merged[block.slices])
         assert max(block.shape) <= max(4 if len(shape) == 2 else 128, 1)
         assert block.name.startswith("w block ")
 
 
-def test_blocks_are_views_so_updates_land_in_the_parameter():
+def test_tile_groups_are_views_so_updates_land_in_the_parameter():
     blocking = plan_blocking("w", (6, 10), max_preconditioner_dim=4, max_preconditioned_dim=8192)
     tensor = torch.zeros(6, 10)
-    for view in blocking.block_views(tensor):
-        view += 1.0
+    groups = blocking.tile_groups()
+    for group in groups:
+        group.view(tensor).add_(1.0)
     assert torch.equal(tensor, torch.ones(6, 10))
     assert [b.shape for b in blocking.blocks] == [(4, 4), (4, 4), (4, 2), (2, 4), (2, 4), (2, 2)]
+    assert [(g.counts, g.shape, g.blocks) for g in groups] == [
+        ((1, 2), (4, 4), (0, 1)),
+        ((1, 1), (4, 2), (2,)),
+        ((1, 2), (2, 4), (3, 4)),
+        ((1, 1), (2, 2), (5,)),
+    ]
     assert "[4:6, 8:10]" in blocking.blocks[-1].name
 
 

@@ -158,3 +158,10 @@ def test_invalid_exponent_and_configs_raise_naming_the_value():
         CoupledNewtonConfig(max_iterations=0)
     with pytest.raises(ValueError, match="residual_tolerance: 0"):
         EighConfig(residual_tolerance=0.0)
+
+
+@pytest.mark.parametrize("method", [EighConfig(), CoupledNewtonConfig()], ids=["eigh", "newton"])
+def test_matrices_without_values_get_roots_of_their_shape_and_no_checks(method):
+    result = inverse_roots(torch.empty(3, 5, 5, device="meta"), 4, RootConfig(method=method))
+    assert result.roots.is_meta and result.roots.shape == (3, 5, 5)
+    assert result.ok.tolist() == [True] * 3  # nothing to reject: installing them is harmless

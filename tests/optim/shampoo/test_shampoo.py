@@ -3,6 +3,7 @@
 import copy
 import io
 import math
+import pickle
 
 import numpy as np
 import pytest
@@ -10,8 +11,10 @@ import torch
 
 from largebatch.optim import create_optimizer, get_spec
 from largebatch.optim.shampoo import (
+    AdamGraftingConfig,
     CoupledNewtonConfig,
     EighConfig,
+    RMSpropGraftingConfig,
     RootComputationError,
     RootConfig,
     Shampoo,
@@ -582,3 +585,163 @@ def test_non_contiguous_parameters_get_the_same_updates():
     assert torch.equal(plain, channels_last)
     assert channels_last.is_contiguous(memory_format=torch.channels_last)
     assert not torch.equal(plain, weight)
+
+
+# --- the contract of torch.optim optimizers (issue 13) -----------------------------------
+
+
+def exact_pair(**overrides) -> dict:
+    """float64 statistics and roots, so batched and single roots agree to rounding."""
+    return dict(
+        factor_dtype=torch.float64, roots=RootConfig(compute_dtype=torch.float64), **overrides
+    )
+
+
+@pytest.mark.parametrize("joins_after", [5, 100])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        {},  # the defaults: Adam-grafted warm-up steps
+        dict(
+            precondition_frequency=1, staleness=0, asynchronous=False, start_preconditioning_step=1
+        ),
+    ],
+    ids=["warm-up", "preconditioned"],
+)
+def test_a_parameter_joining_late_steps_as_a_fresh_shampoo_would(settings, joins_after):
+    generator = torch.Generator().manual_seed(7)
+
+    def randn():
+        return torch.randn(4, 6, generator=generator, dtype=torch.float64)
+
+    # Same shape: the late parameter shares a bucket with one that trains from step 1.
+    always, late = torch.nn.Parameter(randn()), torch.nn.Parameter(randn())
+    alone = torch.nn.Parameter(late.detach().clone())
+    optimizer = Shampoo([always, late], **exact_pair(**settings))
+    fresh = Shampoo([alone], **exact_pair(**settings))
+    for _ in range(joins_after):
+        always.grad = randn()
+        optimizer.step()
+    for _ in range(4):
+        grad = randn()
+        always.grad, late.grad, alone.grad = randn(), grad.clone(), grad.clone()
+        before = late.detach().clone()
+        optimizer.step()
+        fresh.step()
+        torch.testing.assert_close(late, alone, rtol=1e-10, atol=1e-12)
+        assert not torch.equal(late, before)
+    assert int(optimizer.state[late]["step"]) == 4
+    assert int(optimizer.state[always]["group_step"]) == joins_after + 4
+
+
+def test_copies_and_pickles_are_independent_and_continue_identically():
+    data = batches(10)
+    model = small_model(0)
+    optimizer = blocked_shampoo(model, staleness=2, factor_dtype=torch.float64)
+    train(model, optimizer, data[:4])  # a root computation is in flight (from step 3)
+    copied = copy.deepcopy({"model": model, "optimizer": optimizer})
+    pickled = pickle.loads(pickle.dumps({"model": model, "optimizer": optimizer}))
+    factor = optimizer.state[model[0].weight]["block_0.factor_0"]
+    saved_factor = factor.clone()
+
+    train(copied["model"], copied["optimizer"], data[4:])
+    assert torch.equal(factor, saved_factor)  # the copy has its own state
+    train(pickled["model"], pickled["optimizer"], data[4:])
+    train(model, optimizer, data[4:])
+    for clone in (copied, pickled):
+        assert clone["optimizer"].root_staleness == optimizer.root_staleness
+        for original, restored in zip(model.parameters(), clone["model"].parameters()):
+            assert torch.equal(original, restored)
+
+
+def test_sparse_gradients_are_rejected_before_anything_changes():
+    weight = torch.nn.Parameter(torch.randn(4, 4))
+    embedding = torch.nn.Parameter(torch.randn(10, 4))
+    optimizer = Shampoo([weight, embedding], precondition_frequency=1, asynchronous=False)
+    weight.grad = torch.randn(4, 4)
+    embedding.grad = torch.randn(10, 4).to_sparse()
+    saved = copy.deepcopy(optimizer.state_dict())
+    with pytest.raises(RuntimeError, match="Shampoo does not support sparse gradients"):
+        optimizer.step()
+    after = optimizer.state_dict()
+    assert int(after["state"][0]["group_step"]) == 0
+    for index, state in saved["state"].items():
+        for key, value in state.items():
+            assert torch.equal(after["state"][index][key], value), key
+
+
+def test_meta_tensors_step_through_warm_up_roots_and_preconditioning():
+    model = small_model(0).to("meta")
+    for asynchronous, staleness in ((True, 1), (False, 0)):
+        optimizer = blocked_shampoo(
+            model,
+            precondition_frequency=2,
+            staleness=staleness,
+            asynchronous=asynchronous,
+            start_preconditioning_step=2,
+        )
+        for _ in range(5):
+            for param in model.parameters():
+                param.grad = torch.empty_like(param)
+            optimizer.step()
+        assert optimizer.root_staleness == 1  # roots from step 4, installed by step 5
+        state = optimizer.state[model[0].weight]
+        assert state["block_0.root_0"].is_meta and state["block_0.root_0"].shape == (4, 4)
+
+
+def test_maximize_is_minimizing_the_negated_objective():
+    data = batches(8)
+    runs = {}
+    for name, maximize, sign in (
+        ("maximize", True, 1.0),
+        ("negated", False, -1.0),
+        ("min", False, 1.0),
+    ):
+        model = small_model(0)
+        optimizer = blocked_shampoo(
+            model,
+            maximize=maximize,
+            precondition_frequency=2,
+            staleness=1,
+            start_preconditioning_step=2,
+        )
+        for inputs, targets in data:
+            optimizer.zero_grad()
+            (sign * torch.nn.functional.mse_loss(model(inputs), targets)).backward()
+            optimizer.step()
+        runs[name] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(runs["maximize"], runs["negated"]))
+    assert not any(torch.equal(a, b) for a, b in zip(runs["maximize"], runs["min"]))
+
+
+def test_states_saved_with_one_group_step_count_still_load():
+    """Before per-parameter counts, the group's first parameter held the only ``step``."""
+    data = batches(8)
+    model = small_model(0)
+    optimizer = blocked_shampoo(model, staleness=2, factor_dtype=torch.float64)
+    train(model, optimizer, data[:4])
+    state_dict = copy.deepcopy(optimizer.state_dict())
+    for state in state_dict["state"].values():
+        group_step = state.pop("group_step", None)
+        if group_step is not None:
+            state["step"] = group_step
+        else:
+            del state["step"]
+    resumed = small_model(1)
+    resumed.load_state_dict(model.state_dict())
+    resumed_optimizer = blocked_shampoo(resumed, staleness=2, factor_dtype=torch.float64)
+    resumed_optimizer.load_state_dict(state_dict)
+    assert int(resumed_optimizer.state[resumed[2].bias]["step"]) == 4
+    train(model, optimizer, data[4:])
+    train(resumed, resumed_optimizer, data[4:])
+    for original, restored in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(original, restored)
+
+
+def test_grafting_configs_validate_what_they_inherit():
+    with pytest.raises(ValueError, match="grafting beta2: 1.0"):
+        AdamGraftingConfig(beta2=1.0)
+    with pytest.raises(ValueError, match="grafting epsilon: 0.0"):
+        RMSpropGraftingConfig(epsilon=0.0)
+    assert AdamGraftingConfig() == AdamGraftingConfig(beta2=0.999, epsilon=1e-8)
+    assert AdamGraftingConfig() != RMSpropGraftingConfig(beta2=0.999, epsilon=1e-8)
