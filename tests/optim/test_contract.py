@@ -14,9 +14,6 @@ parameters on the ``meta`` device step; ``maximize=True`` on ``f`` equals minimi
 negative learning rate raises ``ValueError`` naming the value. Steps follow each
 optimizer's :class:`~largebatch.optim.StepProtocol` (gradient first, closure on the
 same or a fresh mini-batch), as the training loop does.
-
-Shampoo's cases marked ``xfail(strict=True)`` are fixed on the Shampoo branch; the
-marks go when it is merged.
 """
 
 from __future__ import annotations
@@ -37,14 +34,11 @@ from largebatch.optim import create_optimizer, list_optimizers, step_protocol_of
 
 SPECS = list_optimizers()
 BATCHES = 8
-SHAMPOO_BRANCH = pytest.mark.xfail(strict=True, reason="shampoo: fixed on the shampoo branch")
 
 
-def specs(*, shampoo_fails: bool = False, known_failures: dict | None = None) -> list:
+def specs(*, known_failures: dict | None = None) -> list:
     """Every registered spec as a test parameter, expected failures marked ``xfail(strict=True)``."""
     failures = dict(known_failures or {})
-    if shampoo_fails:
-        failures["shampoo"] = SHAMPOO_BRANCH
     return [pytest.param(spec, id=spec.name, marks=failures.get(spec.name, ())) for spec in SPECS]
 
 
@@ -235,7 +229,7 @@ COPIERS = {
 
 
 @pytest.mark.parametrize("copier", COPIERS)
-@pytest.mark.parametrize("spec", specs(shampoo_fails=True))
+@pytest.mark.parametrize("spec", specs())
 def test_copy_continues_exactly_as_the_original(spec, copier):
     """The model and optimizer copied together after 3 steps: 3 more steps of each agree bitwise."""
     model = make_model()
@@ -263,7 +257,7 @@ def _matrix_loss(weight: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
     return lambda batch: F.mse_loss(torch.tanh(batch[0] @ weight), batch[1])
 
 
-@pytest.mark.parametrize("spec", specs(shampoo_fails=True))
+@pytest.mark.parametrize("spec", specs())
 def test_late_parameter_steps_like_a_fresh_optimizer(spec):
     """``b`` has no gradient for 5 steps (only ``a`` is trained), then joins (only ``b``).
 
@@ -297,7 +291,7 @@ TORCH_ADAMW_SPARSE = pytest.mark.xfail(
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
 @pytest.mark.parametrize(
-    "spec", specs(shampoo_fails=True, known_failures={"adamw": TORCH_ADAMW_SPARSE})
+    "spec", specs(known_failures={"adamw": TORCH_ADAMW_SPARSE})
 )
 def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     """After 2 dense steps, a sparse gradient on the last group's last parameter.
@@ -330,7 +324,7 @@ def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     torch.testing.assert_close(flat(model), flat(dense_model), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("spec", specs(shampoo_fails=True))
+@pytest.mark.parametrize("spec", specs())
 def test_meta_parameters_step(spec):
     """A model on the ``meta`` device: steps run and state keeps the parameters' shapes there."""
     model = make_model().to("meta")
@@ -338,16 +332,16 @@ def test_meta_parameters_step(spec):
     driver = Driver(model, optimizer, device="meta")
     for _ in range(2):
         driver.step()
-    shapes = {tuple(p.shape) for p in model.parameters()}
     for param in model.parameters():
         assert param.is_meta
+    # a parameter's state tensors of its own shape (moments, buffers) live with it
     tensors = [
         value
         for optimizer_ in (optimizer, getattr(optimizer, "base_optimizer", None))
         if optimizer_ is not None
-        for state in optimizer_.state.values()
+        for param, state in optimizer_.state.items()
         for value in state.values()
-        if torch.is_tensor(value) and tuple(value.shape) in shapes and value.dim() > 0
+        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
     ]
     assert tensors and all(t.is_meta for t in tensors)
 
