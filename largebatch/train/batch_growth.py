@@ -133,9 +133,7 @@ class BatchSizeController(ABC):
 
 
 class _AdaptiveTest(BatchSizeController):
-    """A statistics-driven test with the review's geometric back-up floor."""
-
-    needs_statistics = True
+    """A statistics-driven test, run every ``every`` steps, with the review's geometric back-up floor."""
 
     def __init__(
         self,
@@ -143,23 +141,36 @@ class _AdaptiveTest(BatchSizeController):
         max_batch_size: int,
         multiple_of: int = 1,
         min_growth: float | None = None,
+        every: int = 1,
     ) -> None:
         super().__init__(initial, max_batch_size, multiple_of)
         if min_growth is not None and not (isinstance(min_growth, int | float) and min_growth >= 1):
             raise ValueError(f"Invalid min_growth: {min_growth} (expected None or >= 1)")
-        self.min_growth = min_growth
+        check_positive_int("every", every)
+        self.min_growth, self.every = min_growth, every
+
+    @property
+    def needs_statistics(self) -> bool:  # type: ignore[override]
+        """Whether this step is tested (every ``every`` steps, from the first)."""
+        return self.steps % self.every == 0
 
     def _propose(self, statistics: GradientStatistics | None) -> float:
+        proposal = float(self.batch_size)
+        if statistics is not None:
+            proposal = max(proposal, self._test(statistics))
+        if self.min_growth is not None:
+            proposal = max(proposal, self.initial * self.min_growth ** (self.steps + 1))
+        return proposal
+
+    def _test(self, statistics: GradientStatistics) -> float:
+        """The batch size the test asks for (records the test ratio)."""
         if statistics.num_samples < 2:
             raise ValueError(
                 f"Invalid statistics: num_samples={statistics.num_samples} (a variance needs >= 2)"
             )
         needed = self._needed(statistics)
         self.test_ratio = needed / statistics.batch_size
-        proposal = needed if self.test_ratio > 1 else float(self.batch_size)
-        if self.min_growth is not None:
-            proposal = max(proposal, self.initial * self.min_growth ** (self.steps + 1))
-        return proposal
+        return needed if self.test_ratio > 1 else float(self.batch_size)
 
     @abstractmethod
     def _needed(self, statistics: GradientStatistics) -> float:
@@ -173,6 +184,8 @@ class NormTest(_AdaptiveTest):
         theta: ``theta > 0`` (the review's ``chi``; smaller means larger batches).
         initial, max_batch_size, multiple_of: see :class:`BatchSizeController`.
         min_growth: optional geometric floor ``initial * min_growth^k``.
+        every: test every ``every`` steps (the statistics cost is paid on those only;
+            the batch stays put in between).
     """
 
     name = "norm-test"
@@ -184,9 +197,10 @@ class NormTest(_AdaptiveTest):
         theta: float = 0.5,
         multiple_of: int = 1,
         min_growth: float | None = None,
+        every: int = 1,
     ) -> None:
         check_positive("theta", theta)
-        super().__init__(initial, max_batch_size, multiple_of, min_growth)
+        super().__init__(initial, max_batch_size, multiple_of, min_growth, every)
         self.theta = theta
 
     def _needed(self, statistics: GradientStatistics) -> float:
@@ -200,7 +214,7 @@ class InnerProductTest(_AdaptiveTest):
     Args:
         theta: inner-product tolerance (0.9 in Bollapragada et al.).
         nu: orthogonality tolerance (``tan 80 deg = 5.84`` there); ``None`` omits it.
-        initial, max_batch_size, multiple_of, min_growth: as for :class:`NormTest`.
+        initial, max_batch_size, multiple_of, min_growth, every: as for :class:`NormTest`.
     """
 
     name = "inner-product-test"
@@ -213,11 +227,12 @@ class InnerProductTest(_AdaptiveTest):
         nu: float | None = None,
         multiple_of: int = 1,
         min_growth: float | None = None,
+        every: int = 1,
     ) -> None:
         check_positive("theta", theta)
         if nu is not None:
             check_positive("nu", nu)
-        super().__init__(initial, max_batch_size, multiple_of, min_growth)
+        super().__init__(initial, max_batch_size, multiple_of, min_growth, every)
         self.theta, self.nu = theta, nu
 
     def _needed(self, statistics: GradientStatistics) -> float:

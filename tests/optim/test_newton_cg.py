@@ -75,30 +75,28 @@ def scipy_newton_cg(problem: LogReg) -> np.ndarray:
     ).x
 
 
-def test_matches_scipy_newton_cg_to_1e_8(problem):
-    reference = scipy_newton_cg(problem)
+def newton_cg_from_zero(problem: LogReg, steps: int) -> np.ndarray:
+    """Full-batch Newton-CG from ``w = 0``: the weights after ``steps`` steps."""
     model = problem.model()
     with torch.no_grad():
         for p in model.parameters():
             p.zero_()
     optimizer = NewtonCG(model.parameters(), weight_decay=WD, cg_tol=1e-3, max_cg=100)
-    for _ in range(12):
+    for _ in range(steps):
         optimizer.step(full_batch_closure(problem, model))
-    ours = flat_weights(model).numpy()
+    return flat_weights(model).numpy()
+
+
+def test_matches_scipy_newton_cg_to_1e_8(problem):
+    reference = scipy_newton_cg(problem)
     scale = np.linalg.norm(reference)
+    ours = newton_cg_from_zero(problem, 12)
     assert np.linalg.norm(ours - reference) / scale < 1e-8
     # the optimum an unrelated method finds (L-BFGS-B stops on F's relative
     # reduction near machine precision, so its w* is good to about sqrt(eps))
     assert np.linalg.norm(ours - problem.solution[0]) / scale < 1e-7
     # negative control: stopped after two steps, the comparison fails
-    early = problem.model()
-    with torch.no_grad():
-        for p in early.parameters():
-            p.zero_()
-    short = NewtonCG(early.parameters(), weight_decay=WD, cg_tol=1e-3, max_cg=100)
-    for _ in range(2):
-        short.step(full_batch_closure(problem, early))
-    assert np.linalg.norm(flat_weights(early).numpy() - reference) / scale > 1e-8
+    assert np.linalg.norm(newton_cg_from_zero(problem, 2) - reference) / scale > 1e-8
 
 
 def gradient_norms(problem: LogReg, forcing: str, steps: int) -> list[float]:

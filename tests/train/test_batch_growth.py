@@ -62,6 +62,18 @@ def test_norm_test_geometric_floor():
     assert sizes == [20, 40, 80]
 
 
+def test_testing_every_few_steps():
+    controller = NormTest(initial=16, max_batch_size=1024, theta=0.5, every=3)
+    due = []
+    for _ in range(6):
+        due.append(controller.needs_statistics)
+        controller.update(statistics(10.0, 1.0, 16) if due[-1] else None)
+    assert due == [True, False, False, True, False, False]
+    assert controller.batch_size == 40
+    with pytest.raises(ValueError, match="Invalid statistics: None"):
+        controller.update()  # step 6 is tested
+
+
 def test_inner_product_test_takes_the_larger_of_the_two_proposals():
     ip_only = InnerProductTest(initial=4, max_batch_size=10_000, theta=0.5)
     # Var_ip = 30, |g|^2 = 2: needs 30 / (0.25 * 4) = 30
@@ -109,6 +121,7 @@ def test_state_round_trip_and_factory():
         ("norm-test", {"initial": 0}, "Invalid initial value: 0"),
         ("norm-test", {"max_batch_size": 2}, "Invalid max_batch_size: 2"),
         ("norm-test", {"multiple_of": 3}, "multiples of multiple_of=3"),
+        ("norm-test", {"every": 0}, "Invalid every value: 0"),
     ],
 )
 def test_bad_options_raise_naming_the_value(name, options, message):
