@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -64,6 +66,9 @@ def worker(rank: int, store: str, out: str) -> None:
         )
     finally:
         dist.destroy_process_group()
+    # Leave without destructors: freeing the DDP reducer joins gloo's threads while
+    # holding the GIL, which deadlocks if one of them is releasing a Python callback.
+    os._exit(0)
 
 
 def test_hvp_trace_and_gradient_norms_under_gloo(tmp_path):
