@@ -14,12 +14,9 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import run_in_gloo_group
 from torch import nn
 from torch.nn import functional as F
 
@@ -137,36 +134,24 @@ WORLD = 2
 SHARDS = [slice(0, 12), slice(12, 24)]
 
 
-def worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        model, x, y = problem()
-        shard = SHARDS[rank]
-        computed, mean = gradient_statistics(
-            model, F.cross_entropy, x[shard], y[shard], chunk_size=5
-        )
-        ddp = nn.parallel.DistributedDataParallel(model)
-        F.cross_entropy(ddp(x[shard]), y[shard]).backward()
-        given, _ = gradient_statistics(
-            model,
-            F.cross_entropy,
-            x[shard],
-            y[shard],
-            mean_gradient=[p.grad for p in model.parameters()],
-        )
-        torch.save({"computed": computed, "given": given, "mean": mean}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-    # Leave without destructors: freeing the DDP reducer joins gloo's threads while
-    # holding the GIL, which deadlocks if one of them is releasing a Python callback.
-    os._exit(0)
+def worker(rank: int, out: str) -> None:
+    model, x, y = problem()
+    shard = SHARDS[rank]
+    computed, mean = gradient_statistics(model, F.cross_entropy, x[shard], y[shard], chunk_size=5)
+    ddp = nn.parallel.DistributedDataParallel(model)
+    F.cross_entropy(ddp(x[shard]), y[shard]).backward()
+    given, _ = gradient_statistics(
+        model,
+        F.cross_entropy,
+        x[shard],
+        y[shard],
+        mean_gradient=[p.grad for p in model.parameters()],
+    )
+    torch.save({"computed": computed, "given": given, "mean": mean}, f"{out}/rank{rank}.pt")
 
 
 def test_statistics_under_gloo_equal_the_union(tmp_path):
-    mp.start_processes(
-        worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    run_in_gloo_group(worker, tmp_path, WORLD)
     model, x, y = problem()
     expected, mean = gradient_statistics(model, F.cross_entropy, x, y)
     for rank in range(WORLD):

@@ -9,11 +9,8 @@ single process on all the data ends.
 
 from __future__ import annotations
 
-import os
-
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import run_in_gloo_group
 from torch import nn
 from torch.nn import functional as F
 
@@ -53,28 +50,18 @@ def sqn_weights(model, gradient_model, x, y) -> torch.Tensor:
     return torch.cat([p.detach().reshape(-1) for p in model.parameters()])
 
 
-def worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        model, x, y = problem()
-        shard = SHARDS[rank]
-        newton = newton_cg_weights(model, x[shard], y[shard])
-        model, _, _ = problem()
-        ddp = nn.parallel.DistributedDataParallel(model)
-        sqn = sqn_weights(model, ddp, x[shard], y[shard])
-        torch.save({"newton": newton, "sqn": sqn}, f"{out}/rank{rank}.pt")
-    finally:
-        dist.destroy_process_group()
-    # Leave without destructors: freeing the DDP reducer joins gloo's threads while
-    # holding the GIL, which deadlocks if one of them is releasing a Python callback.
-    os._exit(0)
+def worker(rank: int, out: str) -> None:
+    model, x, y = problem()
+    shard = SHARDS[rank]
+    newton = newton_cg_weights(model, x[shard], y[shard])
+    model, _, _ = problem()
+    ddp = nn.parallel.DistributedDataParallel(model)
+    sqn = sqn_weights(model, ddp, x[shard], y[shard])
+    torch.save({"newton": newton, "sqn": sqn}, f"{out}/rank{rank}.pt")
 
 
 def test_newton_cg_and_sqn_under_gloo_equal_one_process(tmp_path):
-    mp.start_processes(
-        worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    run_in_gloo_group(worker, tmp_path, WORLD)
     model, x, y = problem()
     # each shard's Hessian sample x[::2] is one half of the union's x[::2]
     newton = newton_cg_weights(model, x, y)
