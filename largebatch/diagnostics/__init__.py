@@ -32,11 +32,17 @@ from largebatch.diagnostics.noise_scale import (
     gradient_sqnorm,
     two_batch_estimates,
 )
+from largebatch.diagnostics.per_example import (
+    GradientStatistics,
+    gradient_statistics,
+    per_example_gradients,
+)
 from largebatch.diagnostics.sharpness import SharpnessResult, epsilon_sharpness, random_subspace
 
 __all__ = [
     "EigenResult",
     "GradientNormRecorder",
+    "GradientStatistics",
     "HessianOperator",
     "InterpolationResult",
     "NoiseScaleEstimate",
@@ -49,10 +55,12 @@ __all__ = [
     "evaluate",
     "filter_normalized_direction",
     "fixed_subset",
+    "gradient_statistics",
     "gradient_sqnorm",
     "hutchinson_trace",
     "interpolate_checkpoints",
     "loss_slice",
+    "per_example_gradients",
     "random_subspace",
     "spectral_density",
     "top_eigenvalues",

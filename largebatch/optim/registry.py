@@ -352,3 +352,18 @@ register(
         reference="You et al., ICLR 2020 (arXiv 1904.00962), Alg. 2",
     )
 )
+
+# Classical stochastic quasi-Newton (largebatch/optim/quasi_newton.py): the review's oLBFGS,
+# two gradient evaluations per step on the same batch. SVRG, SAGA, Newton-CG and SQN
+# (svrg.py, saga.py, newton_cg.py, quasi_newton.py) need the loop hooks of
+# ClassicalStepProtocol (snapshots, per-example gradients, loss closures) and are
+# registered with them.
+register(
+    OptimizerSpec(
+        name="olbfgs",
+        target="largebatch.optim.quasi_newton:OLBFGS",
+        description="Online L-BFGS: curvature pairs from the same batch at both points, two-loop recursion over the last `memory` pairs (2 grads/step).",
+        defaults={"lr": 0.1, "memory": 10},
+        reference="Schraudolph, Yu & Guenter 2007; Bottou, Curtis & Nocedal 2018, Sec. 6.2 (6.13)",
+    )
+)

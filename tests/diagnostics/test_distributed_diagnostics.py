@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
+from gloo_group import run_in_gloo_group
 from torch import nn
 from torch.nn import functional as F
 
@@ -29,48 +28,40 @@ HESSIAN_SHARDS = [[slice(0, 10), slice(10, 30)], [slice(30, 80)]]
 GRADIENT_SHARDS = [slice(0, 40), slice(40, 80)]
 
 
-def worker(rank: int, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD)
-    try:
-        model, X, y, vector = problem()
-        batches = [(X[s], y[s]) for s in HESSIAN_SHARDS[rank]]
-        ddp = nn.parallel.DistributedDataParallel(model)
-        operator = HessianOperator(ddp, F.cross_entropy, batches)
-        product = operator(vector)
-        trace = hutchinson_trace(operator, num_probes=4, seed=1)
+def worker(rank: int, out: str) -> None:
+    model, X, y, vector = problem()
+    batches = [(X[s], y[s]) for s in HESSIAN_SHARDS[rank]]
+    ddp = nn.parallel.DistributedDataParallel(model)
+    operator = HessianOperator(ddp, F.cross_entropy, batches)
+    product = operator(vector)
+    trace = hutchinson_trace(operator, num_probes=4, seed=1)
 
-        recorder = GradientNormRecorder(ddp)
-        shard = GRADIENT_SHARDS[rank]
-        F.cross_entropy(ddp(X[shard]), y[shard]).backward()
-        small, big = recorder.read()
+    recorder = GradientNormRecorder(ddp)
+    shard = GRADIENT_SHARDS[rank]
+    F.cross_entropy(ddp(X[shard]), y[shard]).backward()
+    small, big = recorder.read()
 
-        # Not recording: the hook only averages the gradients (as DDP's own hook).
-        recorder.recording = False
-        ddp.zero_grad()
-        F.cross_entropy(ddp(X[shard]), y[shard]).backward()
-        recorded_while_off = bool(recorder._local or recorder._averaged)
-        averaged_grad = torch.cat([p.grad.flatten() for p in ddp.parameters()])
-        torch.save(
-            {
-                "product": product,
-                "trace": trace.trace,
-                "small": small,
-                "big": big,
-                "recorded_while_off": recorded_while_off,
-                "averaged_grad": averaged_grad,
-            },
-            f"{out}/rank{rank}.pt",
-        )
-    finally:
-        dist.destroy_process_group()
+    # Not recording: the hook only averages the gradients (as DDP's own hook).
+    recorder.recording = False
+    ddp.zero_grad()
+    F.cross_entropy(ddp(X[shard]), y[shard]).backward()
+    recorded_while_off = bool(recorder._local or recorder._averaged)
+    averaged_grad = torch.cat([p.grad.flatten() for p in ddp.parameters()])
+    torch.save(
+        {
+            "product": product,
+            "trace": trace.trace,
+            "small": small,
+            "big": big,
+            "recorded_while_off": recorded_while_off,
+            "averaged_grad": averaged_grad,
+        },
+        f"{out}/rank{rank}.pt",
+    )
 
 
 def test_hvp_trace_and_gradient_norms_under_gloo(tmp_path):
-    # fork: the children inherit the imported modules instead of re-importing torch
-    mp.start_processes(
-        worker, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD, start_method="fork"
-    )
+    run_in_gloo_group(worker, tmp_path, WORLD)
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(WORLD)]
 
     model, X, y, vector = problem()

@@ -1,0 +1,125 @@
+"""Iterate averaging: Polyak-Ruppert and exponential moving averages of the weights.
+
+The averaged weights never feed back into training (Bottou, Curtis & Nocedal
+2018, eq. 5.16); they are what one evaluates. Both kinds build on
+``torch.optim.swa_utils.AveragedModel`` (a copy of the model whose parameters
+hold the average):
+
+* ``"polyak"``: the uniform mean of the iterates from step ``start`` on
+  (Polyak & Juditsky 1992; Ruppert 1988). With steps ``a_k ~ k^-a``,
+  ``a in (1/2, 1)``, on a strongly convex problem the mean reaches the optimal
+  ``O(1/k)`` error while the last iterate has ``O(k^-a)``; with a constant step
+  it removes most of the last iterate's stationary noise.
+* ``"ema"``: ``avg = decay * avg + (1 - decay) * w`` from step ``start`` on
+  (``torch.optim.swa_utils.get_ema_multi_avg_fn``).
+
+Batch-norm running statistics are not averaged (``use_buffers=False``): after
+averaging, :meth:`IterateAverage.recompute_batch_norm` recomputes them for the
+averaged weights with one pass over training batches (``torch.optim.swa_utils.update_bn``);
+under ``torch.distributed`` each rank passes its shard and the statistics are
+then averaged across ranks. Models without batch norm need no pass.
+
+Interface a training loop drives::
+
+    average = IterateAverage(model, AveragingConfig("polyak", start=1000))
+    for step in ...:
+        optimizer.step(); ...
+        average.update(model, step + 1)           # steps done so far
+        if evaluating:
+            average.recompute_batch_norm(train_batches)
+            evaluate(average.module, ...)
+    checkpoint["averaging"] = average.state_dict()
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+import torch.distributed as dist
+from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+
+from largebatch.diagnostics.evaluation import model_device, unwrap
+
+KINDS = ("polyak", "ema")
+
+
+@dataclass(frozen=True)
+class AveragingConfig:
+    """What to average and from when.
+
+    Attributes:
+        kind: ``"polyak"`` (uniform) or ``"ema"``.
+        start: the number of steps after which averaging begins (the first
+            averaged iterate is the one after step ``start``).
+        decay: the EMA factor in [0, 1) (``"ema"`` only).
+        every: average every ``every`` steps (>= 1).
+    """
+
+    kind: str = "polyak"
+    start: int = 0
+    decay: float = 0.999
+    every: int = 1
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"Invalid averaging kind: {self.kind!r} (expected one of {KINDS})")
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise ValueError(f"Invalid averaging start: {self.start} (expected an integer >= 0)")
+        if not (isinstance(self.decay, int | float) and 0 <= self.decay < 1):
+            raise ValueError(f"Invalid averaging decay: {self.decay} (expected 0 <= decay < 1)")
+        if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
+            raise ValueError(f"Invalid averaging every: {self.every} (expected an integer >= 1)")
+
+
+class IterateAverage:
+    """An average of a model's weights along training (module docstring).
+
+    Args:
+        model: the model being trained (a DDP wrapper is unwrapped); it is copied.
+        config: what to average.
+    """
+
+    def __init__(self, model: nn.Module, config: AveragingConfig) -> None:
+        self.config = config
+        multi_avg_fn = get_ema_multi_avg_fn(config.decay) if config.kind == "ema" else None
+        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=multi_avg_fn, use_buffers=False)
+
+    @property
+    def module(self) -> nn.Module:
+        """The model with the averaged weights, for evaluation."""
+        return self.averaged.module
+
+    @property
+    def num_averaged(self) -> int:
+        """Iterates folded into the average so far."""
+        return int(self.averaged.n_averaged)
+
+    def update(self, model: nn.Module, steps_done: int) -> bool:
+        """Fold in ``model``'s weights after ``steps_done`` optimizer steps, if due; True if folded."""
+        offset = steps_done - self.config.start
+        if offset < 1 or (offset - 1) % self.config.every:
+            return False
+        self.averaged.update_parameters(unwrap(model))
+        return True
+
+    def recompute_batch_norm(self, batches: Iterable[Any]) -> None:
+        """Batch-norm running statistics of the averaged weights, from ``batches`` (inputs or ``(inputs, targets)``)."""
+        module = self.module
+        norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+        if not norms:
+            return
+        update_bn(batches, module, device=model_device(module))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            for norm in norms:
+                for buffer in (norm.running_mean, norm.running_var):
+                    dist.all_reduce(buffer)
+                    buffer /= dist.get_world_size()
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.averaged.state_dict()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.averaged.load_state_dict(state)
