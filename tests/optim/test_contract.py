@@ -34,6 +34,9 @@ from largebatch.optim import create_optimizer, list_optimizers, step_protocol_of
 
 SPECS = list_optimizers()
 BATCHES = 8
+# oLBFGS couples all parameters and reads its curvature test on the host: its contract
+# (a declared capability, or a clear error) comes with the classical methods' loop integration
+CLASSICAL_PHASE_B = pytest.mark.xfail(strict=True, reason="olbfgs: classical phase B")
 
 
 def specs(*, known_failures: dict | None = None) -> list:
@@ -257,7 +260,7 @@ def _matrix_loss(weight: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
     return lambda batch: F.mse_loss(torch.tanh(batch[0] @ weight), batch[1])
 
 
-@pytest.mark.parametrize("spec", specs())
+@pytest.mark.parametrize("spec", specs(known_failures={"olbfgs": CLASSICAL_PHASE_B}))
 def test_late_parameter_steps_like_a_fresh_optimizer(spec):
     """``b`` has no gradient for 5 steps (only ``a`` is trained), then joins (only ``b``).
 
@@ -290,9 +293,7 @@ TORCH_ADAMW_SPARSE = pytest.mark.xfail(
 
 
 @pytest.mark.filterwarnings("ignore:Sparse invariant checks:UserWarning")
-@pytest.mark.parametrize(
-    "spec", specs(known_failures={"adamw": TORCH_ADAMW_SPARSE})
-)
+@pytest.mark.parametrize("spec", specs(known_failures={"adamw": TORCH_ADAMW_SPARSE}))
 def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     """After 2 dense steps, a sparse gradient on the last group's last parameter.
 
@@ -324,7 +325,7 @@ def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     torch.testing.assert_close(flat(model), flat(dense_model), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("spec", specs())
+@pytest.mark.parametrize("spec", specs(known_failures={"olbfgs": CLASSICAL_PHASE_B}))
 def test_meta_parameters_step(spec):
     """A model on the ``meta`` device: steps run and state keeps the parameters' shapes there."""
     model = make_model().to("meta")
