@@ -20,8 +20,9 @@ through pinned memory without blocking. Nothing in a step reads a device value o
 host: step counts, bias corrections, norms and ratios stay on the device.
 
 The path runs on CUDA tensors of dtype float32, float16 or bfloat16 whose lists share
-the parameters' dtype and memory layout, each at a 16-byte aligned address (what the
-caching allocator returns). :func:`group_table` says why a group does not qualify;
+the parameters' dtype and memory layout; when every address is 16-byte aligned (what
+the caching allocator returns, unlike some views into flat buffers) the kernels use
+16-byte loads and stores. :func:`group_table` says why a group does not qualify;
 the automatic choice then takes the multi-tensor path. For tests and
 debugging, ``TRITON_INTERPRET=1`` runs the same kernels on CPU tensors through
 Triton's interpreter (requested with ``fused=True``; never chosen automatically).
@@ -103,6 +104,8 @@ class TensorTable:
         first_chunks: per tensor, the index of its first chunk, then the chunk count.
         chunks: the number of chunks (a launch's grid).
         contiguous: every tensor was contiguous when the table was built.
+        aligned: every address is a multiple of 16 bytes (the kernels then load and
+            store 16 bytes per instruction; views into flat buffers may not be).
     """
 
     addresses: tuple[Tensor, ...]
@@ -112,6 +115,7 @@ class TensorTable:
     first_chunks: Tensor
     chunks: int
     contiguous: bool
+    aligned: bool
 
 
 _TABLES: OrderedDict[tuple, TensorTable] = OrderedDict()
@@ -155,12 +159,11 @@ def group_table(tensor_lists: Sequence[Sequence[Tensor]]) -> TensorTable | str:
         return "a gradient or state tensor's size differs from its parameter's"
     if any(t.dtype != dtype for t in every):
         return f"the state or gradients are not all of the parameters' dtype {dtype}"
-    if any(address % _ALIGNMENT for row in addresses for address in row):
-        return f"a tensor's address is not a multiple of {_ALIGNMENT} bytes"
     contiguous = all(map(Tensor.is_contiguous, every))
     if not contiguous and not _same_dense_layouts(tensor_lists):
         return _LAYOUT
-    table = _build_table(device, addresses, numels, contiguous)
+    aligned = not any(address % _ALIGNMENT for row in addresses for address in row)
+    table = _build_table(device, addresses, numels, contiguous, aligned)
     _TABLES[key] = table
     if len(_TABLES) > TABLE_CACHE_SIZE:
         _TABLES.popitem(last=False)
@@ -191,7 +194,11 @@ def _dense(tensor: Tensor) -> bool:
 
 
 def _build_table(
-    device: torch.device, addresses: list[list[int]], numels: list[int], contiguous: bool
+    device: torch.device,
+    addresses: list[list[int]],
+    numels: list[int],
+    contiguous: bool,
+    aligned: bool,
 ) -> TensorTable:
     chunk_tensors, chunk_starts, first_chunks = [], [], [0]
     for index, numel in enumerate(numels):
@@ -217,16 +224,20 @@ def _build_table(
         first_chunks=views[-1],
         chunks=len(chunk_starts),
         contiguous=contiguous,
+        aligned=aligned,
     )
 
 
-def triton_dtype(dtype: torch.dtype):
-    """The ``triton.language`` dtype of a torch floating dtype."""
+def launch_constants(table: TensorTable, dtype: torch.dtype) -> dict:
+    """The compile-time arguments every element-wise kernel takes, for a group of ``dtype``."""
     import triton.language as tl
 
-    return {torch.float32: tl.float32, torch.float16: tl.float16, torch.bfloat16: tl.bfloat16}[
-        dtype
-    ]
+    return {
+        "DTYPE": getattr(tl, str(dtype).removeprefix("torch.")),  # tl.float32, tl.bfloat16, ...
+        "ALIGNED": table.aligned,
+        "CHUNK": CHUNK_SIZE,
+        "BLOCK": BLOCK_SIZE,
+    }
 
 
 def segment_norms(table: TensorTable, partial_sums: Tensor) -> tuple[Tensor, Tensor]:

@@ -5,8 +5,9 @@ Every element-wise kernel is *multi-tensor*: program ``i`` of a launch handles c
 the chunk table (``chunk_tensors[i]``, ``chunk_starts[i]``); each tensor's address in
 each list comes from an address table (one row per list), its size from ``numels``.
 Elements are loaded in the parameters' dtype, computed in float32 and stored back in
-that dtype. A chunk runs its full blocks without masks (so loads vectorise; every
-address is 16-byte aligned, checked by the caller) and its tail, if any, masked.
+that dtype. A chunk runs its full blocks without masks and its tail, if any, masked;
+when every address is 16-byte aligned (``ALIGNED``, what the caching allocator returns)
+the full blocks load and store 16 bytes per instruction.
 
 The arithmetic follows the multi-tensor (``torch._foreach_*``) path operation for
 operation, with IEEE-rounded square roots and divisions (``sqrt_rn``, ``div_rn``), so
@@ -20,9 +21,12 @@ import triton.language as tl
 
 
 @triton.jit
-def _address(addresses, tensor, DTYPE: tl.constexpr):
-    """Pointer to element 0 of ``tensor`` in one list (16-byte aligned, as the caller checks)."""
-    return tl.multiple_of(tl.load(addresses + tensor).to(tl.pointer_type(DTYPE)), 16)
+def _address(addresses, tensor, DTYPE: tl.constexpr, ALIGNED: tl.constexpr):
+    """Pointer to element 0 of ``tensor`` in one list; ``ALIGNED``: 16-byte aligned (vector loads)."""
+    pointer = tl.load(addresses + tensor).to(tl.pointer_type(DTYPE))
+    if ALIGNED:
+        pointer = tl.multiple_of(pointer, 16)
+    return pointer
 
 
 @triton.jit
@@ -129,6 +133,7 @@ def adam_direction_kernel(
     e_coefficient,
     e_weight,
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_E: tl.constexpr,
     MAXIMIZE: tl.constexpr,
     OVERWRITE_GRAD: tl.constexpr,
@@ -143,11 +148,11 @@ def adam_direction_kernel(
     ``OVERWRITE_GRAD``: ``r`` is stored into the gradient.
     """
     tensor, start, full_end, end = _chunk(chunk_tensors, chunk_starts, numels, CHUNK, BLOCK)
-    w_ptr = _address(w_addresses, tensor, DTYPE)
-    g_ptr = _address(g_addresses, tensor, DTYPE)
-    mu_ptr = _address(mu_addresses, tensor, DTYPE)
-    m_ptr = _address(m_addresses, tensor, DTYPE)
-    v_ptr = _address(v_addresses, tensor, DTYPE)
+    w_ptr = _address(w_addresses, tensor, DTYPE, ALIGNED)
+    g_ptr = _address(g_addresses, tensor, DTYPE, ALIGNED)
+    mu_ptr = _address(mu_addresses, tensor, DTYPE, ALIGNED)
+    m_ptr = _address(m_addresses, tensor, DTYPE, ALIGNED)
+    v_ptr = _address(v_addresses, tensor, DTYPE, ALIGNED)
     scale = tl.load(scales + tensor)
     eps_hat = tl.load(eps_hats + tensor)
     w_sq = tl.zeros([BLOCK], dtype=tl.float32)
@@ -213,6 +218,7 @@ def apply_direction_kernel(
     coefficients,
     weight_decay,
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     R_IN_GRAD: tl.constexpr,
     CHUNK: tl.constexpr,
     BLOCK: tl.constexpr,
@@ -220,10 +226,10 @@ def apply_direction_kernel(
     """``w += coefficients[tensor] * r``; ``r`` read from the gradient (``R_IN_GRAD``) or
     evaluated again from the new moments (as :func:`adam_direction_kernel` did)."""
     tensor, start, full_end, end = _chunk(chunk_tensors, chunk_starts, numels, CHUNK, BLOCK)
-    w_ptr = _address(w_addresses, tensor, DTYPE)
-    r_ptr = _address(g_addresses, tensor, DTYPE)
-    m_ptr = _address(m_addresses, tensor, DTYPE)
-    v_ptr = _address(v_addresses, tensor, DTYPE)
+    w_ptr = _address(w_addresses, tensor, DTYPE, ALIGNED)
+    r_ptr = _address(g_addresses, tensor, DTYPE, ALIGNED)
+    m_ptr = _address(m_addresses, tensor, DTYPE, ALIGNED)
+    v_ptr = _address(v_addresses, tensor, DTYPE, ALIGNED)
     coefficient = tl.load(coefficients + tensor)
     scale = tl.load(scales + tensor)
     eps_hat = tl.load(eps_hats + tensor)
@@ -307,6 +313,7 @@ def lars_kernel(
     momentum,
     weight_decay,
     DTYPE: tl.constexpr,
+    ALIGNED: tl.constexpr,
     HAS_RATIO: tl.constexpr,
     NESTEROV: tl.constexpr,
     MAXIMIZE: tl.constexpr,
@@ -315,9 +322,9 @@ def lars_kernel(
 ):
     """LARS's update in one pass: ``u = ratio (g + wd w)``, ``buf = momentum buf + u``, ``w -= lr step``."""
     tensor, start, full_end, end = _chunk(chunk_tensors, chunk_starts, numels, CHUNK, BLOCK)
-    w_ptr = _address(w_addresses, tensor, DTYPE)
-    g_ptr = _address(g_addresses, tensor, DTYPE)
-    buf_ptr = _address(buf_addresses, tensor, DTYPE)
+    w_ptr = _address(w_addresses, tensor, DTYPE, ALIGNED)
+    g_ptr = _address(g_addresses, tensor, DTYPE, ALIGNED)
+    buf_ptr = _address(buf_addresses, tensor, DTYPE, ALIGNED)
     ratio = 1.0
     if HAS_RATIO:
         ratio = tl.load(ratios + tensor)

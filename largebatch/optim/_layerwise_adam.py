@@ -364,8 +364,7 @@ def _fused_kernels(group: _Group, settings: _Settings) -> None:
     apply_now = settings.trust_ratio is None
     device = group.scales.device
     partial_sums = torch.empty(2 * table.chunks, dtype=torch.float32, device=device)
-    constants = {"CHUNK": _fused.CHUNK_SIZE, "BLOCK": _fused.BLOCK_SIZE}
-    dtype = _fused.triton_dtype(group.params[0].dtype)
+    constants = _fused.launch_constants(table, group.params[0].dtype)
     with _fused.device_context(device):
         kernels.adam_direction_kernel[(table.chunks,)](
             w, g, e[0] if with_e else w, m, v,
@@ -376,7 +375,7 @@ def _fused_kernels(group: _Group, settings: _Settings) -> None:
             float(settings.weight_decay),
             float(extrapolation_coefficient(settings.alpha, settings.e_beta1)),
             1.0 - float(settings.e_beta1),
-            DTYPE=dtype, HAS_E=with_e, MAXIMIZE=settings.maximize,
+            HAS_E=with_e, MAXIMIZE=settings.maximize,
             OVERWRITE_GRAD=settings.overwrite_grad, APPLY=apply_now, **constants,
         )  # fmt: skip
         if not apply_now:
@@ -385,7 +384,7 @@ def _fused_kernels(group: _Group, settings: _Settings) -> None:
                 w, g, m, v, table.numels, table.chunk_tensors, table.chunk_starts,
                 group.scales, group.eps_hats, -float(settings.lr) * ratios,
                 float(settings.weight_decay),
-                DTYPE=dtype, R_IN_GRAD=settings.overwrite_grad, **constants,
+                R_IN_GRAD=settings.overwrite_grad, **constants,
             )  # fmt: skip
     _fused.mark_modified(group.params, group.grads if settings.overwrite_grad else [])
 

@@ -126,9 +126,8 @@ def _fused_lars(
             *table.addresses, table.numels, table.chunk_tensors, table.chunk_starts,
             table.numels if ratios is None else ratios.float(),  # unread without a ratio
             -float(lr), float(momentum), float(weight_decay),
-            DTYPE=_fused.triton_dtype(params[0].dtype), HAS_RATIO=ratios is not None,
-            NESTEROV=nesterov, MAXIMIZE=maximize,
-            CHUNK=_fused.CHUNK_SIZE, BLOCK=_fused.BLOCK_SIZE,
+            HAS_RATIO=ratios is not None, NESTEROV=nesterov, MAXIMIZE=maximize,
+            **_fused.launch_constants(table, params[0].dtype),
         )  # fmt: skip
     _fused.mark_modified(params)
 
