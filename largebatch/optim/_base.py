@@ -6,9 +6,8 @@ like ``torch.optim.adamw.adamw``) that dispatches each device/dtype group to one
 validates hyperparameters, creates state and calls that core once per parameter group.
 
 The switches ``foreach``, ``compiled`` and ``fused`` request a path (:func:`path_of`);
-with none set, each group takes the fastest path that supports it
-(:func:`group_paths`): the fused Triton kernels for CUDA tensors they support, the
-multi-tensor path otherwise.
+with none set, each group's path is chosen by :func:`group_paths`: the fused Triton
+kernels for CUDA tensors they support, the multi-tensor path otherwise.
 """
 
 from __future__ import annotations
@@ -116,7 +115,7 @@ def group_paths(
     chosen: list[tuple[Path, _fused.TensorTable | None]] = []
     for tensor_lists in groups:
         wants_fused = requested is Path.FUSED or (
-            requested is None and tensor_lists[0][0].device.type in _fused.AUTOMATIC_DEVICE_TYPES
+            requested is None and _fused.chosen_by_default(tensor_lists[0][0].device)
         )
         table = _fused.group_table(tensor_lists) if wants_fused else None
         if isinstance(table, str):

@@ -14,8 +14,9 @@ tensor's address in each list (parameters, gradients, state) and its size, and s
 the tensors into chunks of :data:`CHUNK_SIZE` elements; program ``i`` of a launch
 handles chunk ``i`` (kernels in :mod:`largebatch.optim._fused_kernels`). Tables are
 cached by the tensors' addresses and sizes, so a step whose tensors sit where they sat
-before (the usual case, also with ``zero_grad(set_to_none=True)``: the caching allocator
-hands the gradients the same blocks) copies nothing to the device. A new table goes
+before copies nothing to the device (parameters and state never move; gradients freed
+by ``zero_grad(set_to_none=True)`` tend to get the same blocks from the caching
+allocator, so their addresses repeat). A new table goes
 through pinned memory without blocking. Nothing in a step reads a device value on the
 host: step counts, bias corrections, norms and ratios stay on the device.
 
@@ -51,11 +52,12 @@ NORM_BLOCK_SIZE = 256
 """Partial sums the norm kernel adds at a time (even: two interleaved sums)."""
 
 TABLE_CACHE_SIZE = 64
-"""Address tables kept per process (each a few KiB)."""
+"""Address tables kept per process (8 bytes per tensor and list, 16 per chunk, each)."""
 
 AUTOMATIC_DEVICE_TYPES = ("cuda",)
 """Device types whose supported groups take the fused path by default (elsewhere it is
-slower than or not measured against the others: on CPU only Triton's interpreter runs it)."""
+slower than or not measured against the others: on CPU only Triton's interpreter runs it).
+ROCm builds, whose devices are also ``cuda``, are left out: untried there."""
 
 _DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _ALIGNMENT = 16
@@ -65,6 +67,13 @@ _ALIGNMENT = 16
 def triton_available() -> bool:
     """Whether ``triton`` can be imported (the ``triton`` extra, or torch's CUDA wheels)."""
     return importlib.util.find_spec("triton") is not None
+
+
+def chosen_by_default(device: torch.device) -> bool:
+    """Whether groups on ``device`` take the fused path when no switch asks for a path."""
+    return device.type in AUTOMATIC_DEVICE_TYPES and not (
+        device.type == "cuda" and torch.version.hip is not None
+    )
 
 
 def interpreting() -> bool:
