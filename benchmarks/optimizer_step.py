@@ -23,6 +23,12 @@ Shampoo) is one more function returning :class:`Contender` records::
         lambda settings: [Contender("shampoo", lambda groups: create_optimizer("shampoo", groups))]
     )
 
+Our optimizers run on the paths of ``--paths``; by default foreach and compiled on CPU
+(where foreach is the default path), and on CUDA the default path (the fused Triton
+kernels where supported), foreach and compiled, followed by checks of the default step:
+no host synchronisation (``torch.cuda.set_sync_debug_mode("error")``) and CUDA-graph
+capture. The targets (:data:`TARGETS`) are printed beside the ratios.
+
 Run: ``python benchmarks/optimizer_step.py [--quick] [--threads N] [--device cpu|cuda] [--shampoo]``
 (full: about 10 minutes on a quiet 2-core CPU; ``--quick``: a 4-block
 transformer and fewer rounds, a few minutes).
@@ -121,16 +127,32 @@ def baseline_contenders(settings: Settings) -> list[Contender]:
 
 
 TARGETS = {"lars": 1.5, "lamb": 2.0, "alto": 2.2}
-"""Largest acceptable step time relative to fused AdamW on CPU (issue #2)."""
+"""Largest acceptable step time relative to fused AdamW: on CPU for the compiled path
+(issue #2), on CUDA for the default arguments (issue #12)."""
 
 PATHS = {
+    "default": {},
     "single": {"foreach": False},
     "foreach": {"foreach": True},
     "compiled": {"compiled": True},
     "compiled+overwrite_grad": {"compiled": True, "overwrite_grad": True},
+    "fused": {"fused": True},
 }
 """Execution paths of our optimizers, by the ``--paths`` name (each where the optimizer takes its switches)."""
-DEFAULT_PATHS = ("foreach", "compiled", "compiled+overwrite_grad")
+DEFAULT_PATHS = {
+    "cpu": ("foreach", "compiled", "compiled+overwrite_grad"),  # the default is foreach
+    "cuda": ("default", "foreach", "compiled"),
+}
+"""``--paths`` when not given, by device type."""
+
+
+def default_path(device: torch.device) -> str:
+    """The path our optimizers take with default arguments on ``device`` (float32 tensors)."""
+    from largebatch.optim import _base
+
+    tensors = [torch.zeros(4, device=device)]
+    ((path, _),) = _base.group_paths(None, [[tensors, tensors, tensors]])
+    return path.value
 
 
 def largebatch_contenders(settings: Settings) -> list[Contender]:
@@ -143,9 +165,10 @@ def largebatch_contenders(settings: Settings) -> list[Contender]:
             switch = PATHS[path]
             if not all(_accepts(name, keyword) for keyword in switch):
                 continue
+            label = f"default: {default_path(settings.device)}" if path == "default" else path
             contenders.append(
                 Contender(
-                    f"largebatch {name} ({path})",
+                    f"largebatch {name} ({label})",
                     lambda g, name=name, switch=switch: create_optimizer(
                         name, g, lr=1e-4, **switch
                     ),
@@ -316,6 +339,71 @@ def markdown_table(title: str, timings: dict[str, Timing], targets: dict[str, fl
     return "\n".join(lines)
 
 
+def cuda_checks(shapes: Shapes, device: torch.device) -> list[str]:
+    """Host syncs and CUDA-graph capture of our optimizers' default step, one line each.
+
+    Sync: two steps under ``torch.cuda.set_sync_debug_mode("error")`` after one warm-up
+    step. Capture: three warm-up steps on a side stream, one step captured in a CUDA
+    graph and replayed three times, against an eager twin taking the same steps.
+    """
+    lines = []
+    for name in TARGETS:
+        if not _registered(name):
+            continue
+        params, grads = make_parameters(shapes, device)
+        optimizer = create_optimizer(name, parameter_groups(params), lr=1e-4)
+        time_step(optimizer, params, grads, device)
+        try:
+            torch.cuda.set_sync_debug_mode("error")
+            for _ in range(2):
+                optimizer.step()
+            sync = "none"
+        except RuntimeError as error:
+            sync = f"FOUND ({_first_line(error)})"
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        lines.append(
+            f"- {name}: host syncs in step(): {sync}; CUDA graph: {_capture(name, shapes, device)}"
+        )
+        del optimizer, params, grads
+        gc.collect()
+    return lines
+
+
+def _first_line(error: BaseException) -> str:
+    return (str(error).splitlines() or [""])[0]
+
+
+def _capture(name: str, shapes: Shapes, device: torch.device) -> str:
+    """Capture one default step in a CUDA graph; the replays' deviation from eager steps."""
+    twins = []
+    for _ in range(2):
+        params, grads = make_parameters(shapes, device)
+        for param, grad in zip(params, grads):
+            param.grad = grad.clone()
+        twins.append((params, create_optimizer(name, parameter_groups(params), lr=1e-4)))
+    (graph_params, graph_optimizer), (eager_params, eager_optimizer) = twins
+    try:
+        stream = torch.cuda.Stream(device)
+        stream.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(stream):
+            for _ in range(3):
+                graph_optimizer.step()
+        torch.cuda.current_stream(device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            graph_optimizer.step()
+        for _ in range(3):
+            graph.replay()
+        for _ in range(3 + 3):  # the warm-up and the replays (capturing runs nothing)
+            eager_optimizer.step()
+        torch.cuda.synchronize(device)
+    except Exception as error:  # report any failure to capture; the benchmark goes on
+        return f"capture FAILED ({type(error).__name__}: {_first_line(error)})"
+    deviation = max(((a - b).norm() / b.norm()).item() for a, b in zip(graph_params, eager_params))
+    return f"captured; 3 replays deviate from eager steps by {deviation:.1e} (relative)"
+
+
 def main(argv: Sequence[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="4 transformer blocks, fewer rounds")
@@ -340,8 +428,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     parser.add_argument(
         "--paths",
-        default=",".join(DEFAULT_PATHS),
-        help=f"our optimizers' execution paths, comma-separated, from {sorted(PATHS)}",
+        default=None,
+        help=f"our optimizers' execution paths, comma-separated, from {sorted(PATHS)} "
+        f"(default: {', '.join(f'{k}: {v}' for k, v in DEFAULT_PATHS.items())})",
     )
     parser.add_argument(
         "--shampoo",
@@ -360,7 +449,11 @@ def main(argv: Sequence[str] | None = None) -> None:
     layers = args.layers or (4 if args.quick else 12)
     warmup = 3
 
-    paths = tuple(args.paths.split(","))
+    paths = (
+        tuple(args.paths.split(","))
+        if args.paths
+        else DEFAULT_PATHS.get(device.type, DEFAULT_PATHS["cpu"])
+    )
     if unknown := sorted(set(paths) - set(PATHS)):
         parser.error(f"unknown path(s) {unknown}; choose from {sorted(PATHS)}")
     settings = Settings(paths=paths, device=device)
@@ -372,7 +465,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     targets = {c.name: c.target for c in contenders}
     print(
         f"device {device}, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-        f"{rounds} rounds after {warmup} warm-up steps, {args.clock} clock\n"
+        f"{rounds} rounds after {warmup} warm-up steps, {args.clock} clock; "
+        f"our default path here: {default_path(device)}\n"
     )
     parameter_sets = [
         ("ResNet-50", resnet50_shapes()),
@@ -396,6 +490,11 @@ def main(argv: Sequence[str] | None = None) -> None:
                 f"{title}: {len(shapes)} tensors, {numel / 1e6:.1f}M parameters", timings, targets
             )
         )
+        print()
+
+    if device.type == "cuda" and parameter_sets:
+        print("**CUDA checks of the default step (ResNet-50 shapes)**\n")
+        print("\n".join(cuda_checks(parameter_sets[0][1], device)))
         print()
 
     if args.shampoo:

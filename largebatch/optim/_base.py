@@ -4,6 +4,10 @@ An algorithm is a functional core over lists of tensors (``lars``, ``lamb``, ``a
 like ``torch.optim.adamw.adamw``) that dispatches each device/dtype group to one of the
 :class:`Path` implementations, and a :class:`LayerwiseOptimizer` subclass that
 validates hyperparameters, creates state and calls that core once per parameter group.
+
+The switches ``foreach``, ``compiled`` and ``fused`` request a path (:func:`path_of`);
+with none set, each group's path is chosen by :func:`group_paths`: the fused Triton
+kernels for CUDA tensors they support, the multi-tensor path otherwise.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from typing import Any, ClassVar
 
 import torch
 from torch import Tensor
+
+from largebatch.optim import _fused
 
 COMPILE_MIN_NUMEL = 8192
 """Smallest tensor the compiled path compiles; smaller ones take the multi-tensor step.
@@ -31,6 +37,7 @@ class Path(enum.Enum):
     SINGLE_TENSOR = "single_tensor"
     MULTI_TENSOR = "foreach"
     COMPILED = "compiled"
+    FUSED = "fused"
 
 
 def check_lr(lr: float) -> None:
@@ -60,19 +67,66 @@ def check_flag(name: str, value: Any) -> None:
         raise ValueError(f"Invalid {name} value: {value!r}; expected True or False")
 
 
-def path_of(foreach: bool | None, compiled: bool) -> Path:
-    """The execution path for the ``foreach``/``compiled`` switches (``ValueError`` if they clash)."""
+def path_of(foreach: bool | None, compiled: bool, fused: bool | None) -> Path | None:
+    """The execution path the switches request, ``None`` for the automatic choice.
+
+    ``ValueError`` if they clash or are not booleans (``None`` allowed for ``foreach``
+    and ``fused``); ``RuntimeError`` for ``fused=True`` without Triton installed.
+    """
     if compiled not in (True, False):
         raise ValueError(f"Invalid compiled value: {compiled}; expected True or False")
     if foreach not in (None, True, False):
         raise ValueError(f"Invalid foreach value: {foreach}; expected None, True or False")
+    if fused not in (None, True, False):
+        raise ValueError(f"Invalid fused value: {fused}; expected None, True or False")
+    if fused:
+        if compiled or foreach is not None:
+            raise ValueError(
+                f"fused=True runs the fused kernels; it cannot be combined with "
+                f"{'compiled=True' if compiled else f'foreach={foreach}'}"
+            )
+        if not _fused.triton_available():
+            raise RuntimeError(
+                "fused=True needs Triton: pip install 'largebatch[triton]' "
+                "(torch's CUDA wheels include it)"
+            )
+        return Path.FUSED
     if compiled:
         if foreach is False:
             raise ValueError(
                 "compiled=True runs a multi-tensor step; it cannot be combined with foreach=False"
             )
         return Path.COMPILED
+    if foreach is None and fused is None:
+        return None
     return Path.SINGLE_TENSOR if foreach is False else Path.MULTI_TENSOR
+
+
+def group_paths(
+    requested: Path | None, groups: Sequence[Sequence[Sequence[Tensor]]]
+) -> list[tuple[Path, _fused.TensorTable | None]]:
+    """Each device/dtype group's path (and, for the fused path, its tensor table).
+
+    ``requested=None`` takes the fused path for CUDA groups it supports and the
+    multi-tensor path elsewhere (on CPU, the fused path runs only when requested, in
+    Triton's interpreter). A requested fused path that cannot run on a group raises
+    ``RuntimeError`` naming the reason; all groups are checked before any is stepped.
+    """
+    chosen: list[tuple[Path, _fused.TensorTable | None]] = []
+    for tensor_lists in groups:
+        wants_fused = requested is Path.FUSED or (
+            requested is None and _fused.chosen_by_default(tensor_lists[0][0].device)
+        )
+        table = _fused.group_table(tensor_lists) if wants_fused else None
+        if isinstance(table, str):
+            if requested is Path.FUSED:
+                raise RuntimeError(f"fused=True cannot run: {table}")
+            table = None
+        if table is not None:
+            chosen.append((Path.FUSED, table))
+        else:
+            chosen.append((requested or Path.MULTI_TENSOR, None))
+    return chosen
 
 
 def device_dtype_groups(
@@ -109,7 +163,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
     (:attr:`functional`), the core's hyperparameters for a group
     (:meth:`_hyperparameters`) and its checks (:meth:`_check_hyperparameters`, raising
     ``ValueError`` naming the bad value). Every group also holds ``lr``, ``trust_ratio``,
-    ``maximize``, ``foreach`` and ``compiled``.
+    ``maximize``, ``foreach``, ``compiled`` and ``fused``.
     """
 
     state_buffers: ClassVar[tuple[str, ...]]
@@ -125,6 +179,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         maximize: bool,
         foreach: bool | None,
         compiled: bool,
+        fused: bool | None,
     ) -> None:
         defaults = {
             **hyperparameters,
@@ -132,6 +187,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
             "maximize": maximize,
             "foreach": foreach,
             "compiled": compiled,
+            "fused": fused,
         }
         self._check_group(defaults)
         super().__init__(params, defaults)
@@ -140,7 +196,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         check_lr(group["lr"])
         check_flag("trust_ratio", group["trust_ratio"])
         check_flag("maximize", group["maximize"])
-        path_of(group["foreach"], group["compiled"])
+        path_of(group["foreach"], group["compiled"], group["fused"])
         self._check_hyperparameters(group)
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:
@@ -156,12 +212,13 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
         super().add_param_group(param_group)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        """Groups saved before the ``maximize``/``overwrite_grad`` switches existed get them off."""
+        """Groups saved before the ``maximize``/``overwrite_grad``/``fused`` switches get the defaults."""
         super().__setstate__(state)
         for group in self.param_groups:
             for key in ("maximize", "overwrite_grad"):
                 if key in self.defaults:
                     group.setdefault(key, False)
+            group.setdefault("fused", None)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Restore the state; step counts follow their parameter's device (no host syncs later)."""
@@ -195,6 +252,7 @@ class LayerwiseOptimizer(torch.optim.Optimizer):
                     maximize=group["maximize"],
                     foreach=group["foreach"],
                     compiled=group["compiled"],
+                    fused=group["fused"],
                     **self._hyperparameters(group),
                 )
         return loss

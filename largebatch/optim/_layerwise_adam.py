@@ -11,9 +11,9 @@ transform. Per tensor ``w`` with gradient ``g`` at step ``t``::
     w = w - lr * ratio(||w||, ||r||) * r          # ratio 1 without trust ratio
 
 :func:`layerwise_adam` groups the tensors by device and dtype and runs each group on
-one path: a single-tensor loop (the reference), ``torch._foreach_*`` ops, or compiled
-per-tensor steps (:mod:`largebatch.optim._compiled`). A fused-kernel path is one more
-function with the same signature in :data:`_PATHS`.
+one path (:data:`_PATHS`): a single-tensor loop (the reference), ``torch._foreach_*``
+ops, compiled per-tensor steps (:mod:`largebatch.optim._compiled`), or multi-tensor
+Triton kernels (:mod:`largebatch.optim._fused`, the default for CUDA tensors).
 
 ``p.grad`` keeps the caller's gradient unless ``overwrite_grad=True``, which lets every
 path use the gradient's memory for ``r`` (after the step it holds ``r``, as in NVIDIA
@@ -31,7 +31,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from largebatch.optim import _base
+from largebatch.optim import _base, _fused
 from largebatch.optim._compiled import CompiledStep, scalar_dtype
 from largebatch.optim.transforms import (
     adam_direction,
@@ -41,6 +41,7 @@ from largebatch.optim.transforms import (
     adam_moments_multi_,
     e_gradient_,
     e_gradients_,
+    extrapolation_coefficient,
 )
 from largebatch.optim.trust_ratio import norms, scale_by_ratio_
 
@@ -65,23 +66,35 @@ class _Settings:
 
 @dataclass(frozen=True)
 class _Group:
-    """One device/dtype group's parallel lists (``grad_emas`` is ``None`` without E)."""
+    """One device/dtype group's parallel lists (``grad_emas`` is ``None`` without E).
+
+    ``scales`` and ``eps_hats`` are vectors with one entry per tensor
+    (:func:`~largebatch.optim.transforms.adam_direction_scalars`); ``table`` is the
+    fused path's :class:`~largebatch.optim._fused.TensorTable` (``None`` on other paths).
+    """
 
     params: list[Tensor]
     grads: list[Tensor]
     grad_emas: list[Tensor] | None
     exp_avgs: list[Tensor]
     exp_avg_sqs: list[Tensor]
-    scales: list[Tensor]
-    eps_hats: list[Tensor]
+    scales: Tensor
+    eps_hats: Tensor
+    table: _fused.TensorTable | None = None
 
     def select(self, indices: Sequence[int]) -> _Group:
-        """The group restricted to the tensors at ``indices``."""
-        pick = [
+        """The group restricted to the tensors at ``indices`` (lists and vectors; no table)."""
+        lists = [
             None if tensors is None else [tensors[i] for i in indices]
-            for tensors in vars(self).values()
+            for tensors in (
+                self.params,
+                self.grads,
+                self.grad_emas,
+                self.exp_avgs,
+                self.exp_avg_sqs,
+            )
         ]
-        return _Group(*pick)
+        return _Group(*lists, self.scales[list(indices)], self.eps_hats[list(indices)])
 
 
 def layerwise_adam(
@@ -105,6 +118,7 @@ def layerwise_adam(
     overwrite_grad: bool,
     foreach: bool | None,
     compiled: bool,
+    fused: bool | None,
 ) -> None:
     """One step of the trust-ratio Adam family on lists of tensors (updated in place).
 
@@ -115,16 +129,17 @@ def layerwise_adam(
         alpha, e_beta1: E's strength and EMA factor (with ``grad_emas``).
         trust_ratio: ratio of the norms, or ``None`` for plain Adam steps ``lr * r``.
         overwrite_grad: leave ``r`` in ``grads`` instead of the gradient.
-        foreach, compiled: the execution path (:func:`~largebatch.optim._base.path_of`).
+        foreach, compiled, fused: the execution path (:func:`~largebatch.optim._base.path_of`;
+            all unset: chosen per device/dtype group by :func:`~largebatch.optim._base.group_paths`).
     """
-    run = _PATHS[_base.path_of(foreach, compiled)]
+    requested = _base.path_of(foreach, compiled, fused)
     settings = _Settings(
         trust_ratio, lr, beta1, beta2, weight_decay, alpha, e_beta1, maximize, overwrite_grad
     )
     emas = [] if grad_emas is None else [grad_emas]
-    for device_params, device_grads, *rest, steps in _base.device_dtype_groups(
-        [params, grads, *emas, exp_avgs, exp_avg_sqs, state_steps]
-    ):
+    groups = _base.device_dtype_groups([params, grads, *emas, exp_avgs, exp_avg_sqs, state_steps])
+    paths = _base.group_paths(requested, [lists[:-1] for lists in groups])
+    for (device_params, device_grads, *rest, steps), (path, table) in zip(groups, paths):
         torch._foreach_add_(steps, 1.0)
         scales, eps_hats = adam_direction_scalars(
             steps,
@@ -141,10 +156,11 @@ def layerwise_adam(
             device_emas[0] if device_emas else None,
             device_avgs,
             device_sqs,
-            list(scales),
-            list(eps_hats),
+            scales,
+            eps_hats,
+            table,
         )
-        run(group, settings)
+        _PATHS[path](group, settings)
 
 
 def _single_tensor(group: _Group, settings: _Settings) -> None:
@@ -178,8 +194,8 @@ def _multi_tensor(group: _Group, settings: _Settings) -> None:
         group.params,
         group.exp_avgs,
         group.exp_avg_sqs,
-        group.scales,
-        group.eps_hats,
+        group.scales.unbind(),
+        group.eps_hats.unbind(),
         settings.weight_decay,
         out=group.grads if settings.overwrite_grad else None,
     )
@@ -302,10 +318,11 @@ def _compiled(group: _Group, settings: _Settings) -> None:
     }
     if with_e:
         hyperparameters.update(alpha=settings.alpha, e_beta1=settings.e_beta1)
+    scalar_lists = [large.scales.unbind(), large.eps_hats.unbind()]
     measured = _COMPILED_NORMS[with_e](
         [large.params, large.grads, *([large.grad_emas] if with_e else [])]
         + [large.exp_avgs, large.exp_avg_sqs],
-        scalar_lists=[large.scales, large.eps_hats],
+        scalar_lists=scalar_lists,
         hyperparameters=hyperparameters,
         options={"maximize": settings.maximize, "overwrite_grad": settings.overwrite_grad},
     )
@@ -321,14 +338,61 @@ def _compiled(group: _Group, settings: _Settings) -> None:
     else:
         _COMPILED_APPLY(
             [large.params, large.exp_avgs, large.exp_avg_sqs],
-            scalar_lists=[large.scales, large.eps_hats, coefficients],
+            scalar_lists=[*scalar_lists, coefficients],
             hyperparameters={"weight_decay": settings.weight_decay},
         )
+
+
+# --- the fused path --------------------------------------------------------------------------
+
+
+def _fused_kernels(group: _Group, settings: _Settings) -> None:
+    """Multi-tensor Triton kernels: one launch per pass over the whole group.
+
+    With a trust ratio: one pass for E, the moments, ``r`` and the chunks' sums of
+    ``w^2`` and ``r^2``; a small launch for the per-tensor norms; the ratios from the
+    shared trust-ratio function; one pass for ``w += -lr * ratio * r`` (``r`` read from
+    the gradient with ``overwrite_grad``, otherwise evaluated again from the new
+    moments). Without: one pass that also moves the parameters.
+    """
+    table = group.table
+    if table.chunks == 0:  # every tensor is empty
+        return
+    kernels = _fused.kernels()
+    with_e = group.grad_emas is not None
+    w, g, *e, m, v = table.addresses
+    apply_now = settings.trust_ratio is None
+    device = group.scales.device
+    partial_sums = torch.empty(2 * table.chunks, dtype=torch.float32, device=device)
+    constants = _fused.launch_constants(table, group.params[0].dtype)
+    with _fused.device_context(device):
+        kernels.adam_direction_kernel[(table.chunks,)](
+            w, g, e[0] if with_e else w, m, v,
+            table.numels, table.chunk_tensors, table.chunk_starts,
+            group.scales, group.eps_hats, partial_sums,
+            -float(settings.lr),
+            1.0 - float(settings.beta1), float(settings.beta2), 1.0 - float(settings.beta2),
+            float(settings.weight_decay),
+            float(extrapolation_coefficient(settings.alpha, settings.e_beta1)),
+            1.0 - float(settings.e_beta1),
+            HAS_E=with_e, MAXIMIZE=settings.maximize,
+            OVERWRITE_GRAD=settings.overwrite_grad, APPLY=apply_now, **constants,
+        )  # fmt: skip
+        if not apply_now:
+            ratios = settings.trust_ratio(*_fused.segment_norms(table, partial_sums))
+            kernels.apply_direction_kernel[(table.chunks,)](
+                w, g, m, v, table.numels, table.chunk_tensors, table.chunk_starts,
+                group.scales, group.eps_hats, -float(settings.lr) * ratios,
+                float(settings.weight_decay),
+                R_IN_GRAD=settings.overwrite_grad, **constants,
+            )  # fmt: skip
+    _fused.mark_modified(group.params, group.grads if settings.overwrite_grad else [])
 
 
 _PATHS: dict[_base.Path, Callable[[_Group, _Settings], None]] = {
     _base.Path.SINGLE_TENSOR: _single_tensor,
     _base.Path.MULTI_TENSOR: _multi_tensor,
     _base.Path.COMPILED: _compiled,
+    _base.Path.FUSED: _fused_kernels,
 }
-"""The implementation of each execution path (a fused-kernel path is one more entry)."""
+"""The implementation of each execution path."""

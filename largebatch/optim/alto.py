@@ -64,6 +64,7 @@ def alto(
     overwrite_grad: bool = False,
     foreach: bool | None = None,
     compiled: bool = False,
+    fused: bool | None = None,
 ) -> None:
     """One ALTO step on lists of tensors, in place (the functional form of :class:`ALTO`).
 
@@ -91,6 +92,7 @@ def alto(
         overwrite_grad=overwrite_grad,
         foreach=foreach,
         compiled=compiled,
+        fused=fused,
     )
 
 
@@ -114,11 +116,14 @@ class ALTO(LayerwiseOptimizer):
         maximize: maximize the objective (E is fed ``-g``), as in ``torch.optim``.
         overwrite_grad: use ``p.grad`` as scratch for ``r`` (after ``step()`` it holds
             ``r``); see :class:`~largebatch.optim.lamb.LAMB`.
-        foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
-            multi-tensor path.
+        foreach: ``False`` runs the single-tensor loop, ``True`` the multi-tensor path.
         compiled: run ``torch.compile``'d steps (per tensor, one fused memory pass for
             E, the moments and the norms, then one for the parameters). The first step
             compiles, cached on disk for later runs.
+        fused: ``True`` runs multi-tensor Triton kernels (one launch for every
+            tensor's E, moments, ``r`` and norms, one for the updates); ``False``
+            never does; unset, as :class:`~largebatch.optim.lamb.LAMB`'s (the default
+            on CUDA).
 
     Defaults are the paper's large-batch (>= 1K) ones; ``ALTO(params, **ALTO.SMALL_BATCH)``
     gives its small-batch setting (``alpha=0.5, e_beta1=0.01``).
@@ -148,6 +153,7 @@ class ALTO(LayerwiseOptimizer):
         overwrite_grad: bool = False,
         foreach: bool | None = None,
         compiled: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -166,6 +172,7 @@ class ALTO(LayerwiseOptimizer):
             maximize=maximize,
             foreach=foreach,
             compiled=compiled,
+            fused=fused,
         )
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:

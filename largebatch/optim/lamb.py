@@ -48,6 +48,7 @@ def lamb(
     overwrite_grad: bool = False,
     foreach: bool | None = None,
     compiled: bool = False,
+    fused: bool | None = None,
 ) -> None:
     """One LAMB step on lists of tensors, in place (the functional form of :class:`LAMB`).
 
@@ -72,6 +73,7 @@ def lamb(
         overwrite_grad=overwrite_grad,
         foreach=foreach,
         compiled=compiled,
+        fused=fused,
     )
 
 
@@ -94,12 +96,17 @@ class LAMB(LayerwiseOptimizer):
             (after ``step()`` it holds ``r``, as in NVIDIA apex's fused LAMB): saves a
             temporary per tensor (multi-tensor path) or a second evaluation of ``r``
             (compiled path). Off: ``p.grad`` keeps the gradient, on every path.
-        foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
-            multi-tensor path.
+        foreach: ``False`` runs the single-tensor loop, ``True`` the multi-tensor path.
         compiled: run ``torch.compile``'d steps (per tensor, one fused memory pass for
             the moments and the norms, then one for the parameters; fastest on CPU).
             The first step compiles; inductor's on-disk cache keeps the
             shape-generic graphs for later runs (times in ``docs/optimizers.md``).
+        fused: ``True`` runs multi-tensor Triton kernels (as apex's ``FusedLAMB``: one
+            launch for every tensor's moments, ``r`` and norms, one for the updates);
+            ``False`` never does. With ``foreach`` and ``fused`` unset and
+            ``compiled=False``, CUDA tensors the kernels support
+            (float32/float16/bfloat16) take the fused path, all others the
+            multi-tensor path (``docs/optimizers.md``, "Execution paths").
     """
 
     state_buffers = ("exp_avg", "exp_avg_sq")
@@ -121,6 +128,7 @@ class LAMB(LayerwiseOptimizer):
         overwrite_grad: bool = False,
         foreach: bool | None = None,
         compiled: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -137,6 +145,7 @@ class LAMB(LayerwiseOptimizer):
             maximize=maximize,
             foreach=foreach,
             compiled=compiled,
+            fused=fused,
         )
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from largebatch.optim import _base
+from largebatch.optim import _base, _fused
 from largebatch.optim._base import LayerwiseOptimizer, check_flag, check_non_negative
 from largebatch.optim._compiled import CompiledStep, select_entries
 from largebatch.optim.trust_ratio import lars_trust_ratio, norms
@@ -67,7 +67,10 @@ def _multi_tensor_lars(
     nesterov: bool,
     maximize: bool,
 ) -> None:
-    """LARS update of many tensors (one device and dtype) with ``torch._foreach_*`` ops."""
+    """LARS update of many tensors (one device and dtype) with ``torch._foreach_*`` ops.
+
+    ``ratios``: one per tensor (0-dim tensors, or the entries of a vector).
+    """
     if maximize:
         updates = torch._foreach_neg(grads)
         torch._foreach_add_(updates, params, alpha=weight_decay)
@@ -102,10 +105,38 @@ def _compiled_lars(*tensor_lists: list[Tensor], nesterov: bool, maximize: bool, 
         _COMPILED_LARS(large[:3], scalar_lists=large[3:], hyperparameters=floats, options=options)
 
 
+def _fused_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Tensor],
+    ratios: Tensor | None = None,
+    *,
+    table: _fused.TensorTable,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    nesterov: bool,
+    maximize: bool,
+) -> None:
+    """LARS update of a whole group in one multi-tensor Triton launch (:mod:`._fused`)."""
+    if table.chunks == 0:  # every tensor is empty
+        return
+    with _fused.device_context(params[0].device):
+        _fused.kernels().lars_kernel[(table.chunks,)](
+            *table.addresses, table.numels, table.chunk_tensors, table.chunk_starts,
+            table.numels if ratios is None else ratios.float(),  # unread without a ratio
+            -float(lr), float(momentum), float(weight_decay),
+            HAS_RATIO=ratios is not None, NESTEROV=nesterov, MAXIMIZE=maximize,
+            **_fused.launch_constants(table, params[0].dtype),
+        )  # fmt: skip
+    _fused.mark_modified(params)
+
+
 _PATHS = {
     _base.Path.SINGLE_TENSOR: _single_tensor_lars,
     _base.Path.MULTI_TENSOR: _multi_tensor_lars,
     _base.Path.COMPILED: _compiled_lars,
+    _base.Path.FUSED: _fused_lars,
 }
 
 
@@ -125,20 +156,22 @@ def lars(
     maximize: bool = False,
     foreach: bool | None = None,
     compiled: bool = False,
+    fused: bool | None = None,
 ) -> None:
     """One LARS step on lists of tensors, in place (the functional form of :class:`LARS`).
 
     ``momentum_buffers`` start as zeros. The trust ratios come from the norms of each
-    device/dtype group (``trust_ratio=False``: plain momentum SGD); ``foreach`` and
-    ``compiled`` pick the execution path as in :class:`LARS`.
+    device/dtype group (``trust_ratio=False``: plain momentum SGD); ``foreach``,
+    ``compiled`` and ``fused`` pick the execution path as in :class:`LARS`.
     """
-    run = _PATHS[_base.path_of(foreach, compiled)]
-    for device_params, device_grads, device_buffers in _base.device_dtype_groups(
-        [params, grads, momentum_buffers]
+    requested = _base.path_of(foreach, compiled, fused)
+    groups = _base.device_dtype_groups([params, grads, momentum_buffers])
+    for (device_params, device_grads, device_buffers), (path, table) in zip(
+        groups, _base.group_paths(requested, groups)
     ):
-        ratios: list[Sequence[Tensor]] = []
+        ratios = None
         if trust_ratio:
-            ratio = lars_trust_ratio(
+            ratios = lars_trust_ratio(
                 norms(device_params),
                 norms(device_grads),
                 trust_coef=trust_coef,
@@ -146,17 +179,17 @@ def lars(
                 eps=eps,
                 clip_lr=lr if clip else None,
             )
-            ratios = [list(ratio.unbind())]
-        run(
+        _PATHS[path](
             device_params,
             device_grads,
             device_buffers,
-            *ratios,
+            *([] if ratios is None else [ratios]),
             lr=lr,
             momentum=momentum,
             weight_decay=weight_decay,
             nesterov=nesterov,
             maximize=maximize,
+            **({} if table is None else {"table": table}),
         )
 
 
@@ -177,12 +210,16 @@ class LARS(LayerwiseOptimizer):
             rate exceeds ``lr``.
         trust_ratio: default of the per-group switch.
         maximize: maximize the objective (step along ``+g``), as in ``torch.optim``.
-        foreach: ``False`` runs the single-tensor loop; ``None``/``True`` the
-            multi-tensor path.
+        foreach: ``False`` runs the single-tensor loop, ``True`` the multi-tensor path.
         compiled: run a ``torch.compile``'d step (the group's norms and trust ratios,
             then one fused memory pass per tensor; fastest on CPU). The first step
             compiles; inductor's on-disk cache keeps the shape-generic graphs for
             later runs (times in ``docs/optimizers.md``).
+        fused: ``True`` runs multi-tensor Triton kernels (the group's norms, then one
+            launch for every tensor's update); ``False`` never does. With ``foreach``
+            and ``fused`` unset and ``compiled=False``, CUDA tensors the kernels
+            support (float32/float16/bfloat16) take the fused path, all others the
+            multi-tensor path (``docs/optimizers.md``, "Execution paths").
     """
 
     state_buffers = ("momentum_buffer",)
@@ -204,6 +241,7 @@ class LARS(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: bool | None = None,
         compiled: bool = False,
+        fused: bool | None = None,
     ) -> None:
         super().__init__(
             params,
@@ -220,6 +258,7 @@ class LARS(LayerwiseOptimizer):
             maximize=maximize,
             foreach=foreach,
             compiled=compiled,
+            fused=fused,
         )
 
     def _check_hyperparameters(self, group: Mapping[str, Any]) -> None:

@@ -95,8 +95,8 @@ def adam_direction_scalars(
     eps: float,
     bias_correction: bool,
     dtype: torch.dtype,
-) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-    """Per-tensor ``(scale, eps_hat)`` with ``scale * m / (sqrt(v) + eps_hat) = m_hat / (sqrt(v_hat) + eps)``.
+) -> tuple[Tensor, Tensor]:
+    """Vectors of per-tensor ``scale, eps_hat`` with ``scale * m / (sqrt(v) + eps_hat) = m_hat / (sqrt(v_hat) + eps)``.
 
     ``scale = sqrt(1 - beta2^t) / (1 - beta1^t)`` and ``eps_hat = eps sqrt(1 - beta2^t)``
     (1 and ``eps`` without bias correction), computed once for a group on its stacked
@@ -110,7 +110,7 @@ def adam_direction_scalars(
     else:
         scale = torch.ones_like(step)
         eps_hat = torch.full_like(step, eps)
-    return scale.unbind(), eps_hat.unbind()
+    return scale, eps_hat
 
 
 def adam_moments_(
