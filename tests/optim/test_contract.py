@@ -16,7 +16,8 @@ optimizer's :class:`~largebatch.optim.StepProtocol` (gradient first, closure on 
 same or a fresh mini-batch), as the training loop does.
 
 Shampoo's cases marked ``xfail(strict=True)`` are fixed on the Shampoo branch; the
-marks go when it is merged.
+marks go when it is merged. The decentralized optimizers (``is_decentralized``) need
+at least two processes to step; ``tests/optim/decentralized/`` checks them in four.
 """
 
 from __future__ import annotations
@@ -34,8 +35,9 @@ from state_compare import assert_same
 from torch import nn
 
 from largebatch.optim import create_optimizer, list_optimizers, step_protocol_of
+from largebatch.optim.registry import is_decentralized
 
-SPECS = list_optimizers()
+SPECS = [spec for spec in list_optimizers() if not is_decentralized(spec.name)]
 BATCHES = 8
 SHAMPOO_BRANCH = pytest.mark.xfail(strict=True, reason="shampoo: fixed on the shampoo branch")
 
