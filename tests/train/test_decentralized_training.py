@@ -33,7 +33,7 @@ KILLED_AT = 12  # the resumed run loses its step-12 checkpoint, as if killed aft
 def _config(out_root: Path, name: str, optimizer: str, topology: str, **fields) -> RunConfig:
     settings = dict(
         task=TINY_TASK, optimizer=optimizer, topology=topology, lr=0.05, batch_size=32,
-        steps=12, warmup_steps=0, eval_every=4, checkpoint_every=6, nproc=N,
+        steps=12, warmup_steps=0, eval_every=4, checkpoint_every=6, nproc=N, device="cpu",
         out_dir=str(out_root / name),
     )  # fmt: skip
     return RunConfig(**(settings | fields))

@@ -92,7 +92,7 @@ def simulate(algorithm, problem, mixing, steps, *, lr=LR, beta=BETA, decay=DECAY
     N(0, noise^2) to every gradient entry; ``split`` hands the columns over as two tensors
     (two "parameters")."""
     prepare, finish = phases(algorithm)
-    x = torch.zeros(problem.n, problem.d, dtype=torch.float64)
+    x = torch.zeros(problem.n, problem.d, dtype=torch.float64, device=problem.linear.device)
     m = torch.zeros_like(x)
     generator = torch.Generator().manual_seed(7)
     settings = dict(lr=lr, momentum=beta, weight_decay=decay, nesterov=nesterov, foreach=foreach)
@@ -101,7 +101,7 @@ def simulate(algorithm, problem, mixing, steps, *, lr=LR, beta=BETA, decay=DECAY
         matrix = mixing[step] if isinstance(mixing, list) else mixing
         grad = problem.gradients(x)
         if noise:
-            grad = grad + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype)
+            grad = grad + noise * torch.randn(x.shape, generator=generator, dtype=x.dtype).to(x)
         params, grads, buffers = ([t[:, :2], t[:, 2:]] if split else [t] for t in (x, grad, m))
         outgoing = prepare(params, grads, buffers, **settings)
         for tensor in outgoing:

@@ -69,6 +69,20 @@ def test_single_tensor_and_multi_tensor_paths_agree(algorithm):
     torch.testing.assert_close(runs[0][-1], runs[1][-1], rtol=1e-14, atol=1e-14)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("nesterov", [False, True], ids=["heavy-ball", "nesterov"])
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_on_cuda_the_update_rules_match_the_cpu(algorithm, nesterov):
+    """CUDA tensors take torch.optim.SGD's multi-tensor path by default, the CPU's the
+    single-tensor one: both equal the matrix recursion."""
+    problem = Quadratics.make(8)
+    mixing = make_topology("exp", 8).mixing_matrix()
+    on_cuda = Quadratics(problem.hessians.cuda(), problem.linear.cuda())
+    got = simulate(algorithm, on_cuda, mixing.cuda(), 30, nesterov=nesterov, split=True)
+    expected = reference(algorithm, problem, mixing, 30, nesterov=nesterov)
+    torch.testing.assert_close(got[-1].cpu(), expected[-1], rtol=1e-12, atol=1e-12)
+
+
 @pytest.mark.parametrize("algorithm", ["atc", "decentlam"])
 def test_with_the_complete_graph_they_are_parallel_momentum_sgd(algorithm):
     """W = 11^T/n from identical starts: torch.optim.SGD on the ranks' mean gradient."""
