@@ -5,8 +5,10 @@ and schedule: everything that can reject the run, before anything is written),
 the run directory (locked, checked, resumed), then the loop (one global batch
 per optimizer step, driven by the optimizer's step protocol), evaluation,
 target, checkpoint and result. Under data parallelism every process runs this
-same code (see ``distributed.py`` and ``launch.py``). The gradient noise scale is
-read off the gradients as they pass (``noise_scale.py``).
+same code (see ``distributed.py`` and ``launch.py``); with a decentralized
+optimizer, ``decentralized.py`` evaluates the processes' average and checkpoints
+each process. The gradient noise scale is read off the gradients as they pass
+(``noise_scale.py``).
 """
 
 from __future__ import annotations

@@ -23,8 +23,8 @@ import torch.distributed as dist
 from torch import Tensor
 from torch.optim.sgd import sgd
 
-from largebatch.optim.decentralized.gossip import Gossip, world_size_of
-from largebatch.optim.decentralized.topology import TOPOLOGIES, Topology, make_topology
+from largebatch.optim.decentralized.gossip import Gossip
+from largebatch.optim.decentralized.topology import TOPOLOGIES, Topology
 from largebatch.optim.protocol import StepProtocol
 
 Prepare = Callable[..., list[Tensor]]
@@ -54,7 +54,9 @@ def check_hyperparameters(
 
 def check_topology_name(topology: Any) -> None:
     """``ValueError`` unless ``topology`` is a :class:`Topology` or the name of one."""
-    if not isinstance(topology, Topology) and topology not in TOPOLOGIES:
+    if not isinstance(topology, Topology) and not (
+        isinstance(topology, str) and topology in TOPOLOGIES
+    ):
         raise ValueError(
             f"Invalid topology: {topology!r} (choose from {', '.join(TOPOLOGIES)}, "
             "or pass a Topology)"
@@ -95,8 +97,6 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def gossip(self) -> Gossip:
         """The neighbour exchange (set up on first use; ``ConfigError`` below 2 processes)."""
         if self._gossip is None:
-            if isinstance(self._topology, str):  # names the world size if it is 1
-                make_topology(self._topology, world_size_of(self._process_group))
             self._gossip = Gossip(self._topology, self._process_group)
         return self._gossip
 
@@ -198,19 +198,21 @@ def momentum_step_(
     momentum: float,
     nesterov: bool,
     foreach: bool | None,
+    weight_decay: float = 0.0,
 ) -> None:
-    """``m <- momentum m + d;  x <- x - lr (d + momentum m if nesterov else m)``.
+    """With ``u = d + weight_decay x``: ``m <- momentum m + u;  x <- x - lr (u + momentum m
+    if nesterov else m)``.
 
     The local heavy-ball step of every algorithm here, done by ``torch.optim.SGD``'s
-    functional core (its single-tensor and multi-tensor paths), without weight decay
-    (the algorithms fold it into the gradient themselves) and without dampening.
+    functional core (its single-tensor and multi-tensor paths), without dampening;
+    ``directions`` are left as they are.
     """
     sgd(
         params,
         directions,
         list(buffers),
         foreach=foreach,
-        weight_decay=0.0,
+        weight_decay=weight_decay,
         momentum=momentum,
         lr=lr,
         dampening=0.0,
@@ -220,5 +222,7 @@ def momentum_step_(
 
 
 def decayed(params: list[Tensor], grads: list[Tensor], weight_decay: float) -> list[Tensor]:
-    """``g + weight_decay * x`` (new tensors: ``p.grad`` is left as it is)."""
+    """``g + weight_decay * x``: new tensors, or the gradients themselves if there is no decay."""
+    if weight_decay == 0:
+        return list(grads)
     return list(torch._foreach_add(grads, params, alpha=weight_decay))

@@ -32,7 +32,6 @@ from largebatch.optim.decentralized.base import (
     DecentralizedOptimizer,
     Finish,
     Prepare,
-    decayed,
     momentum_step_,
 )
 from largebatch.optim.decentralized.topology import Topology
@@ -42,7 +41,9 @@ def decentlam_prepare(
     params: list[Tensor], grads: list[Tensor], buffers: list[Tensor], *, lr, weight_decay, **_
 ) -> list[Tensor]:
     """``h_i = x_i - lr (g_i + weight_decay x_i)``: what rank ``i`` sends (new tensors)."""
-    return list(torch._foreach_add(params, decayed(params, grads, weight_decay), alpha=-lr))
+    outgoing = list(torch._foreach_mul(params, 1.0 - lr * weight_decay))
+    torch._foreach_add_(outgoing, grads, alpha=-lr)
+    return outgoing
 
 
 def decentlam_finish(
@@ -57,9 +58,11 @@ def decentlam_finish(
     foreach: bool | None,
     **_,
 ) -> None:
-    """The momentum step along ``(x_i - sum_j w_ij h_j) / lr``; ``mixed`` holds the averaged ``h``."""
-    corrected = torch._foreach_sub(params, mixed)
-    torch._foreach_div_(corrected, lr)
+    """The momentum step along ``(x_i - sum_j w_ij h_j) / lr``; ``mixed`` holds the averaged
+    ``h`` and is overwritten with that direction."""
+    corrected = mixed
+    torch._foreach_sub_(corrected, params)
+    torch._foreach_div_(corrected, -lr)
     momentum_step_(
         params, corrected, buffers, lr=lr, momentum=momentum, nesterov=nesterov, foreach=foreach
     )

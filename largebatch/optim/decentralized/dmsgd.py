@@ -48,8 +48,8 @@ from largebatch.optim.decentralized.base import (
 from largebatch.optim.decentralized.topology import Topology
 
 
-def _atc_prepare(params, grads, buffers, *, weight_decay, **step) -> list[Tensor]:
-    momentum_step_(params, decayed(params, grads, weight_decay), buffers, **step)
+def _atc_prepare(params, grads, buffers, **step) -> list[Tensor]:
+    momentum_step_(params, grads, buffers, **step)
     return params  # averaged in place
 
 
@@ -62,7 +62,7 @@ def _awc_prepare(params, grads, buffers, **settings) -> list[Tensor]:
 
 
 def _awc_finish(params, grads, buffers, mixed, *, weight_decay, **step) -> None:
-    directions = decayed(params, grads, weight_decay)
+    directions = decayed(params, grads, weight_decay)  # at x_i, before it is replaced
     torch._foreach_copy_(params, mixed)
     momentum_step_(params, directions, buffers, **step)
 
@@ -75,15 +75,15 @@ def _da_finish(params, grads, buffers, mixed, *, weight_decay, **step) -> None:
     _awc_finish(params, grads, buffers, mixed[: len(params)], weight_decay=weight_decay, **step)
 
 
-def _qg_prepare(params, grads, buffers, *, weight_decay, **step) -> list[Tensor]:
+def _qg_prepare(params, grads, buffers, **step) -> list[Tensor]:
     half_steps = [p.clone() for p in params]
     local_momentum = [m.clone() for m in buffers]
-    momentum_step_(half_steps, decayed(params, grads, weight_decay), local_momentum, **step)
+    momentum_step_(half_steps, grads, local_momentum, **step)
     return half_steps
 
 
 def _qg_finish(params, grads, buffers, mixed, *, lr, momentum, **settings) -> None:
-    displacement = torch._foreach_sub(params, mixed)
+    displacement = torch._foreach_sub(params, mixed)  # x_i - x_i'
     torch._foreach_div_(displacement, lr)
     torch._foreach_lerp_(buffers, displacement, 1.0 - momentum)
     torch._foreach_copy_(params, mixed)

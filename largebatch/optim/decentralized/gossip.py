@@ -23,12 +23,26 @@ from largebatch.optim.decentralized.topology import Topology, make_topology
 Bucket = tuple[Tensor, list[Tensor]]
 
 
-def flatten(tensors: Sequence[Tensor]) -> list[Bucket]:
-    """``tensors`` copied into one flat buffer per (device, dtype): ``[(buffer, members)]``."""
+def flatten(tensors: Sequence[Tensor], buffers: dict | None = None) -> list[Bucket]:
+    """``tensors`` copied into one flat buffer per (device, dtype): ``[(buffer, members)]``.
+
+    With ``buffers`` (a dict kept by the caller) a buffer of the same device, dtype and
+    size is reused from one call to the next instead of allocated.
+    """
     groups: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
     for tensor in tensors:
         groups.setdefault((tensor.device, tensor.dtype), []).append(tensor)
-    return [(torch.cat([t.reshape(-1) for t in members]), members) for members in groups.values()]
+    buckets = []
+    for (device, dtype), members in groups.items():
+        pieces = [t.reshape(-1) for t in members]
+        if buffers is None:
+            buckets.append((torch.cat(pieces), members))
+            continue
+        key = ("flat", device, dtype, sum(p.numel() for p in pieces))
+        if key not in buffers:
+            buffers[key] = torch.empty(key[3], dtype=dtype, device=device)
+        buckets.append((torch.cat(pieces, out=buffers[key]), members))
+    return buckets
 
 
 def unflatten_(buckets: Sequence[Bucket]) -> None:
@@ -52,7 +66,8 @@ class Gossip:
     topology's. ``bytes_sent`` counts the payload this rank has sent: each send's buffer
     size; for the complete graph the ``2 (n - 1) / n`` buffers a ring all-reduce sends
     (the nominal figure: the backend's algorithm decides the actual traffic). ``rounds``
-    counts the calls of :meth:`mix_`.
+    counts the calls of :meth:`mix_`. The flat buffer and the receive buffers are kept
+    from one round to the next: ``1 + in-degree`` copies of the tensors mixed.
     """
 
     def __init__(self, topology: str | Topology, group: Any = None) -> None:
@@ -68,6 +83,7 @@ class Gossip:
         self.rank = dist.get_rank(group)
         self.bytes_sent = 0
         self.rounds = 0
+        self._buffers: dict[tuple, Tensor] = {}
 
     def _global_rank(self, rank: int) -> int:
         return rank if self.group is None else dist.get_global_rank(self.group, rank)
@@ -79,7 +95,7 @@ class Gossip:
         Every rank must call this with tensors of the same shapes and dtypes, in the
         same order, and the same ``step``.
         """
-        buckets = flatten(tensors)
+        buckets = flatten(tensors, self._buffers)
         if self.topology.all_reduce:
             n = self.topology.world_size
             for flat, _ in buckets:
@@ -93,7 +109,9 @@ class Gossip:
 
     def _exchange(self, buckets: list[Bucket], step: int) -> None:
         peers = self.topology.peers(self.rank, step)
-        received = [[torch.empty_like(flat) for _ in peers.sources] for flat, _ in buckets]
+        received = [
+            [self._inbox(flat, index) for index in range(len(peers.sources))] for flat, _ in buckets
+        ]
         operations = []
         for tag, ((flat, _), inbox) in enumerate(zip(buckets, received)):
             for destination in peers.destinations:
@@ -111,3 +129,10 @@ class Gossip:
             flat.mul_(peers.self_weight)
             for (_, weight), buffer in zip(peers.sources, inbox):
                 flat.add_(buffer, alpha=weight)
+
+    def _inbox(self, flat: Tensor, index: int) -> Tensor:
+        """The ``index``-th receive buffer shaped like ``flat`` (kept between rounds)."""
+        key = ("inbox", flat.device, flat.dtype, flat.numel(), index)
+        if key not in self._buffers:
+            self._buffers[key] = torch.empty_like(flat)
+        return self._buffers[key]
