@@ -29,6 +29,8 @@ from largebatch.optim.protocol import StepProtocol
 
 Prepare = Callable[..., list[Tensor]]
 Finish = Callable[..., None]
+#: the group entries every ``prepare`` and ``finish`` receives as keyword arguments
+SETTINGS = ("lr", "momentum", "weight_decay", "nesterov", "foreach")
 
 
 def check_hyperparameters(
@@ -125,8 +127,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         """Whether ``group``'s update divides by its learning rate (which must then be > 0)."""
         return False
 
-    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish, dict[str, Any]]:
-        """``(prepare, finish, settings)`` of one group's algorithm."""
+    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish]:
+        """``(prepare, finish)`` of one group's algorithm (called with the group's :data:`SETTINGS`)."""
         raise NotImplementedError
 
     def _extra_mixed(self, group: dict[str, Any], idle: list[Tensor]) -> list[Tensor]:
@@ -156,7 +158,8 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         finishes, sent = [], []
         for group in self.param_groups:
             params, grads, buffers, idle = self._init_group(group)
-            prepare, finish, settings = self._phases(group)
+            prepare, finish = self._phases(group)
+            settings = {name: group[name] for name in SETTINGS}
             outgoing = prepare(params, grads, buffers, **settings) if params else []
             finishes.append((finish, params, grads, buffers, outgoing, settings))
             sent += outgoing + self._extra_mixed(group, idle)

@@ -124,6 +124,5 @@ class DecentLaM(DecentralizedOptimizer):
     def _divides_by_lr(self, group: dict[str, Any]) -> bool:
         return True
 
-    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish, dict[str, Any]]:
-        names = ("lr", "momentum", "weight_decay", "nesterov", "foreach")
-        return decentlam_prepare, decentlam_finish, {name: group[name] for name in names}
+    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish]:
+        return decentlam_prepare, decentlam_finish

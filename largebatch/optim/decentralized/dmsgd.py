@@ -173,10 +173,8 @@ class DmSGD(DecentralizedOptimizer):
     def _divides_by_lr(self, group: dict[str, Any]) -> bool:
         return group["variant"] == "qg"
 
-    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish, dict[str, Any]]:
-        prepare, finish = VARIANTS[group["variant"]]
-        names = ("lr", "momentum", "weight_decay", "nesterov", "foreach")
-        return prepare, finish, {name: group[name] for name in names}
+    def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish]:
+        return VARIANTS[group["variant"]]
 
     def _extra_mixed(self, group: dict[str, Any], idle: list[Tensor]) -> list[Tensor]:
         if group["variant"] == "da":  # the momentum of every parameter is averaged

@@ -15,7 +15,7 @@ import pytest
 import torch
 from quadratics import BETA, DECAY, LR, Quadratics, simulate
 
-from largebatch.optim.decentralized import make_topology
+from largebatch.optim.decentralized import decentlam, dmsgd, make_topology
 
 
 def reference(algorithm, problem, mixing, steps, *, nesterov=False):
@@ -59,6 +59,29 @@ def test_each_update_rule_follows_its_matrix_recursion(algorithm, nesterov):
     # negative control: the transposed matrix (receive where one should send) is far off
     transposed = reference(algorithm, problem, mixing.T, 30, nesterov=nesterov)
     assert (got[-1] - transposed[-1]).abs().max() > 1e-3
+
+
+@pytest.mark.parametrize("algorithm", ALGORITHMS)
+def test_the_functional_forms_take_any_mix_function(algorithm):
+    """``dmsgd(..., mix=)`` / ``decentlam(..., mix=)`` with the stacked ranks' W."""
+    problem = Quadratics.make(4)
+    mixing = make_topology("exp", 4).mixing_matrix()
+    x = torch.zeros(4, problem.d, dtype=torch.float64)
+    m = torch.zeros_like(x)
+
+    def mix(tensors):
+        for tensor in tensors:
+            tensor.copy_(mixing @ tensor)
+
+    settings = dict(lr=LR, momentum=BETA, weight_decay=DECAY, mix=mix)
+    for _ in range(10):
+        grad = problem.gradients(x)
+        if algorithm == "decentlam":
+            decentlam([x], [grad], [m], **settings)
+        else:
+            dmsgd([x], [grad], [m], variant=algorithm, **settings)
+    expected = simulate(algorithm, problem, mixing, 10)[-1]
+    torch.testing.assert_close(x, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("algorithm", ALGORITHMS)
