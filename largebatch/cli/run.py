@@ -147,6 +147,11 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
 )
 @click.option("--seed", type=int, help="Random seed." + shown(DEFAULTS["seed"]))
 @nproc_option(DEFAULTS["nproc"])
+@click.option(
+    "--topology",
+    help="Graph a decentralized optimizer (dmsgd, decentlam) gossips over: ring, exp, "
+    "one-peer-exp or complete (see `largebatch list topologies`)." + shown("the optimizer's"),
+)
 @click.option("--device", help="auto, cpu, cuda or cuda:N." + shown(DEFAULTS["device"]))
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (for GPUs).")
 @click.option(
@@ -240,9 +245,18 @@ def _print_summary(result: Any, out_dir: str) -> None:
 
 
 @click.command("list")
-@click.argument("what", type=click.Choice(["tasks", "optimizers"]))
+@click.argument("what", type=click.Choice(["tasks", "optimizers", "topologies"]))
 def list_cmd(what: str) -> None:
-    """List the registered tasks or optimizers with their defaults."""
+    """List the registered tasks, optimizers or topologies (with their defaults)."""
+    if what == "topologies":
+        from largebatch.optim.decentralized import TOPOLOGIES
+
+        for name, topology in TOPOLOGIES.items():
+            click.echo(f"{name:<22} {topology.description}")
+        click.echo(
+            "\nFor the decentralized optimizers (--optimizer dmsgd|decentlam --topology NAME)."
+        )
+        return
     if what == "tasks":
         from largebatch.tasks import list_tasks
 

@@ -124,6 +124,13 @@ def _run_and_report(
     help="Comma-separated optimizer names." + shown(",".join(SPEC_DEFAULTS["optimizers"])),
 )
 @click.option(
+    "--topologies",
+    callback=parse_list,
+    metavar="NAME,...",
+    help="Comma-separated topologies, a grid axis of the decentralized optimizers "
+    "(dmsgd, decentlam) only." + shown("each optimizer's"),
+)
+@click.option(
     "--seeds",
     callback=parse_list,
     metavar="S,...",

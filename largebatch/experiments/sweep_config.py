@@ -1,8 +1,8 @@
 """A sweep definition, from command-line flags or a TOML file, and its cells.
 
-A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
-on one task with one budget. :func:`load_sweep` checks everything before any run
-starts; a bad key or value raises :class:`SweepConfigError` naming the key and
+A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates
+and (for the decentralized optimizers) x topologies, on one task with one budget.
+:func:`load_sweep` checks everything before any run starts; a bad key or value raises :class:`SweepConfigError` naming the key and
 its line in the file (or the flag). :func:`expand` turns the sweep into a
 deterministic list of :class:`Cell` s, each a :class:`RunConfig` with a stable id
 (a hash of the config) and a run directory ``DIR/runs/<cell-id>``.
@@ -34,7 +34,13 @@ from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
-from largebatch.optim.registry import OptimizerArguments, list_optimizers, optimizer_arguments
+from largebatch.optim.decentralized.topology import TOPOLOGIES
+from largebatch.optim.registry import (
+    OptimizerArguments,
+    is_decentralized,
+    list_optimizers,
+    optimizer_arguments,
+)
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
@@ -168,6 +174,7 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "task_options": _table,
     "batch_sizes": _list_of(_batch_size),
     "optimizers": _list_of(_string),
+    "topologies": _list_of(_one_of(tuple(TOPOLOGIES))),
     "seeds": _list_of(_non_negative_int),
     "epochs": _positive_number,
     "steps": _positive_int,
@@ -192,13 +199,16 @@ class SweepSpec:
     ``optimizer_settings[name]`` holds per-optimizer run settings (keys of
     :data:`RUN_SETTINGS`) and ``hyperparameters[name]`` its optimizer arguments.
     ``evals_per_run`` sets the evaluation interval of each cell relative to its
-    length, so small- and large-batch runs get equally fine curves.
+    length, so small- and large-batch runs get equally fine curves. ``topologies``
+    multiplies the cells of the decentralized optimizers only (``None``: each
+    optimizer's default topology); the others get one cell each.
     """
 
     task: str = "mnist1d-cnn"
     task_options: dict[str, Any] = field(default_factory=dict)
     batch_sizes: tuple[int | str, ...] = (64, 256, 1024, 4096, FULL_BATCH)
     optimizers: tuple[str, ...] = ("sgd", "adamw")
+    topologies: tuple[str, ...] | None = None
     seeds: tuple[int, ...] = (0,)
     epochs: float | None = 30.0
     steps: int | None = None
@@ -520,26 +530,48 @@ def _learning_rates(spec: SweepSpec, optimizer: str) -> tuple[float | None, ...]
     return (settings["lr"],)
 
 
+#: RunConfig fields added after sweeps were first written, with their defaults
+LATER_FIELDS: dict[str, Any] = {"topology": None}
+
+
 def cell_id(config: RunConfig) -> str:
-    """Stable, readable id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]-<hash>``.
+    """Stable, readable id: ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>]-<hash>``.
 
     The hash covers every field of the config except those a resumed run may
     change (where it lives, checkpoint interval, progress bar, ...), so the same
-    run always gets the same id.
+    run always gets the same id. A field of :data:`LATER_FIELDS` at its default is
+    left out too, so the cells of sweeps made before it existed keep their ids.
     """
-    data = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
+    data = {
+        k: v
+        for k, v in config.to_dict().items()
+        if k not in RESUMABLE_CHANGES and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
+    }
     digest = hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
     return f"{cell_name(config)}-{digest}"
 
 
 def cell_name(config: RunConfig) -> str:
-    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
-    return _name(config.optimizer, config.batch_size, config.seed, config.lr)
+    """The readable part of a cell id: ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>]``."""
+    return _name(config.optimizer, config.batch_size, config.seed, config.lr, config.topology)
 
 
-def _name(optimizer: str, batch_size: int, seed: int, lr: float | None) -> str:
+def _name(
+    optimizer: str, batch_size: int, seed: int, lr: float | None, topology: str | None = None
+) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
-    return f"{optimizer}-b{batch_size}-s{seed}{lr_part}"
+    topology_part = f"-{topology}" if topology is not None else ""
+    return f"{optimizer}{topology_part}-b{batch_size}-s{seed}{lr_part}"
+
+
+def _optimizers_and_topologies(spec: SweepSpec) -> list[tuple[str, str | None]]:
+    """``(optimizer, topology)`` of the cells: every topology for a decentralized optimizer."""
+    pairs = []
+    for optimizer in spec.optimizers:
+        base = spec.hyperparameters.get(optimizer, {}).get("base")
+        decentralized = spec.topologies is not None and is_decentralized(optimizer, base)
+        pairs += [(optimizer, t) for t in (spec.topologies if decentralized else (None,))]
+    return pairs
 
 
 def expand(
@@ -548,7 +580,7 @@ def expand(
     train_size: int,
     eval_every: Callable[[RunConfig], int],
 ) -> list[Cell]:
-    """The sweep's cells, in a fixed order: seed, batch size, optimizer, learning rate.
+    """The sweep's cells, in a fixed order: seed, batch size, optimizer, topology, learning rate.
 
     ``train_size`` resolves ``"full"``; ``eval_every(config)`` gives a cell's
     evaluation interval, which is also its checkpoint interval unless the spec
@@ -559,7 +591,7 @@ def expand(
     cells = []
     for seed in spec.seeds:
         for batch_size in batch_sizes:
-            for optimizer in spec.optimizers:
+            for optimizer, topology in _optimizers_and_topologies(spec):
                 settings = spec.settings_for(optimizer)
                 for lr in _learning_rates(spec, optimizer):
                     try:
@@ -584,9 +616,10 @@ def expand(
                             device=spec.device,
                             bf16=spec.bf16,
                             nproc=spec.nproc,
+                            topology=topology,
                         )
                     except ConfigError as exc:
-                        name = _name(optimizer, batch_size, seed, lr)
+                        name = _name(optimizer, batch_size, seed, lr, topology)
                         raise SweepConfigError(f"cell {name}: {exc}") from None
                     every = eval_every(config)
                     config = replace(

@@ -30,11 +30,16 @@ class StepProtocol:
         local_first_gradient: under data parallelism the pre-step gradient is only
             needed on each rank locally (no all-reduce); the closure's gradients are
             averaged across ranks as usual.
+        local_gradients: no gradient is ever averaged across ranks: the optimizer
+            averages parameters with its neighbours itself (decentralized training), so
+            the ranks' parameters differ. The loop does not wrap the model in DDP,
+            checkpoints every rank and evaluates the ranks' average.
     """
 
     gradient_before_step: bool = True
     closure: ClosureBatch | None = None
     local_first_gradient: bool = False
+    local_gradients: bool = False
 
 
 STANDARD = StepProtocol()

@@ -139,6 +139,15 @@ def optimizer_arguments(name: str, base: str | None = None) -> OptimizerArgument
     return OptimizerArguments(MappingProxyType(defaults), lr, frozenset(optional), is_open)
 
 
+def is_decentralized(name: str, base: str | None = None) -> bool:
+    """Whether optimizer ``name`` trains decentralized: it takes a ``topology`` to gossip over.
+
+    Such an optimizer needs at least 2 processes and keeps the gradients local
+    (``StepProtocol.local_gradients``). ``base`` as in :func:`optimizer_arguments`.
+    """
+    return "topology" in optimizer_arguments(name, base).defaults
+
+
 def _accepted_keys(cls: type) -> set[str] | None:
     """Keyword arguments a constructor accepts, or None if it takes ``**kwargs``."""
     params = inspect.signature(cls).parameters
@@ -365,5 +374,31 @@ register(
         description="Online L-BFGS: curvature pairs from the same batch at both points, two-loop recursion over the last `memory` pairs (2 grads/step).",
         defaults={"lr": 0.1, "memory": 10},
         reference="Schraudolph, Yu & Guenter 2007; Bottou, Curtis & Nocedal 2018, Sec. 6.2 (6.13)",
+    )
+)
+
+# Decentralized optimizers (largebatch/optim/decentralized/): each process averages its
+# parameters with its neighbours in ``topology`` instead of all-reducing gradients; they
+# need >= 2 processes. SGD's recipe, so that the three compare at equal settings.
+register(
+    OptimizerSpec(
+        name="dmsgd",
+        target="largebatch.optim.decentralized:DmSGD",
+        description="Decentralized momentum SGD: local heavy-ball step and averaging with the topology's neighbours (variant atc, awc, da or qg).",
+        defaults={"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "topology": "exp"},
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Lian et al. 2017 (D-PSGD); AWC: Assran et al. 2019; DA: Yu, Jin & Yang 2019; QG: Lin et al. 2021",
+    )
+)
+register(
+    OptimizerSpec(
+        name="decentlam",
+        target="largebatch.optim.decentralized:DecentLaM",
+        description="DecentLaM: decentralized momentum SGD without the momentum-incurred inconsistency bias of DmSGD at large batch.",
+        defaults={"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "topology": "exp"},
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Yuan et al., ICCV 2021 (arXiv 2104.11981)",
     )
 )

@@ -15,7 +15,8 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-from largebatch.optim.registry import optimizer_arguments
+from largebatch.optim.decentralized.topology import TOPOLOGIES, make_topology
+from largebatch.optim.registry import get_spec, is_decentralized, optimizer_arguments
 from largebatch.tasks import registry as tasks
 from largebatch.train.distributed import check_device
 from largebatch.train.schedules import DECAYS, SCALING_RULES, check_decay
@@ -65,6 +66,10 @@ class RunConfig:
     ``True`` insists, ``False`` never logs. It is measured on every
     ``noise_scale_every``-th step (each measurement costs host time: see
     docs/training.md). Neither changes the trained parameters.
+
+    Decentralized optimizers (those that take a ``topology``, e.g. ``decentlam``):
+    ``topology`` is the graph the ``nproc >= 2`` processes gossip over (``None``: the
+    optimizer's default); it must be ``None`` for every other optimizer.
     """
 
     task: str = "mnist1d-cnn"
@@ -93,6 +98,7 @@ class RunConfig:
     device: str = "auto"
     bf16: bool = False
     nproc: int = 1
+    topology: str | None = None
     out_dir: str = "runs/run"
     checkpoint_every: int | None = None
     resume: bool = False
@@ -103,6 +109,7 @@ class RunConfig:
     def __post_init__(self) -> None:
         _check_names(self)
         _check_sizes(self)
+        _check_topology(self)
         _check_schedule(self)
         _check_rest(self)
 
@@ -226,6 +233,36 @@ def _check_sizes(config: RunConfig) -> None:
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < 1):
             raise _invalid(name, value, "must be a positive integer")
+
+
+def _check_topology(config: RunConfig) -> None:
+    """A topology for a decentralized optimizer only, one its number of processes can use."""
+    options = config.optimizer_options
+    decentralized = is_decentralized(config.optimizer, options.get("base"))
+    if "topology" in options:
+        raise ConfigError(
+            f"Invalid optimizer option topology={options['topology']!r}. Set the topology "
+            "with topology (--topology), not as an optimizer option"
+        )
+    if decentralized and get_spec(config.optimizer).wraps is not None:
+        raise ConfigError(
+            f"Invalid base: {options.get('base')!r} (a decentralized optimizer cannot be wrapped "
+            f"by {config.optimizer!r})"
+        )
+    if config.topology is not None and not isinstance(config.topology, str):
+        raise _invalid("topology", config.topology, f"one of {', '.join(TOPOLOGIES)}")
+    if config.topology is not None and not decentralized:
+        raise ConfigError(
+            f"Invalid topology: {config.topology!r} (optimizer {config.optimizer!r} averages "
+            "gradients over all processes; a topology is for a decentralized optimizer, "
+            "such as dmsgd or decentlam)"
+        )
+    if decentralized:
+        name = config.topology or optimizer_arguments(config.optimizer).defaults["topology"]
+        try:
+            make_topology(name, config.nproc)
+        except ConfigError as error:
+            raise ConfigError(f"{error}; set nproc (--nproc) to a size it can use") from None
 
 
 def _check_schedule(config: RunConfig) -> None:

@@ -94,9 +94,19 @@ def teardown(ddp: Distributed) -> None:
         dist.destroy_process_group()
 
 
-def wrap(model: nn.Module, ddp: Distributed) -> nn.Module:
-    """``DistributedDataParallel(model)`` under data parallelism, else ``model`` itself."""
+def wrap(model: nn.Module, ddp: Distributed, sync_gradients: bool = True) -> nn.Module:
+    """``DistributedDataParallel(model)`` under data parallelism, else ``model`` itself.
+
+    Without ``sync_gradients`` (decentralized optimizers, which average parameters
+    themselves) the model is not wrapped; every process starts from rank 0's
+    parameters and buffers, as DDP would make it.
+    """
     if not ddp.enabled:
+        return model
+    if not sync_gradients:
+        with torch.no_grad():
+            for tensor in [*model.parameters(), *model.buffers()]:
+                dist.broadcast(tensor, src=0)
         return model
     device_ids = [ddp.device.index] if ddp.device.type == "cuda" else None
     return DistributedDataParallel(model, device_ids=device_ids)

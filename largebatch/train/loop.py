@@ -5,8 +5,10 @@ and schedule: everything that can reject the run, before anything is written),
 the run directory (locked, checked, resumed), then the loop (one global batch
 per optimizer step, driven by the optimizer's step protocol), evaluation,
 target, checkpoint and result. Under data parallelism every process runs this
-same code (see ``distributed.py`` and ``launch.py``). The gradient noise scale is
-read off the gradients as they pass (``noise_scale.py``).
+same code (see ``distributed.py`` and ``launch.py``); with a decentralized
+optimizer, ``decentralized.py`` evaluates the processes' average and checkpoints
+each process. The gradient noise scale is read off the gradients as they pass
+(``noise_scale.py``).
 """
 
 from __future__ import annotations
@@ -37,6 +39,7 @@ from largebatch.train import distributed
 from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
 from largebatch.train.data import Batch, BatchStream, shard_batches
+from largebatch.train.decentralized import DecentralizedRun, own_state
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
@@ -103,10 +106,12 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         task.train, sampler, plan.micro_batch_size, plan.accumulation_steps, ddp.device
     )
     model = task.build_model().to(ddp.device)
-    ddp_model = distributed.wrap(model, ddp)
     optimizer, protocol = build_optimizer(config, plan, model)
+    # a decentralized optimizer averages parameters itself: no gradient all-reduce
+    ddp_model = distributed.wrap(model, ddp, sync_gradients=not protocol.local_gradients)
     scheduler = build_scheduler(optimizer, plan.schedule)
     noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
+    decentralized = DecentralizedRun.for_run(protocol, optimizer, model, ddp)
 
     # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
     run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
@@ -115,8 +120,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         run_dir.write_config(config, plan)
         progress = Progress()
         if saved is not None:
-            model.load_state_dict(saved["model"])
-            optimizer.load_state_dict(saved["optimizer"])
+            own = own_state(saved, ddp.rank)  # each rank's own, in decentralized training
+            model.load_state_dict(own["model"])
+            optimizer.load_state_dict(own["optimizer"])
             scheduler.load_state_dict(saved["scheduler"])
             progress = Progress(**saved["progress"])
             if "noise_scale" in saved:  # absent from checkpoints of earlier versions
@@ -124,7 +130,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             set_rng_state(saved["rng"][ddp.rank])
             stream.position = progress.batches_drawn
         saved_step = progress.step if saved is not None else None
-        run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
+        columns = metric_columns(task) + noise.columns + decentralized.columns
+        run_dir.open_metrics(columns, resume_step=saved_step)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
         def save() -> None:
@@ -137,17 +144,19 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 "progress": asdict(progress),
                 "rng": distributed.gather_objects(rng_state(), ddp),
                 "noise_scale": noise.state_dict(),
+                **decentralized.checkpoint_state(),  # every rank's model; "model": their average
             }
             if ddp.is_main:
                 save_checkpoint(run_dir.checkpoints, progress.step, state)
 
         def evaluate_and_log() -> bool:
             """Evaluate, log a row; False if the training loss is no longer finite."""
-            metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
+            with decentralized.averaged():  # the ranks' average model, if they differ
+                metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
             progress.elapsed = time.perf_counter() - clock_start
             record_evaluation(progress, metrics, plan)
             row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
-            run_dir.log(row | noise.row())
+            run_dir.log(row | noise.row() | decentralized.row())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 
@@ -204,7 +213,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
 
         if divergence is not None:
             error = divergence.describe()
-        result = make_result(status, error, progress, plan, noise.result())
+        result = make_result(status, error, progress, plan, noise.result() | decentralized.result())
         if divergence is not None:
             result.extra["divergence"] = asdict(divergence)
         result.error_log = error_log
@@ -417,11 +426,11 @@ def make_result(
     error: str | None,
     progress: Progress,
     plan: RunPlan,
-    noise_scale: dict[str, float],
+    measured: dict[str, float],
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
-    ``noise_scale`` (the final noise-scale averages, if measured) goes into ``extra``.
+    ``measured`` (the monitors' final values: noise scale, consensus) goes into ``extra``.
     """
     examples = progress.batches_drawn * plan.batch_size
     fields = {}
@@ -449,6 +458,6 @@ def make_result(
             "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
             "final": progress.last_eval if status != "diverged" else {},
             "best": progress.best,
-            **noise_scale,
+            **measured,
         },
     )

@@ -51,7 +51,13 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
     ``True`` always (``ValueError`` if it cannot be done for free).
     """
     source = None
-    if config.noise_scale is not False:
+    if protocol.local_gradients:  # decentralized: no process sees the global-batch gradient
+        if config.noise_scale:
+            raise ConfigError(
+                "noise_scale=True: a decentralized optimizer keeps each process's gradient "
+                "local, so no global-batch gradient exists to measure it with"
+            )
+    elif config.noise_scale is not False:
         if config.nproc > 1:
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:

@@ -171,7 +171,10 @@ def build_optimizer(
     cannot follow, or ``noise_scale=True`` that it cannot honour, is a ``ConfigError``.
     Called with a stand-in parameter, it checks all this without the model.
     """
-    optimizer = create_optimizer(config.optimizer, params, lr=plan.lr, **config.optimizer_options)
+    options = dict(config.optimizer_options)
+    if config.topology is not None:
+        options["topology"] = config.topology
+    optimizer = create_optimizer(config.optimizer, params, lr=plan.lr, **options)
     protocol = step_protocol_of(optimizer)
     if not protocol.gradient_before_step and protocol.closure is None:
         raise ConfigError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")

@@ -14,6 +14,9 @@ parameters on the ``meta`` device step; ``maximize=True`` on ``f`` equals minimi
 negative learning rate raises ``ValueError`` naming the value. Steps follow each
 optimizer's :class:`~largebatch.optim.StepProtocol` (gradient first, closure on the
 same or a fresh mini-batch), as the training loop does.
+
+The decentralized optimizers (``is_decentralized``) need at least two processes to
+step; ``tests/optim/decentralized/`` checks them in four.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from state_compare import assert_same
 from torch import nn
 
 from largebatch.optim import create_optimizer, list_optimizers, step_protocol_of
+from largebatch.optim.registry import is_decentralized
 
-SPECS = list_optimizers()
+SPECS = [spec for spec in list_optimizers() if not is_decentralized(spec.name)]
 BATCHES = 8
 # oLBFGS couples all parameters and reads its curvature test on the host: its contract
 # (a declared capability, or a clear error) comes with the classical methods' loop integration
