@@ -40,9 +40,8 @@ from largebatch.train.data import Batch, BatchStream, shard_batches
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
-from largebatch.train.plan import RunPlan, build_optimizer, plan_run
+from largebatch.train.plan import RunPlan, build_optimizer, build_scheduler, plan_run
 from largebatch.train.run_dir import RunDirectory
-from largebatch.train.schedules import build_scheduler
 
 
 @dataclass
@@ -105,8 +104,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     model = task.build_model().to(ddp.device)
     ddp_model = distributed.wrap(model, ddp)
     optimizer, protocol = build_optimizer(config, plan, model)
-    scheduler = build_scheduler(optimizer, plan.schedule)
     noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
+    scheduler = build_scheduler(plan, optimizer, noise, ddp)  # AdaScale reads noise's averages
 
     # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
     run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
@@ -124,7 +123,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             set_rng_state(saved["rng"][ddp.rank])
             stream.position = progress.batches_drawn
         saved_step = progress.step if saved is not None else None
-        run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
+        columns = metric_columns(task) + noise.columns + list(scheduler.columns)
+        run_dir.open_metrics(columns, resume_step=saved_step)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
         def save() -> None:
@@ -147,7 +147,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             progress.elapsed = time.perf_counter() - clock_start
             record_evaluation(progress, metrics, plan)
             row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
-            run_dir.log(row | noise.row())
+            run_dir.log(row | noise.row() | scheduler.row())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 
@@ -164,6 +164,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             while (
                 status == "done"
                 and progress.step < plan.total_steps
+                and not scheduler.finished  # AdaScale: its progress has covered the schedule
                 and not stop_now(progress, config)
             ):
                 sqnorms = noise.begin_step(progress.step)
@@ -171,11 +172,12 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                     ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
                 )
                 noise.update(progress.step, sqnorms)
-                scheduler.step()
+                loss_mean = distributed.all_reduce_mean(loss.detach().float(), ddp)
+                scheduler.step(loss_mean)  # the next step's rate (AutoWU reads the loss)
                 progress.step += 1
                 progress.batches_drawn = stream.position
                 progress.gradient_evaluations += evaluations
-                loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
+                loss_value = loss_mean.item()
                 if not math.isfinite(loss_value):
                     status = "diverged"
                     divergence = Divergence.at_step(progress.step, loss_value, model, batches, ddp)
@@ -186,7 +188,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 if not bar.disable:
                     bar.set_postfix(progress_postfix(progress), refresh=False)
                 evaluation_due = progress.step % plan.eval_every == 0
-                if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
+                last = progress.step == plan.total_steps or scheduler.finished
+                if (evaluation_due or last) and not evaluate_and_log():
                     status = "diverged"
                     divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
                     break
@@ -204,7 +207,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
 
         if divergence is not None:
             error = divergence.describe()
-        result = make_result(status, error, progress, plan, noise.result())
+        result = make_result(status, error, progress, plan, noise.result() | scheduler.summary())
         if divergence is not None:
             result.extra["divergence"] = asdict(divergence)
         result.error_log = error_log
@@ -417,11 +420,12 @@ def make_result(
     error: str | None,
     progress: Progress,
     plan: RunPlan,
-    noise_scale: dict[str, float],
+    measured: dict[str, Any],
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
-    ``noise_scale`` (the final noise-scale averages, if measured) goes into ``extra``.
+    ``measured`` (the final noise-scale averages, if measured, and what the
+    learning-rate scheduler reports) goes into ``extra``.
     """
     examples = progress.batches_drawn * plan.batch_size
     fields = {}
@@ -449,6 +453,6 @@ def make_result(
             "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
             "final": progress.last_eval if status != "diverged" else {},
             "best": progress.best,
-            **noise_scale,
+            **measured,
         },
     )
