@@ -1,7 +1,7 @@
 """A sweep definition, from command-line flags or a TOML file, and its cells.
 
-A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
-on one task with one budget. :func:`load_sweep` checks everything before any run
+A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning
+rates, schedules and scaling rules, on one task with one budget. :func:`load_sweep` checks everything before any run
 starts; a bad key or value raises :class:`SweepConfigError` naming the key and
 its line in the file (or the flag). :func:`expand` turns the sweep into a
 deterministic list of :class:`Cell` s, each a :class:`RunConfig` with a stable id
@@ -180,6 +180,8 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "accumulation_steps": _positive_int,
     "device": _string,
     "bf16": _boolean,
+    "schedules": _list_of(_one_of(typing.get_args(Schedule))),
+    "scalings": _list_of(_one_of(typing.get_args(Scaling))),
     **RUN_SETTINGS,
 }
 
@@ -192,7 +194,10 @@ class SweepSpec:
     ``optimizer_settings[name]`` holds per-optimizer run settings (keys of
     :data:`RUN_SETTINGS`) and ``hyperparameters[name]`` its optimizer arguments.
     ``evals_per_run`` sets the evaluation interval of each cell relative to its
-    length, so small- and large-batch runs get equally fine curves.
+    length, so small- and large-batch runs get equally fine curves. ``schedules``
+    and ``scalings`` are grid axes over ``schedule`` and ``scaling`` (an
+    optimizer's own setting takes it off the axis); an AutoWU cell takes no
+    learning rate, scaling rule or warm-up from the sweep, since it finds them.
     """
 
     task: str = "mnist1d-cnn"
@@ -218,6 +223,8 @@ class SweepSpec:
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     schedule: str | None = None
+    schedules: tuple[str, ...] | None = None
+    scalings: tuple[str, ...] | None = None
     optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -464,6 +471,9 @@ def _check_names(spec: SweepSpec, origins: Origins) -> None:
             )
     layers = [((), {key: getattr(spec, key) for key in RUN_SETTINGS})]
     layers += [(("optimizer", name), section) for name, section in spec.optimizer_settings.items()]
+    for axis, setting in (("schedules", "schedule"), ("scalings", "scaling")):
+        if getattr(spec, axis) is not None and getattr(spec, setting) is not None:
+            raise _fail(origins, (axis,), f"set either {setting} or {axis}, not both")
     for prefix, settings in layers:
         for first, second in (("lr", "lrs"), ("lrs", "lr_factors")):
             if settings.get(first) is not None and settings.get(second) is not None:
@@ -533,8 +543,11 @@ def cell_id(config: RunConfig) -> str:
 
 
 def cell_name(config: RunConfig) -> str:
-    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
-    return _name(config.optimizer, config.batch_size, config.seed, config.lr)
+    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>][-autowu|-adascale]``."""
+    adaptive = "".join(
+        f"-{name}" for name in (config.schedule, config.scaling) if name in ("autowu", "adascale")
+    )
+    return _name(config.optimizer, config.batch_size, config.seed, config.lr) + adaptive
 
 
 def _name(optimizer: str, batch_size: int, seed: int, lr: float | None) -> str:
@@ -560,8 +573,7 @@ def expand(
     for seed in spec.seeds:
         for batch_size in batch_sizes:
             for optimizer in spec.optimizers:
-                settings = spec.settings_for(optimizer)
-                for lr in _learning_rates(spec, optimizer):
+                for settings, lr in _variants(spec, optimizer):
                     try:
                         config = RunConfig(
                             task=spec.task,
@@ -572,10 +584,7 @@ def expand(
                             base_batch_size=spec.base_batch_size,
                             batch_size=batch_size,
                             accumulation_steps=spec.accumulation_steps,
-                            scaling=settings["scaling"],
-                            warmup_steps=settings["warmup_steps"],
-                            warmup_epochs=settings["warmup_epochs"],
-                            schedule=settings["schedule"] or RunConfig.schedule,
+                            **settings,
                             epochs=spec.epochs,
                             steps=spec.steps,
                             target=spec.target,
@@ -596,6 +605,35 @@ def expand(
                     cells.append(
                         Cell(identifier, replace(config, out_dir=str(runs_dir / identifier)))
                     )
+    return cells
+
+
+def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], float | None]]:
+    """``optimizer``'s cells on one seed and batch size: (schedule, scaling, warm-up), rate.
+
+    One set of settings per point of the ``schedules`` and ``scalings`` axes,
+    each with every learning rate of :func:`_learning_rates`; AutoWU takes no
+    rate, scaling or warm-up from the sweep (one cell, whatever the scaling axis).
+    """
+    settings = spec.settings_for(optimizer)
+    section = spec.optimizer_settings.get(optimizer, {})
+
+    def axis(setting: str, values: tuple[str, ...] | None) -> tuple[str | None, ...]:
+        return values if values is not None and setting not in section else (settings[setting],)
+
+    cells: list[tuple[dict[str, Any], float | None]] = []
+    for schedule in axis("schedule", spec.schedules):
+        if schedule == "autowu":
+            cells.append(({"schedule": schedule}, None))
+            continue
+        for scaling in axis("scaling", spec.scalings):
+            fixed = {
+                "schedule": schedule or RunConfig.schedule,
+                "scaling": scaling,
+                "warmup_steps": settings["warmup_steps"],
+                "warmup_epochs": settings["warmup_epochs"],
+            }
+            cells.extend((fixed, lr) for lr in _learning_rates(spec, optimizer))
     return cells
 
 

@@ -11,7 +11,8 @@ the expected progress of one batch-B step relative to one batch-B0 step, from
 ``tr(Sigma)`` (the per-example gradient covariance) and ``|G|^2`` (the true
 gradient). ``r`` lies in [1, S]: close to S when the gradient is mostly noise
 (linear scaling is right), close to 1 when it is mostly signal (a larger batch
-buys nothing). ``tau``, the *scale-invariant iterations*, counts progress in
+buys nothing). Below the base batch (S < 1) the same formula scales the rate
+down, ``r`` in [S, 1]. ``tau``, the *scale-invariant iterations*, counts progress in
 base-batch steps, ``tau += r`` per step, and drives the base schedule; the run
 ends when ``tau`` reaches the base schedule's length.
 
@@ -38,7 +39,6 @@ from torch.optim.lr_scheduler import LRScheduler
 
 from largebatch.diagnostics.noise_scale import NoiseScaleTracker
 from largebatch.train.schedules import RunScheduler, WarmupThenDecay
-from largebatch.utils.errors import ConfigError
 
 
 def adascale_gain(
@@ -47,7 +47,7 @@ def adascale_gain(
     """The gain ratio of batch ``batch`` over ``base_batch`` (1 when nothing is known).
 
     Negative estimates (possible early on: both are differences of noisy norms)
-    count as 0, and the result is kept in [1, S] as the paper's estimator is.
+    count as 0, and the result is kept between 1 and S (where the exact ratio lies).
     """
     scale = batch / base_batch
     trace = max(trace_covariance, 0.0) if math.isfinite(trace_covariance) else 0.0
@@ -55,16 +55,8 @@ def adascale_gain(
     denominator = trace / batch + signal
     if denominator <= 0:
         return 1.0
-    return min(max((trace / base_batch + signal) / denominator, 1.0), scale)
-
-
-def check_adascale_batch(batch_size: int, base_batch_size: int) -> None:
-    """``ConfigError`` unless the batch is at least the base batch (the gain scales up)."""
-    if batch_size < base_batch_size:
-        raise ConfigError(
-            f"Invalid batch_size for scaling='adascale': {batch_size} is smaller than "
-            f"base_batch_size={base_batch_size} (AdaScale scales a base schedule up)"
-        )
+    low, high = min(1.0, scale), max(1.0, scale)
+    return min(max((trace / base_batch + signal) / denominator, low), high)
 
 
 @dataclass(frozen=True)
@@ -79,12 +71,14 @@ class AdaScaleSchedule:
     base_batch_size: int
     batch_size: int
 
-    def __post_init__(self) -> None:
-        check_adascale_batch(self.batch_size, self.base_batch_size)
-
     @property
     def scale(self) -> float:
         return self.batch_size / self.base_batch_size
+
+    @property
+    def most_steps(self) -> int:
+        """The longest the run can take: every gain at its bound nearest 1."""
+        return max(self.base.total_steps, math.ceil(self.base.total_steps / self.scale))
 
     @property
     def warmup_steps(self) -> int:

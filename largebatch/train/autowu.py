@@ -155,12 +155,15 @@ class MinimumTest:
     probability that the smoothed loss at an earlier point is below the current
     one; the test is ``positive`` when more than half exceed the confidence.
     ``minima[j]`` is where prediction ``j``'s mean is lowest, as a fraction of
-    the losses so far (0: the first, 1: now).
+    the losses so far (0: the first, 1: now). ``signal_variance`` and
+    ``noise_variance`` are the fitted kernel scale and noise level.
     """
 
     positive: bool
     probabilities: tuple[float, ...]
     minima: tuple[float, ...]
+    signal_variance: float = math.nan
+    noise_variance: float = math.nan
 
 
 def minimum_test(
@@ -224,7 +227,13 @@ def _minimum_test(
         probabilities.append(float(ndtr((curve[-1] - curve[:-1]) / scale).max()))
         minima.append(float(grid[np.argmin(curve), 0]))
     votes = sum(p > schedule.confidence for p in probabilities)
-    return MinimumTest(votes > schedule.predictions / 2, tuple(probabilities), tuple(minima))
+    return MinimumTest(
+        votes > schedule.predictions / 2,
+        tuple(probabilities),
+        tuple(minima),
+        float(fitted_signal.k1.constant_value),
+        float(noise),
+    )
 
 
 class AutoWU(RunScheduler, LRScheduler):

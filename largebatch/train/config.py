@@ -17,7 +17,6 @@ from typing import Any, Literal
 
 from largebatch.optim.registry import optimizer_arguments
 from largebatch.tasks import registry as tasks
-from largebatch.train.adascale import check_adascale_batch
 from largebatch.train.autowu import check_autowu
 from largebatch.train.distributed import check_device
 from largebatch.train.schedules import SCALINGS, SCHEDULES, check_decay
@@ -299,7 +298,7 @@ def _check_unset(config: RunConfig, names: tuple[str, ...], when: str) -> None:
 
 
 def _check_adascale(config: RunConfig) -> None:
-    """AdaScale needs a gradient variance source and a batch at least the base batch."""
+    """AdaScale needs a source of gradient variance."""
     if config.noise_scale is False:
         raise ConfigError(
             "Invalid noise_scale: False with scaling='adascale', whose gain comes from the "
@@ -310,7 +309,6 @@ def _check_adascale(config: RunConfig) -> None:
             "Invalid scaling: 'adascale' has no gradient variance to measure in one process "
             "without accumulation (no variance source); set nproc >= 2 or accumulation_steps >= 2"
         )
-    check_adascale_batch(config.batch_size, config.base_batch_size)
 
 
 def _check_rest(config: RunConfig) -> None:

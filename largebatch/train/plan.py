@@ -131,7 +131,7 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
 
     base_lr, scaling, schedule = _resolve_schedule(config, spec, total_steps, steps_per_epoch)
     if isinstance(schedule, AdaScaleSchedule):
-        total_steps = schedule.base.total_steps  # at most: every gain is at least 1
+        total_steps = schedule.most_steps
     return RunPlan(
         world_size=world_size,
         batch_size=config.batch_size,
