@@ -42,9 +42,13 @@ class Preset:
         """
         merged = {**_defaults(), **self.values, **values}
         result = {**self.values, **self.derived(merged), **values}
+        given = dict(values.get("optimizer_options") or {})
         if result["optimizer"] == self.values.get("optimizer"):
-            options = {**self.values.get("optimizer_options", {})}
-            result["optimizer_options"] = options | dict(values.get("optimizer_options") or {})
+            result["optimizer_options"] = {**self.values.get("optimizer_options", {}), **given}
+        elif "optimizer_options" in values:
+            result["optimizer_options"] = given
+        else:
+            result.pop("optimizer_options", None)
         if {"warmup_steps", "warmup_epochs"} & values.keys():
             result["warmup_steps"] = values.get("warmup_steps")
             result["warmup_epochs"] = values.get("warmup_epochs")
