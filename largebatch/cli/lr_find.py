@@ -19,7 +19,7 @@ from largebatch.cli.common import (
     Command,
     defaults_of,
     error_message,
-    parse_pairs,
+    optimizer_options,
     shown,
     task_options,
 )
@@ -46,18 +46,7 @@ def range_test_config(options: dict[str, Any], settings: RangeTestSettings) -> R
 
 @click.command("lr-find", cls=Command)
 @task_options(DEFAULTS["task"])
-@click.option(
-    "--optimizer",
-    help="Optimizer name (see `largebatch list optimizers`)." + shown(DEFAULTS["optimizer"]),
-)
-@click.option(
-    "--opt",
-    "optimizer_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=parse_pairs,
-    help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
-)
+@optimizer_options(DEFAULTS["optimizer"])
 @click.option(
     "--batch-size",
     type=int,

@@ -25,7 +25,7 @@ from largebatch.cli.common import (
     defaults_of,
     error_message,
     nproc_option,
-    parse_pairs,
+    optimizer_options,
     parse_warmup,
     progress_option,
     shown,
@@ -94,18 +94,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     "--preset",
     help="A published recipe (see `largebatch list presets`); other options override it.",
 )
-@click.option(
-    "--optimizer",
-    help="Optimizer name (see `largebatch list optimizers`)." + shown(DEFAULTS["optimizer"]),
-)
-@click.option(
-    "--opt",
-    "optimizer_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=parse_pairs,
-    help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
-)
+@optimizer_options(DEFAULTS["optimizer"])
 @click.option("--batch-size", type=int, help="Global batch size." + shown(DEFAULTS["batch_size"]))
 @click.option(
     "--base-batch-size",

@@ -77,7 +77,8 @@ class RunConfig:
     ``nproc >= 2`` or ``accumulation_steps >= 2``; ``None`` logs it when so,
     ``True`` insists, ``False`` never logs. It is measured on every
     ``noise_scale_every``-th step (each measurement costs host time: see
-    docs/training.md). Neither changes the trained parameters.
+    docs/training.md). Neither changes the trained parameters, except through
+    AdaScale, which reads the same statistics on every step.
     """
 
     task: str = "mnist1d-cnn"
