@@ -43,6 +43,8 @@ from largebatch.utils.values import check_like, is_number
 
 KeyPath = tuple[str, ...]
 FULL_BATCH = "full"
+#: an item of the ``schedules``/``scalings`` axes: the setting the optimizer has without the axis
+DEFAULT = "default"
 
 
 class SweepConfigError(ConfigError):
@@ -180,8 +182,8 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "accumulation_steps": _positive_int,
     "device": _string,
     "bf16": _boolean,
-    "schedules": _list_of(_one_of(typing.get_args(Schedule))),
-    "scalings": _list_of(_one_of(typing.get_args(Scaling))),
+    "schedules": _list_of(_one_of((DEFAULT, *typing.get_args(Schedule)))),
+    "scalings": _list_of(_one_of((DEFAULT, *typing.get_args(Scaling)))),
     **RUN_SETTINGS,
 }
 
@@ -195,8 +197,9 @@ class SweepSpec:
     :data:`RUN_SETTINGS`) and ``hyperparameters[name]`` its optimizer arguments.
     ``evals_per_run`` sets the evaluation interval of each cell relative to its
     length, so small- and large-batch runs get equally fine curves. ``schedules``
-    and ``scalings`` are grid axes over ``schedule`` and ``scaling`` (an
-    optimizer's own setting takes it off the axis); an AutoWU cell takes no
+    and ``scalings`` are grid axes over ``schedule`` and ``scaling``; their item
+    ``"default"`` is what the optimizer gets without the axis (its section's
+    setting, else the sweep's, else its recommendation). An AutoWU cell takes no
     learning rate, scaling rule or warm-up from the sweep, since it finds them.
     """
 
@@ -471,9 +474,6 @@ def _check_names(spec: SweepSpec, origins: Origins) -> None:
             )
     layers = [((), {key: getattr(spec, key) for key in RUN_SETTINGS})]
     layers += [(("optimizer", name), section) for name, section in spec.optimizer_settings.items()]
-    for axis, setting in (("schedules", "schedule"), ("scalings", "scaling")):
-        if getattr(spec, axis) is not None and getattr(spec, setting) is not None:
-            raise _fail(origins, (axis,), f"set either {setting} or {axis}, not both")
     for prefix, settings in layers:
         for first, second in (("lr", "lrs"), ("lrs", "lr_factors")):
             if settings.get(first) is not None and settings.get(second) is not None:
@@ -616,10 +616,10 @@ def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], flo
     rate, scaling or warm-up from the sweep (one cell, whatever the scaling axis).
     """
     settings = spec.settings_for(optimizer)
-    section = spec.optimizer_settings.get(optimizer, {})
 
     def axis(setting: str, values: tuple[str, ...] | None) -> tuple[str | None, ...]:
-        return values if values is not None and setting not in section else (settings[setting],)
+        own = settings[setting]
+        return (own,) if values is None else tuple(own if v == DEFAULT else v for v in values)
 
     cells: list[tuple[dict[str, Any], float | None]] = []
     for schedule in axis("schedule", spec.schedules):

@@ -37,19 +37,24 @@ def test_schedules_and_scalings_are_grid_axes():
     }
 
 
-def test_an_optimizers_own_setting_takes_it_off_the_axis():
-    cells = _cells(schedules=["cosine", "autowu"], optimizer={"lamb": {"schedule": "poly"}})
-    assert sorted((c.config.optimizer, c.config.schedule) for c in cells) == [
-        ("lamb", "poly"),
-        ("sgd", "autowu"),
-        ("sgd", "cosine"),
+def test_default_on_an_axis_is_the_optimizers_own_setting():
+    """ "default" keeps each optimizer's setting (section, sweep, recommendation) on the axis."""
+    cells = _cells(
+        schedules=["default", "autowu"], scalings=["default", "adascale"],
+        accumulation_steps=2, optimizer={"lamb": {"schedule": "poly"}},
+    )  # fmt: skip
+    assert [(c.config.optimizer, c.config.schedule, c.config.scaling) for c in cells] == [
+        ("sgd", "cosine", None),
+        ("sgd", "cosine", "adascale"),
+        ("sgd", "autowu", None),
+        ("lamb", "poly", None),
+        ("lamb", "poly", "adascale"),
+        ("lamb", "autowu", None),
     ]
 
 
-def test_axis_and_single_setting_together_are_refused():
-    with pytest.raises(SweepConfigError, match="set either schedule or schedules, not both"):
-        tiny_spec(schedule="cosine", schedules=["autowu"])
-    with pytest.raises(SweepConfigError, match="scalings: item 0: expected one of"):
+def test_bad_axis_items_are_refused():
+    with pytest.raises(SweepConfigError, match="scalings: item 0: expected one of 'default'"):
         tiny_spec(scalings=["cubic"])
 
 
