@@ -14,8 +14,8 @@ wider MLP), accumulation 2: fixed cosine schedule without noise-scale logging
 against AdaScale (statistics and one host sync per step) and AutoWU, from the
 difference of two run lengths, repeats interleaved.
 
-Run (from the repository root, with ``tests/train`` importable):
-``PYTHONPATH=.:tests/train python benchmarks/adaptive_schedules_gpu.py``.
+Run from the repository root (it imports the test tasks of ``tests/train``):
+``python benchmarks/adaptive_schedules_gpu.py``; exit status 1 if a check fails.
 """
 
 from __future__ import annotations

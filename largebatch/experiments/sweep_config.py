@@ -37,6 +37,7 @@ from typing import Any
 from largebatch.optim.registry import OptimizerArguments, list_optimizers, optimizer_arguments
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
+from largebatch.train.autowu import AUTOWU_DECAYS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
@@ -162,7 +163,13 @@ RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "warmup_steps": _non_negative_int,
     "warmup_epochs": _non_negative_number,
     "schedule": _one_of(typing.get_args(Schedule)),
+    "autowu_min_lr": _positive_number,
+    "autowu_max_lr": _positive_number,
+    "autowu_max_warmup": _positive_number,
+    "autowu_decay": _one_of(AUTOWU_DECAYS),
 }
+#: the run settings only AutoWU cells take
+AUTOWU_SETTINGS = ("autowu_min_lr", "autowu_max_lr", "autowu_max_warmup", "autowu_decay")
 
 #: Top-level keys of a sweep (besides RUN_SETTINGS and the ``[optimizer.NAME]`` tables).
 SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -226,6 +233,10 @@ class SweepSpec:
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     schedule: str | None = None
+    autowu_min_lr: float | None = None
+    autowu_max_lr: float | None = None
+    autowu_max_warmup: float | None = None
+    autowu_decay: str | None = None
     schedules: tuple[str, ...] | None = None
     scalings: tuple[str, ...] | None = None
     optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -613,7 +624,8 @@ def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], flo
 
     One set of settings per point of the ``schedules`` and ``scalings`` axes,
     each with every learning rate of :func:`_learning_rates`; AutoWU takes no
-    rate, scaling or warm-up from the sweep (one cell, whatever the scaling axis).
+    rate, scaling or warm-up from the sweep (one cell, whatever the scaling axis),
+    and the others no ``autowu_*`` setting.
     """
     settings = spec.settings_for(optimizer)
 
@@ -624,7 +636,8 @@ def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], flo
     cells: list[tuple[dict[str, Any], float | None]] = []
     for schedule in axis("schedule", spec.schedules):
         if schedule == "autowu":
-            cells.append(({"schedule": schedule}, None))
+            autowu = {key: settings[key] for key in AUTOWU_SETTINGS if settings[key] is not None}
+            cells.append(({"schedule": schedule, **autowu}, None))
             continue
         for scaling in axis("scaling", spec.scalings):
             fixed = {

@@ -53,6 +53,23 @@ def test_default_on_an_axis_is_the_optimizers_own_setting():
     ]
 
 
+def test_autowu_settings_reach_the_autowu_cells_only():
+    cells = _cells(
+        schedules=["default", "autowu"], autowu_max_lr=0.3,
+        optimizer={"lamb": {"autowu_max_lr": 0.05, "autowu_decay": "constant-cosine"}},
+    )  # fmt: skip
+    settings = {
+        (c.config.optimizer, c.config.schedule): (c.config.autowu_max_lr, c.config.autowu_decay)
+        for c in cells
+    }
+    assert settings == {
+        ("sgd", "cosine"): (1.0, "cosine"),  # the RunConfig defaults, unused
+        ("sgd", "autowu"): (0.3, "cosine"),
+        ("lamb", "cosine"): (1.0, "cosine"),
+        ("lamb", "autowu"): (0.05, "constant-cosine"),
+    }
+
+
 def test_bad_axis_items_are_refused():
     with pytest.raises(SweepConfigError, match="scalings: item 0: expected one of 'default'"):
         tiny_spec(scalings=["cubic"])
