@@ -285,7 +285,9 @@ class AutoWU(RunScheduler, LRScheduler):
     def _flush(self) -> None:
         """Move the losses held as tensors into :attr:`losses` (one host sync per epoch)."""
         if self.pending:
-            self.losses.extend(torch.stack([t.double().cpu() for t in self.pending]).tolist())
+            device = self.pending[-1].device  # restored ones are on the CPU: one transfer back
+            values = torch.stack([t.to(device, torch.float64) for t in self.pending]).cpu()
+            self.losses.extend(values.tolist())
             self.pending.clear()
 
     def _end_epoch(self, done: int) -> None:
