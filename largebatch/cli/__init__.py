@@ -20,6 +20,7 @@ COMMANDS = {
     "report": "largebatch.cli.sweep:report_cmd",
     "demo": "largebatch.cli.sweep:demo",
     "diagnose": "largebatch.cli.diagnose:diagnose",
+    "lr-find": "largebatch.cli.lr_find:lr_find",
 }
 
 

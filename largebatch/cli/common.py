@@ -157,6 +157,24 @@ def task_options(default_task: str) -> Callable:
     )
 
 
+def optimizer_options(default_optimizer: str) -> Callable:
+    """``--optimizer`` and ``--opt`` (``optimizer_options``)."""
+    return compose(
+        click.option(
+            "--optimizer",
+            help="Optimizer name (see `largebatch list optimizers`)." + shown(default_optimizer),
+        ),
+        click.option(
+            "--opt",
+            "optimizer_options",
+            multiple=True,
+            metavar="KEY=VALUE",
+            callback=parse_pairs,
+            help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
+        ),
+    )
+
+
 def budget_options(default_epochs: float) -> Callable:
     """``--epochs`` and ``--steps``: the budget of a run (epochs unless steps are given)."""
     return compose(

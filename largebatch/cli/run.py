@@ -25,15 +25,16 @@ from largebatch.cli.common import (
     defaults_of,
     error_message,
     nproc_option,
-    parse_pairs,
+    optimizer_options,
     parse_warmup,
     progress_option,
     shown,
     target_option,
     task_options,
 )
+from largebatch.train.autowu import AUTOWU_DECAYS
 from largebatch.train.config import DEFAULT_EPOCHS, RunConfig
-from largebatch.train.schedules import DECAYS, SCALING_RULES
+from largebatch.train.schedules import SCALINGS, SCHEDULES
 
 DEFAULTS = defaults_of(RunConfig)
 BUDGETS = ("epochs", "steps", "examples")
@@ -63,11 +64,16 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     """
     given = {key: value for key, value in options.items() if value is not None}
     given.update(given.pop("warmup", {}))
+    preset = given.pop("preset", None)
     if "nproc" not in given and "WORLD_SIZE" in os.environ:  # under the user's torchrun
         given["nproc"] = int(os.environ["WORLD_SIZE"])
     values = {"progress": True} if config_file is None else read_config_file(config_file)
     if given.keys() & set(BUDGETS):
         values.update(dict.fromkeys(BUDGETS))
+    if preset is not None:
+        from largebatch.train.presets import apply_preset
+
+        given = apply_preset(preset, given)
     values.update(given)
     values["out_dir"] = values.get("out_dir") or default_out_dir(values)
     saved = Path(values["out_dir"]) / "config.json"
@@ -85,17 +91,10 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
 )
 @task_options(DEFAULTS["task"])
 @click.option(
-    "--optimizer",
-    help="Optimizer name (see `largebatch list optimizers`)." + shown(DEFAULTS["optimizer"]),
+    "--preset",
+    help="A published recipe (see `largebatch list presets`); other options override it.",
 )
-@click.option(
-    "--opt",
-    "optimizer_options",
-    multiple=True,
-    metavar="KEY=VALUE",
-    callback=parse_pairs,
-    help="Optimizer hyperparameter, repeatable (e.g. momentum=0.9).",
-)
+@optimizer_options(DEFAULTS["optimizer"])
 @click.option("--batch-size", type=int, help="Global batch size." + shown(DEFAULTS["batch_size"]))
 @click.option(
     "--base-batch-size",
@@ -107,8 +106,9 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
 )
 @click.option(
     "--scaling",
-    type=click.Choice(SCALING_RULES),
-    help="How the learning rate grows with the batch." + shown("the optimizer's"),
+    type=click.Choice(SCALINGS),
+    help="How the learning rate grows with the batch (adascale: by the gain measured "
+    "each step)." + shown("the optimizer's"),
 )
 @click.option(
     "--warmup",
@@ -117,14 +117,46 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     help="Linear warm-up: steps (500) or epochs (2ep)." + shown("the optimizer's"),
 )
 @click.option(
+    "--warmup-start",
+    type=float,
+    help="Fraction of the peak rate the warm-up starts from." + shown(DEFAULTS["warmup_start"]),
+)
+@click.option(
     "--schedule",
-    type=click.Choice(DECAYS),
-    help="Decay after warm-up." + shown(DEFAULTS["schedule"]),
+    type=click.Choice(SCHEDULES),
+    help="Decay after warm-up, or autowu (warm-up and peak found during the run)."
+    + shown(DEFAULTS["schedule"]),
 )
 @click.option(
     "--decay-power",
     type=float,
     help="Exponent of the poly decay." + shown(f"{DEFAULTS['decay_power']:g}"),
+)
+@click.option(
+    "--decay-floor",
+    type=float,
+    help="Fraction of the peak rate the decay ends at." + shown(DEFAULTS["decay_floor"]),
+)
+@click.option(
+    "--autowu-min-lr",
+    type=float,
+    help="AutoWU: rate its warm-up starts from." + shown(f"{DEFAULTS['autowu_min_lr']:g}"),
+)
+@click.option(
+    "--autowu-max-lr",
+    type=float,
+    help="AutoWU: rate its warm-up reaches at the cap." + shown(f"{DEFAULTS['autowu_max_lr']:g}"),
+)
+@click.option(
+    "--autowu-max-warmup",
+    type=float,
+    help="AutoWU: cap on the warm-up, a fraction of the run in (0, 1]."
+    + shown(DEFAULTS["autowu_max_warmup"]),
+)
+@click.option(
+    "--autowu-decay",
+    type=click.Choice(AUTOWU_DECAYS),
+    help="AutoWU: decay after the warm-up." + shown(DEFAULTS["autowu_decay"]),
 )
 @budget_options(DEFAULT_EPOCHS)
 @click.option("--examples", type=int, help="Budget in training examples.")
@@ -236,6 +268,11 @@ def _print_summary(result: Any, out_dir: str) -> None:
             parts.append(f"{name.removeprefix('final_')} {value:.4f}")
     if result.steps_to_target is not None:
         parts.append(f"target at step {result.steps_to_target}")
+    if result.extra.get("autowu_switch_step") is not None:
+        parts.append(
+            f"AutoWU peak {result.extra['autowu_peak_lr']:.3g} from step "
+            f"{result.extra['autowu_switch_step']}"
+        )
     parts.append(f"{result.wall_time:.1f} s")
     click.echo(", ".join(parts) + f"  ->  {out_dir}")
     if result.error:
@@ -245,9 +282,9 @@ def _print_summary(result: Any, out_dir: str) -> None:
 
 
 @click.command("list")
-@click.argument("what", type=click.Choice(["tasks", "optimizers", "topologies"]))
+@click.argument("what", type=click.Choice(["tasks", "optimizers", "topologies", "presets"]))
 def list_cmd(what: str) -> None:
-    """List the registered tasks, optimizers or topologies (with their defaults)."""
+    """List the registered tasks, optimizers, topologies or recipes (presets)."""
     if what == "topologies":
         from largebatch.optim.decentralized import TOPOLOGIES
 
@@ -256,6 +293,13 @@ def list_cmd(what: str) -> None:
         click.echo(
             "\nFor the decentralized optimizers (--optimizer dmsgd|decentlam --topology NAME)."
         )
+        return
+    if what == "presets":
+        from largebatch.train.presets import PRESETS
+
+        for preset in PRESETS.values():
+            click.echo(f"{preset.name:<22} {preset.description}")
+            click.echo(f"{'':<22} source: {preset.reference}")
         return
     if what == "tasks":
         from largebatch.tasks import list_tasks

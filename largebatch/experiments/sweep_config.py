@@ -1,8 +1,8 @@
 """A sweep definition, from command-line flags or a TOML file, and its cells.
 
-A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates
-and (for the decentralized optimizers) x topologies, on one task with one budget.
-:func:`load_sweep` checks everything before any run starts; a bad key or value raises :class:`SweepConfigError` naming the key and
+A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
+schedules, scaling rules and (for the decentralized optimizers) topologies, on one
+task with one budget. :func:`load_sweep` checks everything before any run starts; a bad key or value raises :class:`SweepConfigError` naming the key and
 its line in the file (or the flag). :func:`expand` turns the sweep into a
 deterministic list of :class:`Cell` s, each a :class:`RunConfig` with a stable id
 (a hash of the config) and a run directory ``DIR/runs/<cell-id>``.
@@ -43,12 +43,15 @@ from largebatch.optim.registry import (
 )
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
+from largebatch.train.autowu import AUTOWU_DECAYS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
 
 KeyPath = tuple[str, ...]
 FULL_BATCH = "full"
+#: an item of the ``schedules``/``scalings`` axes: the setting the optimizer has without the axis
+DEFAULT = "default"
 
 
 class SweepConfigError(ConfigError):
@@ -166,7 +169,13 @@ RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "warmup_steps": _non_negative_int,
     "warmup_epochs": _non_negative_number,
     "schedule": _one_of(typing.get_args(Schedule)),
+    "autowu_min_lr": _positive_number,
+    "autowu_max_lr": _positive_number,
+    "autowu_max_warmup": _positive_number,
+    "autowu_decay": _one_of(AUTOWU_DECAYS),
 }
+#: the run settings only AutoWU cells take
+AUTOWU_SETTINGS = ("autowu_min_lr", "autowu_max_lr", "autowu_max_warmup", "autowu_decay")
 
 #: Top-level keys of a sweep (besides RUN_SETTINGS and the ``[optimizer.NAME]`` tables).
 SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
@@ -187,6 +196,8 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "accumulation_steps": _positive_int,
     "device": _string,
     "bf16": _boolean,
+    "schedules": _list_of(_one_of((DEFAULT, *typing.get_args(Schedule)))),
+    "scalings": _list_of(_one_of((DEFAULT, *typing.get_args(Scaling)))),
     **RUN_SETTINGS,
 }
 
@@ -201,7 +212,11 @@ class SweepSpec:
     ``evals_per_run`` sets the evaluation interval of each cell relative to its
     length, so small- and large-batch runs get equally fine curves. ``topologies``
     multiplies the cells of the decentralized optimizers only (``None``: each
-    optimizer's default topology); the others get one cell each.
+    optimizer's default topology); the others get one cell each. ``schedules``
+    and ``scalings`` are grid axes over ``schedule`` and ``scaling``; their item
+    ``"default"`` is what the optimizer gets without the axis (its section's
+    setting, else the sweep's, else its recommendation). An AutoWU cell takes no
+    learning rate, scaling rule or warm-up from the sweep, since it finds them.
     """
 
     task: str = "mnist1d-cnn"
@@ -228,6 +243,12 @@ class SweepSpec:
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     schedule: str | None = None
+    autowu_min_lr: float | None = None
+    autowu_max_lr: float | None = None
+    autowu_max_warmup: float | None = None
+    autowu_decay: str | None = None
+    schedules: tuple[str, ...] | None = None
+    scalings: tuple[str, ...] | None = None
     optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -531,7 +552,15 @@ def _learning_rates(spec: SweepSpec, optimizer: str) -> tuple[float | None, ...]
 
 
 #: RunConfig fields added after sweeps were first written, with their defaults
-LATER_FIELDS: dict[str, Any] = {"topology": None}
+LATER_FIELDS: dict[str, Any] = {
+    "topology": None,
+    "warmup_start": 0.0,
+    "decay_floor": 0.0,
+    "autowu_min_lr": 1e-5,
+    "autowu_max_lr": 1.0,
+    "autowu_max_warmup": 0.5,
+    "autowu_decay": "cosine",
+}
 
 
 def cell_id(config: RunConfig) -> str:
@@ -552,8 +581,13 @@ def cell_id(config: RunConfig) -> str:
 
 
 def cell_name(config: RunConfig) -> str:
-    """The readable part of a cell id: ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>]``."""
-    return _name(config.optimizer, config.batch_size, config.seed, config.lr, config.topology)
+    """The readable part of a cell id:
+    ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>][-autowu][-adascale]``."""
+    adaptive = "".join(
+        f"-{name}" for name in (config.schedule, config.scaling) if name in ("autowu", "adascale")
+    )
+    name = _name(config.optimizer, config.batch_size, config.seed, config.lr, config.topology)
+    return name + adaptive
 
 
 def _name(
@@ -580,7 +614,7 @@ def expand(
     train_size: int,
     eval_every: Callable[[RunConfig], int],
 ) -> list[Cell]:
-    """The sweep's cells, in a fixed order: seed, batch size, optimizer, topology, learning rate.
+    """The sweep's cells, in a fixed order: seed, batch size, optimizer, topology, variant.
 
     ``train_size`` resolves ``"full"``; ``eval_every(config)`` gives a cell's
     evaluation interval, which is also its checkpoint interval unless the spec
@@ -592,8 +626,7 @@ def expand(
     for seed in spec.seeds:
         for batch_size in batch_sizes:
             for optimizer, topology in _optimizers_and_topologies(spec):
-                settings = spec.settings_for(optimizer)
-                for lr in _learning_rates(spec, optimizer):
+                for settings, lr in _variants(spec, optimizer):
                     try:
                         config = RunConfig(
                             task=spec.task,
@@ -604,10 +637,7 @@ def expand(
                             base_batch_size=spec.base_batch_size,
                             batch_size=batch_size,
                             accumulation_steps=spec.accumulation_steps,
-                            scaling=settings["scaling"],
-                            warmup_steps=settings["warmup_steps"],
-                            warmup_epochs=settings["warmup_epochs"],
-                            schedule=settings["schedule"] or RunConfig.schedule,
+                            **settings,
                             epochs=spec.epochs,
                             steps=spec.steps,
                             target=spec.target,
@@ -629,6 +659,37 @@ def expand(
                     cells.append(
                         Cell(identifier, replace(config, out_dir=str(runs_dir / identifier)))
                     )
+    return cells
+
+
+def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], float | None]]:
+    """``optimizer``'s cells on one seed and batch size: (schedule, scaling, warm-up), rate.
+
+    One set of settings per point of the ``schedules`` and ``scalings`` axes,
+    each with every learning rate of :func:`_learning_rates`; AutoWU takes no
+    rate, scaling or warm-up from the sweep (one cell, whatever the scaling axis),
+    and the others no ``autowu_*`` setting.
+    """
+    settings = spec.settings_for(optimizer)
+
+    def axis(setting: str, values: tuple[str, ...] | None) -> tuple[str | None, ...]:
+        own = settings[setting]
+        return (own,) if values is None else tuple(own if v == DEFAULT else v for v in values)
+
+    cells: list[tuple[dict[str, Any], float | None]] = []
+    for schedule in axis("schedule", spec.schedules):
+        if schedule == "autowu":
+            autowu = {key: settings[key] for key in AUTOWU_SETTINGS if settings[key] is not None}
+            cells.append(({"schedule": schedule, **autowu}, None))
+            continue
+        for scaling in axis("scaling", spec.scalings):
+            fixed = {
+                "schedule": schedule or RunConfig.schedule,
+                "scaling": scaling,
+                "warmup_steps": settings["warmup_steps"],
+                "warmup_epochs": settings["warmup_epochs"],
+            }
+            cells.extend((fixed, lr) for lr in _learning_rates(spec, optimizer))
     return cells
 
 

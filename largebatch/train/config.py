@@ -18,13 +18,14 @@ from typing import Any, Literal
 from largebatch.optim.decentralized.topology import TOPOLOGIES, make_topology
 from largebatch.optim.registry import get_spec, is_decentralized, optimizer_arguments
 from largebatch.tasks import registry as tasks
+from largebatch.train.autowu import check_autowu
 from largebatch.train.distributed import check_device
-from largebatch.train.schedules import DECAYS, SCALING_RULES, check_decay
+from largebatch.train.schedules import SCALINGS, SCHEDULES, check_decay
 from largebatch.utils.errors import ConfigError, UnknownNameError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
 
-Scaling = Literal["none", "linear", "sqrt"]
-Schedule = Literal["constant", "cosine", "poly", "step"]
+Scaling = Literal["none", "linear", "sqrt", "adascale"]
+Schedule = Literal["constant", "cosine", "poly", "step", "autowu"]
 Status = Literal["done", "diverged", "failed"]
 
 #: the budget of a run that sets none of epochs, steps and examples
@@ -50,10 +51,22 @@ class RunConfig:
     Budget: at most one of ``epochs``, ``steps`` or ``examples`` is set (none:
     :data:`DEFAULT_EPOCHS`); all schedules are defined in global optimizer steps.
 
-    Schedule: warm-up, then ``schedule`` decay over the remaining steps;
-    ``decay_power`` is the exponent of "poly" (1 = linear decay, as LAMB's BERT
-    recipe), ``decay_milestones`` the fractions of the run where "step" multiplies
-    the rate by ``decay_gamma``.
+    Schedule: warm-up (linear from ``warmup_start`` times the peak), then
+    ``schedule`` decay over the remaining steps, down to ``decay_floor`` times the
+    peak; ``decay_power`` is the exponent of "poly" (1 = linear decay, as LAMB's
+    BERT recipe), ``decay_milestones`` the fractions of the run where "step"
+    multiplies the rate by ``decay_gamma``.
+
+    Adaptive rates: ``scaling="adascale"`` multiplies the rate at
+    ``base_batch_size`` by the gain measured every step from the gradient
+    variance (which needs ``nproc >= 2`` or ``accumulation_steps >= 2``), and
+    runs until its scale-invariant progress has covered the schedule.
+    ``schedule="autowu"`` searches the rate itself: an exponential warm-up from
+    ``autowu_min_lr`` towards ``autowu_max_lr`` (reached after
+    ``autowu_max_warmup`` of the run, the cap), ended when a Gaussian-process
+    test finds the loss past its minimum, then ``autowu_decay`` ("cosine" or
+    "constant-cosine") to zero; ``lr``, ``scaling`` and the warm-up and decay
+    settings do not apply to it.
 
     Evaluation: every ``eval_every`` steps (``None``: once per epoch) on train,
     val and test, in batches of ``eval_batch_size`` (``None``: the per-device
@@ -65,7 +78,8 @@ class RunConfig:
     ``nproc >= 2`` or ``accumulation_steps >= 2``; ``None`` logs it when so,
     ``True`` insists, ``False`` never logs. It is measured on every
     ``noise_scale_every``-th step (each measurement costs host time: see
-    docs/training.md). Neither changes the trained parameters.
+    docs/training.md). Neither changes the trained parameters, except through
+    AdaScale, which reads the same statistics on every step.
 
     Decentralized optimizers (those that take a ``topology``, e.g. ``decentlam``):
     ``topology`` is the graph the ``nproc >= 2`` processes gossip over (``None``: the
@@ -87,6 +101,12 @@ class RunConfig:
     decay_power: float = 1.0
     decay_milestones: tuple[float, ...] = (0.5, 0.75)
     decay_gamma: float = 0.1
+    warmup_start: float = 0.0
+    decay_floor: float = 0.0
+    autowu_min_lr: float = 1e-5
+    autowu_max_lr: float = 1.0
+    autowu_max_warmup: float = 0.5
+    autowu_decay: str = "cosine"
     epochs: float | None = None
     steps: int | None = None
     examples: int | None = None
@@ -197,7 +217,7 @@ def _check_names(config: RunConfig) -> None:
                 check_like(arguments.defaults[key], value)
             except ConfigError as error:
                 raise ConfigError(f"Invalid optimizer option {key}={value!r}: {error}") from None
-    if config.lr is None and arguments.lr is None:
+    if config.lr is None and arguments.lr is None and config.schedule != "autowu":
         raise ConfigError(f"Optimizer {config.optimizer!r} has no default learning rate; set lr")
 
 
@@ -269,10 +289,10 @@ def _check_schedule(config: RunConfig) -> None:
     """Learning rate, scaling rule, warm-up and decay."""
     if config.lr is not None and not (is_number(config.lr) and 0 < config.lr < math.inf):
         raise ConfigError(f"Invalid learning rate: {config.lr} (must be > 0)")
-    if config.scaling is not None and config.scaling not in SCALING_RULES:
-        raise _invalid("scaling", config.scaling, f"choose from {', '.join(SCALING_RULES)}")
-    if config.schedule not in DECAYS:
-        raise _invalid("schedule", config.schedule, f"choose from {', '.join(DECAYS)}")
+    if config.scaling is not None and config.scaling not in SCALINGS:
+        raise _invalid("scaling", config.scaling, f"choose from {', '.join(SCALINGS)}")
+    if config.schedule not in SCHEDULES:
+        raise _invalid("schedule", config.schedule, f"choose from {', '.join(SCHEDULES)}")
     if config.warmup_steps is not None and config.warmup_epochs is not None:
         raise ConfigError("Set at most one of warmup_steps and warmup_epochs")
     if config.warmup_steps is not None and (
@@ -283,7 +303,50 @@ def _check_schedule(config: RunConfig) -> None:
         is_number(config.warmup_epochs) and config.warmup_epochs >= 0
     ):
         raise _invalid("warmup_epochs", config.warmup_epochs, "must be a number >= 0")
-    check_decay(config.schedule, config.decay_power, config.decay_milestones, config.decay_gamma)
+    if config.schedule == "autowu":
+        check_autowu(
+            config.autowu_min_lr, config.autowu_max_lr, config.autowu_max_warmup,
+            config.autowu_decay,
+        )  # fmt: skip
+        _check_unset(config, _NOT_AUTOWU, "with schedule='autowu' (it sets the rate itself)")
+    else:
+        check_decay(
+            config.schedule, config.decay_power, config.decay_milestones, config.decay_gamma,
+            config.warmup_start, config.decay_floor,
+        )  # fmt: skip
+        _check_unset(config, _AUTOWU_ONLY, "unless schedule='autowu'")
+    if config.scaling == "adascale":
+        _check_adascale(config)
+
+
+#: settings that only AutoWU reads, and those it replaces (it picks the rate and warm-up)
+_AUTOWU_ONLY = ("autowu_min_lr", "autowu_max_lr", "autowu_max_warmup", "autowu_decay")
+_NOT_AUTOWU = (
+    "lr", "scaling", "warmup_steps", "warmup_epochs", "warmup_start", "decay_power",
+    "decay_milestones", "decay_gamma", "decay_floor",
+)  # fmt: skip
+
+
+def _check_unset(config: RunConfig, names: tuple[str, ...], when: str) -> None:
+    """``ConfigError`` for the first of ``names`` set to other than its default."""
+    for f in dataclasses.fields(RunConfig):
+        value = getattr(config, f.name)
+        if f.name in names and (tuple(value) if isinstance(value, list) else value) != f.default:
+            raise ConfigError(f"Invalid {f.name}: {value!r} has no effect {when}; leave it unset")
+
+
+def _check_adascale(config: RunConfig) -> None:
+    """AdaScale needs a source of gradient variance."""
+    if config.noise_scale is False:
+        raise ConfigError(
+            "Invalid noise_scale: False with scaling='adascale', whose gain comes from the "
+            "gradient noise statistics; leave noise_scale unset"
+        )
+    if config.nproc == 1 and config.accumulation_steps == 1:
+        raise ConfigError(
+            "Invalid scaling: 'adascale' has no gradient variance to measure in one process "
+            "without accumulation (no variance source); set nproc >= 2 or accumulation_steps >= 2"
+        )
 
 
 def _check_rest(config: RunConfig) -> None:

@@ -43,9 +43,8 @@ from largebatch.train.decentralized import DecentralizedRun, own_state
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
-from largebatch.train.plan import RunPlan, build_optimizer, plan_run
+from largebatch.train.plan import RunPlan, build_optimizer, build_scheduler, plan_run
 from largebatch.train.run_dir import RunDirectory
-from largebatch.train.schedules import build_scheduler
 
 
 @dataclass
@@ -109,8 +108,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     optimizer, protocol = build_optimizer(config, plan, model)
     # a decentralized optimizer averages parameters itself: no gradient all-reduce
     ddp_model = distributed.wrap(model, ddp, sync_gradients=not protocol.local_gradients)
-    scheduler = build_scheduler(optimizer, plan.schedule)
     noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
+    scheduler = build_scheduler(plan, optimizer, noise, ddp)  # AdaScale reads noise's averages
     decentralized = DecentralizedRun.for_run(protocol, optimizer, model, ddp)
 
     # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
@@ -130,7 +129,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             set_rng_state(saved["rng"][ddp.rank])
             stream.position = progress.batches_drawn
         saved_step = progress.step if saved is not None else None
-        columns = metric_columns(task) + noise.columns + decentralized.columns
+        columns = (
+            metric_columns(task) + noise.columns + decentralized.columns + list(scheduler.columns)
+        )
         run_dir.open_metrics(columns, resume_step=saved_step)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
@@ -156,7 +157,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             progress.elapsed = time.perf_counter() - clock_start
             record_evaluation(progress, metrics, plan)
             row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
-            run_dir.log(row | noise.row() | decentralized.row())
+            run_dir.log(row | noise.row() | decentralized.row() | scheduler.row())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 
@@ -173,6 +174,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             while (
                 status == "done"
                 and progress.step < plan.total_steps
+                and not scheduler.finished  # AdaScale: its progress has covered the schedule
                 and not stop_now(progress, config)
             ):
                 sqnorms = noise.begin_step(progress.step)
@@ -180,11 +182,12 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                     ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
                 )
                 noise.update(progress.step, sqnorms)
-                scheduler.step()
+                loss_mean = distributed.all_reduce_mean(loss.detach().float(), ddp)
+                scheduler.step(loss_mean)  # the next step's rate (AutoWU reads the loss)
                 progress.step += 1
                 progress.batches_drawn = stream.position
                 progress.gradient_evaluations += evaluations
-                loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
+                loss_value = loss_mean.item()
                 if not math.isfinite(loss_value):
                     status = "diverged"
                     divergence = Divergence.at_step(progress.step, loss_value, model, batches, ddp)
@@ -195,7 +198,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 if not bar.disable:
                     bar.set_postfix(progress_postfix(progress), refresh=False)
                 evaluation_due = progress.step % plan.eval_every == 0
-                if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
+                last = progress.step == plan.total_steps or scheduler.finished
+                if (evaluation_due or last) and not evaluate_and_log():
                     status = "diverged"
                     divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
                     break
@@ -213,7 +217,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
 
         if divergence is not None:
             error = divergence.describe()
-        result = make_result(status, error, progress, plan, noise.result() | decentralized.result())
+        measured = noise.result() | decentralized.result() | scheduler.summary()
+        result = make_result(status, error, progress, plan, measured)
         if divergence is not None:
             result.extra["divergence"] = asdict(divergence)
         result.error_log = error_log
@@ -426,11 +431,12 @@ def make_result(
     error: str | None,
     progress: Progress,
     plan: RunPlan,
-    measured: dict[str, float],
+    measured: dict[str, Any],
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
-    ``measured`` (the monitors' final values: noise scale, consensus) goes into ``extra``.
+    ``measured`` (the monitors' final values: noise scale, consensus, and what the
+    learning-rate scheduler reports) goes into ``extra``.
     """
     examples = progress.batches_drawn * plan.batch_size
     fields = {}

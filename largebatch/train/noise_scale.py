@@ -48,7 +48,8 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
     """Where a run gets its two gradients from, or ``None`` if it does not measure.
 
     ``config.noise_scale``: ``None`` measures when it is free, ``False`` never,
-    ``True`` always (``ValueError`` if it cannot be done for free).
+    ``True`` always (``ValueError`` if it cannot be done for free). AdaScale
+    (``scaling="adascale"``) needs the measurement, as ``True`` does.
     """
     source = None
     if protocol.local_gradients:  # decentralized: no process sees the global-batch gradient
@@ -62,9 +63,11 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:
             source = "accumulation"
-    if config.noise_scale and source is None:  # RunConfig has checked nproc and accumulation
+    if (config.noise_scale or config.scaling == "adascale") and source is None:
+        # RunConfig has checked nproc and accumulation
+        setting = "scaling='adascale'" if config.scaling == "adascale" else "noise_scale=True"
         raise ConfigError(
-            "noise_scale=True: in one process the noise scale comes from the accumulated "
+            f"{setting}: in one process the gradient variance comes from the accumulated "
             "gradient, but this optimizer computes none before its step (closures only)"
         )
     return source
@@ -123,7 +126,8 @@ class NoiseScaleMonitor:
             small = plan.micro_batch_size * plan.accumulation_steps
         else:  # one micro-batch vs the whole batch
             small = plan.micro_batch_size
-        return cls(source, model, small, plan.batch_size, config.noise_scale_every, device=device)
+        every = 1 if config.scaling == "adascale" else config.noise_scale_every  # a gain per step
+        return cls(source, model, small, plan.batch_size, every, device=device)
 
     @property
     def columns(self) -> list[str]:

@@ -6,7 +6,8 @@ optimizer's registry recommendation and checks what only the data can tell (the
 batch fits in the training set, the warm-up is shorter than the run, the target
 names a metric of the task). :func:`build_optimizer` builds the optimizer and
 checks its step protocol. Both raise ``ConfigError`` naming the bad value, so a
-misconfigured run stops before anything is written.
+misconfigured run stops before anything is written. :func:`build_scheduler`
+builds the learning-rate scheduler the plan's schedule calls for.
 """
 
 from __future__ import annotations
@@ -21,9 +22,13 @@ from torch import nn
 from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
 from largebatch.optim.registry import get_spec, optimizer_arguments
 from largebatch.tasks.base import Task
+from largebatch.train import schedules
+from largebatch.train.adascale import AdaScale, AdaScaleSchedule
+from largebatch.train.autowu import AutoWU, AutoWUSchedule
 from largebatch.train.config import RunConfig
-from largebatch.train.noise_scale import noise_scale_source
-from largebatch.train.schedules import WarmupThenDecay, scale_lr
+from largebatch.train.distributed import Distributed
+from largebatch.train.noise_scale import NoiseScaleMonitor, noise_scale_source
+from largebatch.train.schedules import RunScheduler, WarmupThenDecay, scale_lr
 from largebatch.utils.errors import ConfigError
 
 
@@ -72,6 +77,10 @@ class RunPlan:
 
     ``micro_batch_size`` is what one device processes per forward/backward;
     ``batch_size = micro_batch_size * world_size * accumulation_steps``.
+    ``total_steps`` is the most steps the run takes: AdaScale ends earlier, once
+    its scale-invariant progress has covered ``schedule.base``. ``lr`` is the rate
+    the optimizer is built with: the scaled peak; the base rate under AdaScale
+    (its gain scales it); AutoWU's ``max_lr``.
     """
 
     world_size: int
@@ -83,7 +92,7 @@ class RunPlan:
     base_lr: float
     scaling: str
     lr: float
-    schedule: WarmupThenDecay
+    schedule: WarmupThenDecay | AutoWUSchedule | AdaScaleSchedule
     eval_every: int
     eval_batch_size: int
     target: Target | None
@@ -120,30 +129,9 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
     else:
         total_steps = max(1, round(amount * steps_per_epoch))
 
-    if config.warmup_steps is not None:
-        warmup_steps = config.warmup_steps
-    elif config.warmup_epochs is not None:
-        warmup_steps = round(config.warmup_epochs * steps_per_epoch)
-    else:
-        warmup_steps = round(spec.warmup * total_steps)
-    if warmup_steps >= total_steps:
-        raise ConfigError(
-            f"Invalid warm-up: {warmup_steps} steps is not shorter than the run "
-            f"({total_steps} steps)"
-        )
-
-    base_lr = config.lr
-    if base_lr is None:
-        base_lr = optimizer_arguments(config.optimizer, config.optimizer_options.get("base")).lr
-    scaling = config.scaling if config.scaling is not None else spec.scaling_rule
-    schedule = WarmupThenDecay(
-        total_steps=total_steps,
-        warmup_steps=warmup_steps,
-        decay=config.schedule,
-        power=config.decay_power,
-        milestones=tuple(config.decay_milestones),
-        gamma=config.decay_gamma,
-    )
+    base_lr, scaling, schedule = _resolve_schedule(config, spec, total_steps, steps_per_epoch)
+    if isinstance(schedule, AdaScaleSchedule):
+        total_steps = schedule.most_steps
     return RunPlan(
         world_size=world_size,
         batch_size=config.batch_size,
@@ -159,6 +147,71 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
         eval_batch_size=config.eval_batch_size or micro_batch_size,
         target=resolve_target(config.target, task),
     )
+
+
+def _resolve_schedule(
+    config: RunConfig, spec, total_steps: int, steps_per_epoch: int
+) -> tuple[float, str, WarmupThenDecay | AutoWUSchedule | AdaScaleSchedule]:
+    """The base learning rate, the scaling rule and the schedule of the run."""
+    if config.schedule == "autowu":
+        cap = max(1, math.floor(config.autowu_max_warmup * total_steps))
+        autowu = AutoWUSchedule(
+            total_steps=total_steps,
+            steps_per_epoch=steps_per_epoch,
+            warmup_steps=cap,
+            min_lr=config.autowu_min_lr,
+            max_lr=config.autowu_max_lr,
+            decay=config.autowu_decay,
+            seed=config.seed,
+        )
+        return config.autowu_max_lr, "none", autowu
+    if config.warmup_steps is not None:
+        warmup_steps = config.warmup_steps
+    elif config.warmup_epochs is not None:
+        warmup_steps = round(config.warmup_epochs * steps_per_epoch)
+    else:
+        warmup_steps = round(spec.warmup * total_steps)
+    if warmup_steps >= total_steps:
+        raise ConfigError(
+            f"Invalid warm-up: {warmup_steps} steps is not shorter than the run "
+            f"({total_steps} steps)"
+        )
+    base_lr = config.lr
+    if base_lr is None:
+        base_lr = optimizer_arguments(config.optimizer, config.optimizer_options.get("base")).lr
+    scaling = config.scaling if config.scaling is not None else spec.scaling_rule
+    scale = config.batch_size / config.base_batch_size if scaling == "adascale" else 1
+    schedule = WarmupThenDecay(
+        total_steps=round(scale * total_steps),  # AdaScale: in base-batch steps
+        warmup_steps=round(scale * warmup_steps),
+        decay=config.schedule,
+        power=config.decay_power,
+        milestones=tuple(config.decay_milestones),
+        gamma=config.decay_gamma,
+        warmup_start=config.warmup_start,
+        floor=config.decay_floor,
+    )
+    if scaling == "adascale":
+        return (
+            base_lr,
+            scaling,
+            AdaScaleSchedule(schedule, config.base_batch_size, config.batch_size),
+        )
+    return base_lr, scaling, schedule
+
+
+def build_scheduler(
+    plan: RunPlan, optimizer: torch.optim.Optimizer, noise: NoiseScaleMonitor, ddp: Distributed
+) -> RunScheduler:
+    """The learning-rate scheduler of the plan: fixed, AutoWU or AdaScale.
+
+    AdaScale reads its gain from ``noise``'s averages; AutoWU decides on rank 0 of ``ddp``.
+    """
+    if isinstance(plan.schedule, AutoWUSchedule):
+        return AutoWU(optimizer, plan.schedule, ddp)
+    if isinstance(plan.schedule, AdaScaleSchedule):
+        return AdaScale(optimizer, plan.schedule, noise.tracker)
+    return schedules.build_scheduler(optimizer, plan.schedule)
 
 
 def build_optimizer(

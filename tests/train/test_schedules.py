@@ -151,3 +151,39 @@ def test_plan_takes_a_wrappers_default_lr_from_its_base(tmp_path):
     on_default = plan_run(RunConfig(optimizer="e", **base), task)
     assert on_lamb.base_lr == get_spec("lamb").defaults["lr"]
     assert on_default.base_lr == get_spec("adamw").defaults["lr"] != on_lamb.base_lr
+
+
+@pytest.mark.parametrize("decay", ["cosine", "step"])
+def test_warmup_start_and_floor_match_torch(decay):
+    """Warm-up from 0.25 of the peak is LinearLR's; a cosine to 0.01 is CosineAnnealingLR's
+    eta_min; a step decay ends no lower than the floor (its factor rescaled above it)."""
+    total, warmup, start, floor = 20, 5, 0.25, 0.01
+    schedule = WarmupThenDecay(total, warmup, decay, warmup_start=start, floor=floor)
+    ours = _lrs(lambda opt: build_scheduler(opt, schedule), total)
+
+    def reference(optimizer):
+        first = start + (1 - start) / warmup  # the step-0 factor: the first update moves
+        ramp = LinearLR(optimizer, start_factor=first, end_factor=1.0, total_iters=warmup - 1)
+        if decay == "cosine":
+            after = CosineAnnealingLR(optimizer, T_max=total - warmup, eta_min=floor)
+            return SequentialLR(optimizer, [ramp, after], milestones=[warmup])
+        return SequentialLR(optimizer, [ramp, ConstantLR(optimizer, 1.0, 0)], [warmup])
+
+    expected = _lrs(reference, total)
+    if decay == "step":  # floor + (1 - floor) * 0.1 ** (milestones passed), by hand
+        expected[warmup:] = [
+            floor + (1 - floor) * 0.1 ** sum(s >= m * total for m in (0.5, 0.75))
+            for s in range(warmup, total)
+        ]
+    assert ours == pytest.approx(expected, abs=1e-12)
+    # negative control: without the floor the cosine ends lower
+    if decay == "cosine":
+        bare = _lrs(lambda opt: build_scheduler(opt, WarmupThenDecay(total, warmup, decay)), total)
+        assert bare[-1] != pytest.approx(expected[-1], abs=1e-4)
+
+
+def test_invalid_warmup_start_and_floor_name_the_value(tmp_path):
+    with pytest.raises(ValueError, match="Invalid warmup_start: 1.0"):
+        RunConfig(out_dir=str(tmp_path), warmup_start=1.0)
+    with pytest.raises(ValueError, match="Invalid decay_floor: -0.1"):
+        RunConfig(out_dir=str(tmp_path), decay_floor=-0.1)
