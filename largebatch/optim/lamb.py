@@ -8,7 +8,7 @@ Per parameter tensor ``w`` (a "layer") with gradient ``g`` at step ``t``::
     w = w - lr * phi(||w||) / ||r|| * r    # ratio 1 where ||w|| or ||r|| is 0
 
 ``phi`` clamps ``||w||`` to ``weight_norm_clamp = (low, high)`` (identity when
-``None``). A group with ``trust_ratio=False`` (biases, norm weights) takes the
+``None``); ``trust_ratio_clamp = (low, high)`` then clamps the ratio itself. A group with ``trust_ratio=False`` (biases, norm weights) takes the
 plain step ``lr * r``. ``maximize=True`` uses ``-g``.
 
 The arithmetic is shared with ALTO (:mod:`largebatch.optim._layerwise_adam`, on the
@@ -43,6 +43,7 @@ def lamb(
     weight_decay: float,
     bias_correction: bool = True,
     weight_norm_clamp: tuple[float, float] | None = None,
+    trust_ratio_clamp: tuple[float, float] | None = None,
     trust_ratio: bool = True,
     maximize: bool = False,
     overwrite_grad: bool = False,
@@ -55,14 +56,22 @@ def lamb(
     ``exp_avgs``/``exp_avg_sqs`` start as zeros and ``state_steps`` as 0-dim zeros
     (incremented here); the other arguments are those of :class:`LAMB`.
     """
-    low, high = weight_norm_clamp if weight_norm_clamp is not None else (None, None)
+    norm_min, norm_max = weight_norm_clamp if weight_norm_clamp is not None else (None, None)
+    ratio_min, ratio_max = trust_ratio_clamp if trust_ratio_clamp is not None else (None, None)
+    ratio = partial(
+        lamb_trust_ratio,
+        norm_min=norm_min,
+        norm_max=norm_max,
+        ratio_min=ratio_min,
+        ratio_max=ratio_max,
+    )
     layerwise_adam(
         params,
         grads,
         exp_avgs,
         exp_avg_sqs,
         state_steps,
-        trust_ratio=partial(lamb_trust_ratio, norm_min=low, norm_max=high) if trust_ratio else None,
+        trust_ratio=ratio if trust_ratio else None,
         lr=lr,
         beta1=beta1,
         beta2=beta2,
@@ -90,6 +99,8 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: divide the moments by ``1 - beta^t`` (Alg. 2); ``False``
             gives the paper's v3 form without it (as pytorch-optimizer's ``Lamb``).
         weight_norm_clamp: ``(low, high)`` bounds of ``phi(||w||)``; ``None`` for no clamp.
+        trust_ratio_clamp: ``(low, high)`` bounds of the ratio ``phi(||w||) / ||r||``
+            (e.g. ``(0.01, 100)`` in Shacklett et al.'s large-batch PPO); ``None`` for none.
         trust_ratio: default of the per-group switch.
         maximize: maximize the objective (step along ``+g``), as in ``torch.optim``.
         overwrite_grad: use ``p.grad`` as scratch for the update direction ``r``
@@ -122,6 +133,7 @@ class LAMB(LayerwiseOptimizer):
         weight_decay: float = 0.0,
         bias_correction: bool = True,
         weight_norm_clamp: tuple[float, float] | None = None,
+        trust_ratio_clamp: tuple[float, float] | None = None,
         *,
         trust_ratio: bool = True,
         maximize: bool = False,
@@ -139,6 +151,7 @@ class LAMB(LayerwiseOptimizer):
                 weight_decay=weight_decay,
                 bias_correction=bias_correction,
                 weight_norm_clamp=None if weight_norm_clamp is None else tuple(weight_norm_clamp),
+                trust_ratio_clamp=None if trust_ratio_clamp is None else tuple(trust_ratio_clamp),
                 overwrite_grad=overwrite_grad,
             ),
             trust_ratio=trust_ratio,
@@ -154,9 +167,10 @@ class LAMB(LayerwiseOptimizer):
         check_non_negative("weight_decay", group["weight_decay"])
         check_flag("bias_correction", group["bias_correction"])
         check_flag("overwrite_grad", group["overwrite_grad"])
-        clamp = group["weight_norm_clamp"]
-        if clamp is not None and not (len(clamp) == 2 and 0.0 <= clamp[0] <= clamp[1]):
-            raise ValueError(f"Invalid weight_norm_clamp value: {clamp}; expected 0 <= low <= high")
+        for name in ("weight_norm_clamp", "trust_ratio_clamp"):
+            clamp = group[name]
+            if clamp is not None and not (len(clamp) == 2 and 0.0 <= clamp[0] <= clamp[1]):
+                raise ValueError(f"Invalid {name} value: {clamp}; expected 0 <= low <= high")
 
     def _hyperparameters(self, group: Mapping[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
@@ -167,5 +181,6 @@ class LAMB(LayerwiseOptimizer):
             weight_decay=group["weight_decay"],
             bias_correction=group["bias_correction"],
             weight_norm_clamp=group["weight_norm_clamp"],
+            trust_ratio_clamp=group.get("trust_ratio_clamp"),
             overwrite_grad=group["overwrite_grad"],
         )

@@ -76,16 +76,23 @@ def lamb_trust_ratio(
     *,
     norm_min: float | None = None,
     norm_max: float | None = None,
+    ratio_min: float | None = None,
+    ratio_max: float | None = None,
 ) -> Tensor:
     """LAMB ratio ``phi(||w||) / ||r||``, phi clamping ``||w||`` to ``[norm_min, norm_max]``.
 
     ``None`` bounds leave that side unclamped (phi is the identity when both are
-    ``None``). The ratio is 1 where either norm is zero.
+    ``None``). The ratio itself is then clamped to ``[ratio_min, ratio_max]`` (as the
+    large-batch PPO recipe of Shacklett et al. 2021 does). The ratio is 1 where
+    either norm is zero.
     """
     scaled_norm = param_norm
     if norm_min is not None or norm_max is not None:
         scaled_norm = torch.clamp(param_norm, min=norm_min, max=norm_max)
-    return one_where_zero(scaled_norm / update_norm, param_norm, update_norm)
+    ratio = scaled_norm / update_norm
+    if ratio_min is not None or ratio_max is not None:
+        ratio = torch.clamp(ratio, min=ratio_min, max=ratio_max)
+    return one_where_zero(ratio, param_norm, update_norm)
 
 
 def alto_trust_ratio(

@@ -110,8 +110,8 @@ PRESETS: dict[str, Preset] = {
         Preset(
             name="shacklett-ppo",
             description=(
-                "LAMB with the weight norm in its trust ratio capped at 10 (biases and norm "
-                "weights without trust ratio), lr 5e-4 per 256 samples scaled by the square "
+                "LAMB with the weight norm in its trust ratio capped at 10 and the ratio "
+                "clamped to [0.01, 100] (biases and norm weights without trust ratio), lr 5e-4 per 256 samples scaled by the square "
                 "root, linear warm-up over 1 % of the run from half the rate, then a cosine "
                 "to 1 % of it"
             ),
@@ -121,7 +121,10 @@ PRESETS: dict[str, Preset] = {
             ),
             values={
                 "optimizer": "lamb",
-                "optimizer_options": {"weight_norm_clamp": (0.0, 10.0)},
+                "optimizer_options": {
+                    "weight_norm_clamp": (0.0, 10.0),
+                    "trust_ratio_clamp": (0.01, 100.0),
+                },
                 "lr": 5e-4,
                 "base_batch_size": 256,
                 "scaling": "sqrt",

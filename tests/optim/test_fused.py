@@ -109,7 +109,7 @@ def _assert_same_trajectory(ours, reference, initial, tolerance=1e-5):
 
 OPTIONS = {
     "lars": [{}, {"maximize": True, "nesterov": True}, {"clip": True, "eps": 1e-8}],
-    "lamb": [{}, {"maximize": True}, {"overwrite_grad": True}],
+    "lamb": [{}, {"maximize": True}, {"overwrite_grad": True, "trust_ratio_clamp": (0.5, 2.0)}],
     "alto": [{}, {"maximize": True, "overwrite_grad": True}],
 }
 

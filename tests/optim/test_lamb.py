@@ -77,8 +77,11 @@ def test_reference_comparison_detects_a_different_phi():
     assert _reference_comparison(weight_norm_clamp=None) > 1e-4
 
 
-def paper_lamb(model, batches, *, lr, beta1, beta2, eps, weight_decay):
-    """You et al. 2019, Alg. 2 (bias-corrected moments, phi = identity) for every tensor, float64."""
+def paper_lamb(model, batches, *, lr, beta1, beta2, eps, weight_decay, ratio_clamp=None):
+    """You et al. 2019, Alg. 2 (bias-corrected moments, phi = identity) for every tensor, float64.
+
+    ``ratio_clamp = (low, high)`` clamps the ratio ``||w|| / ||r||`` (Shacklett et al. 2021).
+    """
     params = {name: p.detach().clone() for name, p in model.named_parameters()}
     m = {name: torch.zeros_like(p) for name, p in params.items()}
     v = {name: torch.zeros_like(p) for name, p in params.items()}
@@ -92,7 +95,10 @@ def paper_lamb(model, batches, *, lr, beta1, beta2, eps, weight_decay):
             m_hat = m[name] / (1 - beta1**t)
             v_hat = v[name] / (1 - beta2**t)
             r = m_hat / (v_hat.sqrt() + eps) + weight_decay * w
-            params[name] = w - lr * w.norm() / r.norm() * r
+            ratio = w.norm() / r.norm()
+            if ratio_clamp is not None:
+                ratio = ratio.clamp(*ratio_clamp)
+            params[name] = w - lr * ratio * r
         trajectory.append(flat_parameters(params))
     return trajectory
 
@@ -103,6 +109,22 @@ def test_matches_paper_equations():
     expected = paper_lamb(copy.deepcopy(model), batches, beta1=0.9, beta2=0.999, **hyper)
     ours = train(model, LAMB(model.parameters(), betas=(0.9, 0.999), **hyper), batches)
     assert max_relative_error(ours, expected) < 1e-10
+
+
+def _ratio_clamp_comparison(trust_ratio_clamp):
+    model, batches = make_problem(30, nonzero=True)
+    hyper = dict(lr=2e-2, eps=1e-6, weight_decay=1e-2)
+    clamp = (0.15, 0.3)  # binds on both sides: step-1 ratios span 0.12-1.0 here
+    expected = paper_lamb(
+        copy.deepcopy(model), batches, beta1=0.9, beta2=0.999, ratio_clamp=clamp, **hyper
+    )
+    optimizer = LAMB(model.parameters(), trust_ratio_clamp=trust_ratio_clamp, **hyper)
+    return max_relative_error(train(model, optimizer, batches), expected)
+
+
+def test_trust_ratio_clamp_matches_paper_equations_with_a_clamped_ratio():
+    assert _ratio_clamp_comparison((0.15, 0.3)) < 1e-10
+    assert _ratio_clamp_comparison(None) > 1e-3  # negative control: the clamp binds
 
 
 def test_group_without_trust_ratio_is_torch_adam():
@@ -138,8 +160,12 @@ def _trajectory_and_new_graphs(path_switch, options, steps=8):
 
 @pytest.mark.parametrize(
     "options",
-    [{}, {"bias_correction": False, "weight_norm_clamp": (0.5, 10.0)}],
-    ids=["default", "no-bias-correction-clamped"],
+    [
+        {},
+        {"bias_correction": False, "weight_norm_clamp": (0.5, 10.0)},
+        {"trust_ratio_clamp": (0.15, 0.3)},
+    ],
+    ids=["default", "no-bias-correction-clamped", "ratio-clamped"],
 )
 def test_single_multi_and_compiled_paths_agree(options):
     single, _ = _trajectory_and_new_graphs({"foreach": False}, options)
@@ -161,6 +187,7 @@ def test_single_multi_and_compiled_paths_agree(options):
         ({"weight_decay": -0.01}, "-0.01"),
         ({"weight_norm_clamp": (2.0, 1.0)}, "(2.0, 1.0)"),
         ({"weight_norm_clamp": (-1.0, 1.0)}, "(-1.0, 1.0)"),
+        ({"trust_ratio_clamp": (100.0, 0.01)}, "trust_ratio_clamp value: (100.0, 0.01)"),
         ({"compiled": True, "foreach": False}, "foreach=False"),
     ],
 )

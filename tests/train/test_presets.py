@@ -65,6 +65,7 @@ def test_shacklett_is_sqrt_scaling_one_percent_warmup_from_half_and_cosine_to_a_
     assert _rates(plan) == pytest.approx(expected, rel=1e-12)
     assert config.optimizer == "lamb"
     assert tuple(config.optimizer_options["weight_norm_clamp"]) == (0.0, 10.0)
+    assert tuple(config.optimizer_options["trust_ratio_clamp"]) == (0.01, 100.0)
     # below 256 samples the rate is not scaled down (their max(1, sqrt(B / 256)))
     small = apply_preset("shacklett-ppo", {"batch_size": 64})
     assert small["scaling"] == "none" and small["warmup_epochs"] == pytest.approx(0.1)
