@@ -26,6 +26,7 @@ import torch
 from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from largebatch.optim import list_optimizers
 from largebatch.train import loop, train
 from largebatch.train.step_losses import StepLosses
 
@@ -174,3 +175,16 @@ def test_losses_are_read_at_least_every_capacity_steps(make_config, monkeypatch)
     reads = reads_per_step(monkeypatch, make_config(steps=10, eval_every=100))
     read_steps = {step for step, what, _ in reads.reads if what == "tolist"}
     assert read_steps == {0, 3, 6, 9, 10}  # 0 and 10: evaluations
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
+@pytest.mark.parametrize("name", [spec.name for spec in list_optimizers()])
+def test_registered_optimizers_do_not_synchronise_on_cuda(make_config, monkeypatch, name):
+    """Every optimizer's steps 2-7 (after its state exists) without a synchronising CUDA call.
+
+    Only CUDA's own report counts here: on the CPU, reads of the step counters that
+    some optimizers keep on the host by design look like device reads.
+    """
+    config = make_config(optimizer=name, lr=None, steps=8, eval_every=8, device="cuda")
+    reads = reads_per_step(monkeypatch, config, quiet_steps=range(2, 8))
+    assert [r for r in reads.reads if r[1] == "cuda sync"] == []
