@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
 import numpy as np
-import scipy.linalg
-import scipy.stats
 import torch
 
 from largebatch.diagnostics.evaluation import Result
@@ -82,6 +80,8 @@ class SpectralDensity(Result):
         """Gaussian-smoothed eigenvalue density on ``grid``, averaged over runs (integrates to 1)."""
         if bandwidth <= 0:
             raise ValueError(f"Invalid bandwidth: {bandwidth}")
+        import scipy.stats
+
         grid = np.asarray(grid, dtype=np.float64)
         kernels = scipy.stats.norm.pdf(grid[:, None, None], loc=self.nodes, scale=bandwidth)
         return (kernels * self.weights).sum(axis=-1).mean(axis=-1)
@@ -123,6 +123,8 @@ class _Lanczos:
 
     def ritz(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         """Ritz values (ascending), eigenvectors of the tridiagonal matrix, residuals."""
+        import scipy.linalg
+
         values, vectors = scipy.linalg.eigh_tridiagonal(
             np.array(self.alphas), np.array(self.betas[:-1])
         )
@@ -193,6 +195,8 @@ def hutchinson_trace(
         raise ValueError(f"Invalid num_probes: {num_probes} (need at least 2 for an interval)")
     if not 0 < confidence < 1:
         raise ValueError(f"Invalid confidence: {confidence}")
+    import scipy.stats  # imported where used: training imports this package, not scipy
+
     samples = np.empty(num_probes)
     for i in range(num_probes):
         probe = _random_vector(operator.dim, seed + i, operator.device)

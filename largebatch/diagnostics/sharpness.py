@@ -32,7 +32,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
-import scipy.optimize
 import torch
 from torch import nn
 
@@ -131,6 +130,8 @@ def epsilon_sharpness(
         raise ValueError(f"Invalid max_iter: {max_iter}")
     if start not in ("random", "zero"):
         raise ValueError(f"Invalid start: {start!r} (expected 'random' or 'zero')")
+    import scipy.optimize  # imported where used: training imports this package, not scipy
+
     began = time.perf_counter()
     model = unwrap(model)
     params = trainable_parameters(model, params)

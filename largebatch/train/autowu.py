@@ -246,7 +246,8 @@ class AutoWU(RunScheduler, LRScheduler):
         optimizer: the optimizer whose rates are set.
         schedule: the run's numbers and the test's settings.
         ddp: under data parallelism, where this process stands: rank 0 tests and
-            broadcasts the outcome. Every process must pass the same (all-reduced) loss.
+            broadcasts the outcome. Each process passes its own loss; they are
+            averaged over processes once per epoch.
     """
 
     def __init__(
@@ -283,11 +284,16 @@ class AutoWU(RunScheduler, LRScheduler):
         super().step()
 
     def _flush(self) -> None:
-        """Move the losses held as tensors into :attr:`losses` (one host sync per epoch)."""
+        """Average the losses held as tensors over processes and move them into :attr:`losses`.
+
+        One collective and one host sync per epoch.
+        """
         if self.pending:
             device = self.pending[-1].device  # restored ones are on the CPU: one transfer back
-            values = torch.stack([t.to(device, torch.float64) for t in self.pending]).cpu()
-            self.losses.extend(values.tolist())
+            values = torch.stack([t.to(device, torch.float64) for t in self.pending])
+            if self.ddp is not None:  # one collective per epoch, not one per step
+                distributed.all_reduce_mean(values, self.ddp)
+            self.losses.extend(values.cpu().tolist())
             self.pending.clear()
 
     def _end_epoch(self, done: int) -> None:

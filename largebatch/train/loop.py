@@ -9,6 +9,11 @@ same code (see ``distributed.py`` and ``launch.py``); with a decentralized
 optimizer, ``decentralized.py`` evaluates the processes' average and checkpoints
 each process. The gradient noise scale is read off the gradients as they pass
 (``noise_scale.py``).
+
+A step never waits for the device: the data are indexed where they live
+(``data.py``), and the losses stay on the device until the loop reads them, at
+evaluations, checkpoints and every few steps (``step_losses.py``), where it
+also checks them for divergence.
 """
 
 from __future__ import annotations
@@ -38,13 +43,14 @@ from largebatch.tasks.base import Task
 from largebatch.train import distributed
 from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
-from largebatch.train.data import Batch, BatchStream, shard_batches
+from largebatch.train.data import Batch, BatchStream, place_task_data, shard_batches
 from largebatch.train.decentralized import DecentralizedRun, own_state
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
 from largebatch.train.plan import RunPlan, build_optimizer, build_scheduler, plan_run
 from largebatch.train.run_dir import RunDirectory
+from largebatch.train.step_losses import StepLoss, StepLosses
 
 
 @dataclass
@@ -91,6 +97,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     # --- set-up: task, plan, seeds, data, model, optimizer (nothing is written yet) ---
     task = task if task is not None else get_task(config.task, **config.task_options)
     plan = plan_run(config, task, ddp.world_size)
+    task = place_task_data(task, ddp.device)
     seed_everything(config.seed)
     autocast = (
         partial(torch.autocast, ddp.device.type, torch.bfloat16)
@@ -161,6 +168,19 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 
+        losses = StepLosses(ddp)
+
+        def read_losses(all_processes: bool = True) -> StepLoss | None:
+            """Add the losses since the last read to the progress; the first non-finite one."""
+            for loss in losses.read(all_processes):
+                if not math.isfinite(loss.value):
+                    return loss
+                progress.loss_sum += loss.value
+                progress.loss_count += 1
+            if not bar.disable:
+                bar.set_postfix(progress_postfix(progress), refresh=False)
+            return None
+
         # --- the loop: one global batch per optimizer step ------------------------------------
         bar = tqdm(
             total=plan.total_steps, initial=progress.step, unit="step", dynamic_ncols=True,
@@ -178,32 +198,34 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 and not stop_now(progress, config)
             ):
                 sqnorms = noise.begin_step(progress.step)
-                loss, evaluations, batches = optimizer_step(
+                first_batch = stream.position
+                loss, evaluations = optimizer_step(
                     ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
                 )
                 noise.update(progress.step, sqnorms)
-                loss_mean = distributed.all_reduce_mean(loss.detach().float(), ddp)
-                scheduler.step(loss_mean)  # the next step's rate (AutoWU reads the loss)
+                scheduler.step(loss.detach())  # the next step's rate (AutoWU keeps the losses)
                 progress.step += 1
                 progress.batches_drawn = stream.position
                 progress.gradient_evaluations += evaluations
-                loss_value = loss_mean.item()
-                if not math.isfinite(loss_value):
-                    status = "diverged"
-                    divergence = Divergence.at_step(progress.step, loss_value, model, batches, ddp)
-                    break
-                progress.loss_sum += loss_value
-                progress.loss_count += 1
+                losses.append(progress.step, first_batch, loss)
                 bar.update()
-                if not bar.disable:
-                    bar.set_postfix(progress_postfix(progress), refresh=False)
-                evaluation_due = progress.step % plan.eval_every == 0
                 last = progress.step == plan.total_steps or scheduler.finished
-                if (evaluation_due or last) and not evaluate_and_log():
+                evaluation_due = progress.step % plan.eval_every == 0 or last
+                checkpoint_due = (
+                    config.checkpoint_every and progress.step % config.checkpoint_every == 0
+                )
+                if evaluation_due or checkpoint_due or losses.full:
+                    bad = read_losses()
+                    if bad is not None:
+                        status = "diverged"
+                        batches = stream.at(bad.batch)
+                        divergence = Divergence.at_step(bad, batches, model, progress.step, ddp)
+                        break
+                if evaluation_due and not evaluate_and_log():
                     status = "diverged"
                     divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
                     break
-                if config.checkpoint_every and progress.step % config.checkpoint_every == 0:
+                if checkpoint_due:
                     save()
                     saved_step = progress.step
             if status == "done" and saved_step != progress.step:
@@ -211,12 +233,16 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         except Exception as exception:  # a failed run is a result, not a crash
             status, error = "failed", f"{type(exception).__name__}: {exception}"
             error_log = str(run_dir.write_error(traceback.format_exc(), ddp.rank))
+            with contextlib.suppress(Exception):  # had it diverged first? (a broken device raises)
+                bad = read_losses(all_processes=False)  # no collective: others may be stuck
+                if bad is not None:
+                    status, divergence = "diverged", Divergence.before_failure(bad)
         finally:
             bar.close()
         progress.elapsed = time.perf_counter() - clock_start
 
         if divergence is not None:
-            error = divergence.describe()
+            error = divergence.describe() + (f"; then {error}" if error else "")
         measured = noise.result() | decentralized.result() | scheduler.summary()
         result = make_result(status, error, progress, plan, measured)
         if divergence is not None:
@@ -306,15 +332,14 @@ def optimizer_step(
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
     autocast: Callable,
     sqnorms: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, int, list[Batch]]:
+) -> tuple[torch.Tensor, int]:
     """One update from the next global batch, as the optimizer's protocol asks.
 
     Standard optimizers: gradient, then ``step()``. Closure optimizers also get
     ``step(closure)``, the closure recomputing the gradient on the same batch or
-    on a fresh one. Returns the loss at the current parameters, the number of
-    gradient evaluations (forward/backward passes over a global batch) and this
-    process's micro-batches of the step. ``sqnorms`` goes to the first gradient's
-    :func:`forward_backward`.
+    on a fresh one. Returns the loss at the current parameters (a tensor, not read)
+    and the number of gradient evaluations (forward/backward passes over a global
+    batch). ``sqnorms`` goes to the first gradient's :func:`forward_backward`.
     """
     micro_batches = stream.next()
     evaluations = 0
@@ -327,7 +352,7 @@ def optimizer_step(
         evaluations += 1
     if protocol.closure is None:
         optimizer.step()
-        return loss, evaluations, micro_batches
+        return loss, evaluations
 
     def closure() -> torch.Tensor:
         nonlocal evaluations
@@ -338,7 +363,7 @@ def optimizer_step(
 
     closure_loss = optimizer.step(closure)
     loss = loss if loss is not None else torch.as_tensor(closure_loss)
-    return loss, evaluations, micro_batches
+    return loss, evaluations
 
 
 def evaluate_splits(

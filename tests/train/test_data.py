@@ -5,7 +5,15 @@ from __future__ import annotations
 import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset, TensorDataset
 
-from largebatch.train.data import BatchStream, fetch, shard_batches
+from largebatch.tasks import Task
+from largebatch.train.data import (
+    BatchStream,
+    example_tensors,
+    fetch,
+    place_task_data,
+    shard_batches,
+    splits_within,
+)
 
 CPU = torch.device("cpu")
 DATA = TensorDataset(torch.arange(50).float()[:, None], torch.arange(50))
@@ -66,3 +74,35 @@ def test_fetch_agrees_across_dataset_kinds():
 def test_evaluation_shards_cover_every_example_once():
     seen = [i for rank in (0, 1, 2) for i in _ids(shard_batches(DATA, 7, rank, 3, CPU))]
     assert sorted(seen) == list(range(50))
+
+
+def test_example_tensors_of_nested_subsets_are_the_fetched_examples():
+    nested = Subset(Subset(DATA, list(range(5, 45))), [3, 0, 17, 39])
+    inputs, targets = example_tensors(nested)
+    expected = fetch(nested, torch.arange(4), CPU)
+    assert torch.equal(inputs, expected[0]) and torch.equal(targets, expected[1])
+    assert targets.tolist() == [8, 5, 22, 44]
+    assert example_tensors(ListDataset()) is None  # not made of tensors: fetched per batch
+
+
+def test_splits_are_placed_in_order_while_the_budget_lasts():
+    train = TensorDataset(torch.zeros(10, 4), torch.zeros(10, dtype=torch.long))  # 240 bytes
+    test = TensorDataset(torch.zeros(5, 4), torch.zeros(5, dtype=torch.long))  # 120 bytes
+    task = Task("t", train=train, test=test, build_model=None, loss_fn=None)
+    assert list(splits_within(task, 360)) == ["train", "test"]
+    assert list(splits_within(task, 359)) == ["train"]
+    assert list(splits_within(task, 239)) == ["test"]
+    assert splits_within(task, 119) == {}
+    with_list = Task("t", train=ListDataset(), test=test, build_model=None, loss_fn=None)
+    assert list(splits_within(with_list, 1e9)) == ["test"]
+    assert place_task_data(task, CPU) is task  # the CPU is where the data already are
+
+
+def test_any_batch_can_be_read_again():
+    """``at`` (divergence reports re-read a step's batch) agrees with the stream, in any epoch."""
+    stream = _stream(micro=4, steps=2)
+    seen = [_ids(stream.next()) for _ in range(14)]  # two epochs and a bit
+    for position in (12, 0, 7, 13, 3):
+        assert _ids(stream.at(position)) == seen[position]
+    assert stream.position == 14
+    assert _ids(stream.next()) == _ids(_stream(micro=4, steps=2, position=14).next())

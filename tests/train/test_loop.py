@@ -6,6 +6,7 @@ import json
 import math
 import sys
 import types
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -236,3 +237,43 @@ def test_every_registered_optimizer_trains_through_the_loop(make_config, name):
     assert result.status == "done", result.error
     assert result.extra["gradient_evaluations"] >= 3
     assert math.isfinite(result.final_train_loss)
+
+
+def test_divergence_read_late_names_the_first_non_finite_step(make_config, monkeypatch):
+    """Losses read every 8 steps find the step that reading every step stops at."""
+    from largebatch.train import loop
+    from largebatch.train.step_losses import StepLosses
+
+    settings = dict(lr=1e12, steps=30, eval_every=8, optimizer_options={"momentum": 0.9})
+    late = train(make_config("late", **settings))
+    monkeypatch.setattr(loop, "StepLosses", partial(StepLosses, capacity=1))
+    every_step = train(make_config("every", **settings))
+    assert late.status == every_step.status == "diverged"
+    first, read_late = (r.extra["divergence"] for r in (every_step, late))
+    assert every_step.steps == first["step"] == first["checked_step"]  # stopped at once
+    assert read_late["step"] == first["step"] and read_late["value"] == first["value"]
+    assert read_late["checked_step"] == late.steps == 8 > first["step"]
+    assert read_late["inputs_finite"] is first["inputs_finite"] is True
+    assert "at step 8, when read: gradient non-finite" in late.error
+
+
+def test_a_failure_after_a_non_finite_loss_is_a_divergence(make_config):
+    """An optimizer or model that raises on NaN later in the same read interval."""
+    task = build()
+    non_finite_forwards = {"n": 0}
+
+    def loss_that_raises_on_nan_twice(outputs, targets):
+        if not torch.isfinite(outputs).all():
+            non_finite_forwards["n"] += 1
+            if non_finite_forwards["n"] == 2:
+                raise RuntimeError("cannot factorise a NaN matrix")
+        return torch.nn.functional.cross_entropy(outputs, targets)
+
+    task.loss_fn = loss_that_raises_on_nan_twice
+    config = make_config(lr=1e12, steps=30, eval_every=30, optimizer_options={"momentum": 0.9})
+    result = train(config, task=task)
+    assert result.status == "diverged"
+    step = result.extra["divergence"]["step"]
+    assert result.error.startswith(f"non-finite loss by step {step}: the training loss of step")
+    assert result.error.endswith("; then RuntimeError: cannot factorise a NaN matrix")
+    assert Path(result.error_log).read_text().startswith("Traceback")
