@@ -41,6 +41,24 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (expected one of {choices})")
 
 
+def reject_meta(param_group: dict[str, Any], what: str) -> dict[str, Any]:
+    """``param_group`` with its parameters listed; ``ValueError`` if one is a ``meta`` tensor.
+
+    For methods whose control flow reads values (line searches, CG's exit tests):
+    meta tensors have none, so the optimizer says so when it is built.
+    """
+    params = param_group["params"]
+    if isinstance(params, set):  # torch.optim rejects an unordered collection itself
+        return param_group
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if any(isinstance(p, Tensor) and p.is_meta for p in params):
+        raise ValueError(
+            f"Invalid params: meta tensors ({what} decides on values, which meta tensors "
+            "do not have)"
+        )
+    return {**param_group, "params": params}
+
+
 class ClassicalOptimizer(torch.optim.Optimizer):
     """Base of the classical methods: validated groups and per-step statistics.
 
@@ -80,6 +98,11 @@ class ClassicalOptimizer(torch.optim.Optimizer):
                     )
         super().add_param_group(param_group)
 
-    def step_statistics(self) -> dict[str, float]:
-        """The last step's quantities, one float per name in ``STATISTICS`` (NaN before any)."""
-        return {name: float(self._statistics.get(name, math.nan)) for name in self.STATISTICS}
+    def step_statistics(self, names: Iterable[str] | None = None) -> dict[str, float]:
+        """The last step's quantities, one float per name in ``STATISTICS`` (NaN before any).
+
+        Steps keep them as they come (device tensors included, so a step never waits
+        for the device); they are read here. ``names`` picks a subset.
+        """
+        names = self.STATISTICS if names is None else tuple(names)
+        return {name: float(self._statistics.get(name, math.nan)) for name in names}

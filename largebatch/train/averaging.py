@@ -29,11 +29,15 @@ Interface a training loop drives::
             average.recompute_batch_norm(train_batches)
             evaluate(average.module, ...)
     checkpoint["averaging"] = average.state_dict()
+
+:class:`Averaging` is the training loop's side (``--averaging polyak|ema``): it
+evaluates the averaged weights into ``avg_*`` columns of ``metrics.csv`` and is
+checkpointed with the run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -123,3 +127,67 @@ class IterateAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.averaged.load_state_dict(state)
+
+
+Evaluate = Callable[[nn.Module], dict[str, dict[str, float]]]
+
+
+class Averaging:
+    """A run's iterate average: the loop's side of :class:`IterateAverage`.
+
+    Without a config it does nothing, so the loop has one code path. The loop
+    calls :meth:`update` after every step and :meth:`row` at every evaluation,
+    which evaluates the averaged weights (batch-norm statistics recomputed
+    first) into ``avg_<split>_<metric>`` columns, empty before the first
+    averaged iterate.
+
+    Args:
+        model: the model being trained.
+        config: what to average, or ``None``.
+    """
+
+    def __init__(self, model: nn.Module, config: AveragingConfig | None) -> None:
+        self.average = None if config is None else IterateAverage(model, config)
+        self.last: dict[str, dict[str, float]] = {}
+
+    def update(self, model: nn.Module, steps_done: int) -> None:
+        """Fold in the weights after ``steps_done`` steps, if due."""
+        if self.average is not None:
+            self.average.update(model, steps_done)
+
+    def columns(self, metric_columns: Iterable[str]) -> list[str]:
+        """``avg_`` + each evaluated column (``train_loss``, ``test_accuracy``, ...)."""
+        if self.average is None:
+            return []
+        return [f"avg_{c}" for c in metric_columns if c.split("_")[0] in ("train", "val", "test")]
+
+    def row(
+        self, evaluate: Evaluate, batch_norm_batches: Callable[[], Iterable[Any]]
+    ) -> dict[str, float | str]:
+        """The averaged model's metrics (``evaluate``), after recomputing its batch-norm
+        statistics from ``batch_norm_batches()``; empty values before any iterate."""
+        if self.average is None or self.average.num_averaged == 0:
+            return {}
+        self.average.recompute_batch_norm(batch_norm_batches())
+        self.last = evaluate(self.average.module)
+        return {
+            f"avg_{split}_{name}": value
+            for split, values in self.last.items()
+            for name, value in values.items()
+        }
+
+    def result(self) -> dict[str, Any]:
+        """For ``RunResult.extra``: the averaged model's last evaluation and iterate count."""
+        if self.average is None:
+            return {}
+        return {"averaged": self.last, "averaged_iterates": self.average.num_averaged}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.average is None:
+            return {}
+        return {"model": self.average.state_dict(), "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.average is not None:
+            self.average.load_state_dict(state["model"])
+            self.last = state["last"]

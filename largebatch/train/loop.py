@@ -6,7 +6,10 @@ the run directory (locked, checked, resumed), then the loop (one global batch
 per optimizer step, driven by the optimizer's step protocol), evaluation,
 target, checkpoint and result. Under data parallelism every process runs this
 same code (see ``distributed.py`` and ``launch.py``). The gradient noise scale is
-read off the gradients as they pass (``noise_scale.py``).
+read off the gradients as they pass (``noise_scale.py``). What a step does for
+each optimizer's protocol is ``step.py``; a growing batch (``batch_growth.py``)
+and an iterate average (``averaging.py``) are small objects called at named
+points, which do nothing when the run does not ask for them.
 """
 
 from __future__ import annotations
@@ -29,34 +32,39 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from largebatch.diagnostics.evaluation import evaluate
-from largebatch.diagnostics.noise_scale import gradient_sqnorm
-from largebatch.optim import StepProtocol
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
 from largebatch.train import distributed
+from largebatch.train.averaging import Averaging, AveragingConfig
+from largebatch.train.batch_growth import BatchGrowth
 from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
-from largebatch.train.data import Batch, BatchStream, shard_batches
+from largebatch.train.data import BatchStream, shard_batches
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
 from largebatch.train.plan import RunPlan, build_optimizer, plan_run
 from largebatch.train.run_dir import RunDirectory
 from largebatch.train.schedules import build_scheduler
+from largebatch.train.step import StepDriver, statistics_columns, statistics_row
 
 
 @dataclass
 class Progress:
     """How far a run has got; with model, optimizer and schedule, all a checkpoint holds.
 
-    ``batches_drawn`` counts global batches read from the data (more than ``step``
-    for optimizers whose closure wants fresh batches); ``loss_sum``/``loss_count``
-    accumulate training losses since the last evaluation.
+    ``batches_drawn`` and ``examples_drawn`` count global batches and examples read
+    from the data (more than ``step`` batches for optimizers whose closure wants
+    fresh batches); ``example_gradients`` is the cost in example gradients
+    (``step.py``); ``loss_sum``/``loss_count`` accumulate training losses since
+    the last evaluation.
     """
 
     step: int = 0
     batches_drawn: int = 0
+    examples_drawn: int = 0
     gradient_evaluations: int = 0
+    example_gradients: float = 0.0
     elapsed: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -107,6 +115,24 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     optimizer, protocol = build_optimizer(config, plan, model)
     scheduler = build_scheduler(optimizer, plan.schedule)
     noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
+    stepper = StepDriver(
+        model, optimizer, task.loss_fn, train_model=ddp_model, autocast=autocast,
+        hessian_batch_size=config.hessian_batch_size, full_pass_batch_size=plan.eval_batch_size,
+    )  # fmt: skip
+    growth = BatchGrowth.for_run(
+        config.batch_growth, config.batch_growth_theta, config.batch_growth_options,
+        batch_size=plan.batch_size, max_batch_size=plan.max_batch_size, processes=ddp.world_size,
+        accumulation_steps=plan.accumulation_steps, model=model,
+    )  # fmt: skip
+    averaging = Averaging(model, config.averaging and AveragingConfig(
+        config.averaging, config.averaging_start, config.averaging_decay
+    ))  # fmt: skip
+    evaluate_model = partial(
+        evaluate_splits, task=task, batch_size=plan.eval_batch_size, ddp=ddp, autocast=autocast
+    )
+    train_shard = partial(  # this process's share of the training set, for batch-norm statistics
+        shard_batches, task.train, plan.eval_batch_size, ddp.rank, ddp.world_size, ddp.device
+    )
 
     # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
     run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
@@ -123,8 +149,15 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 noise.load_state_dict(saved["noise_scale"])
             set_rng_state(saved["rng"][ddp.rank])
             stream.position = progress.batches_drawn
+            if "data" in saved:  # absent from checkpoints of earlier versions
+                stream.load_state_dict(saved["data"])
+            growth.load_state_dict(saved.get("batch_growth", {}))
+            averaging.load_state_dict(saved.get("averaging", {}))
+            progress.examples_drawn = stream.examples
         saved_step = progress.step if saved is not None else None
-        run_dir.open_metrics(metric_columns(task) + noise.columns, resume_step=saved_step)
+        columns = metric_columns(task)
+        columns += averaging.columns(columns) + growth.columns + statistics_columns(optimizer)
+        run_dir.open_metrics(columns + noise.columns, resume_step=saved_step)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
         def save() -> None:
@@ -137,17 +170,21 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 "progress": asdict(progress),
                 "rng": distributed.gather_objects(rng_state(), ddp),
                 "noise_scale": noise.state_dict(),
+                "data": stream.state_dict(),  # the same on every process
+                "batch_growth": growth.state_dict(),
+                "averaging": averaging.state_dict(),
             }
             if ddp.is_main:
                 save_checkpoint(run_dir.checkpoints, progress.step, state)
 
         def evaluate_and_log() -> bool:
             """Evaluate, log a row; False if the training loss is no longer finite."""
-            metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
+            metrics = evaluate_model(model)
+            averaged = averaging.row(evaluate_model, train_shard)  # the averaged weights, if any
             progress.elapsed = time.perf_counter() - clock_start
             record_evaluation(progress, metrics, plan)
-            row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
-            run_dir.log(row | noise.row())
+            row = metrics_row(progress, metrics, scheduler.get_last_lr()[0] * growth.lr_scale, plan)
+            run_dir.log(row | averaged | growth.row() | statistics_row(optimizer) | noise.row())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 
@@ -163,22 +200,28 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
             while (
                 status == "done"
-                and progress.step < plan.total_steps
+                and not plan.finished(progress.step, progress.examples_drawn)
                 and not stop_now(progress, config)
             ):
                 sqnorms = noise.begin_step(progress.step)
-                loss, evaluations, batches = optimizer_step(
-                    ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
+                outcome = stepper.step(
+                    stream, growth.batch_size, statistics=growth.request, sqnorms=sqnorms
                 )
                 noise.update(progress.step, sqnorms)
                 scheduler.step()
+                growth.update(progress.step, outcome.statistics, optimizer)
+                averaging.update(model, progress.step + 1)
                 progress.step += 1
                 progress.batches_drawn = stream.position
-                progress.gradient_evaluations += evaluations
-                loss_value = distributed.all_reduce_mean(loss.detach().float(), ddp).item()
+                progress.examples_drawn = stream.examples
+                progress.gradient_evaluations += outcome.gradient_evaluations
+                progress.example_gradients += outcome.example_gradients
+                loss_value = distributed.all_reduce_mean(outcome.loss.float(), ddp).item()
                 if not math.isfinite(loss_value):
                     status = "diverged"
-                    divergence = Divergence.at_step(progress.step, loss_value, model, batches, ddp)
+                    divergence = Divergence.at_step(
+                        progress.step, loss_value, model, outcome.batches, ddp
+                    )
                     break
                 progress.loss_sum += loss_value
                 progress.loss_count += 1
@@ -186,7 +229,8 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 if not bar.disable:
                     bar.set_postfix(progress_postfix(progress), refresh=False)
                 evaluation_due = progress.step % plan.eval_every == 0
-                if (evaluation_due or progress.step == plan.total_steps) and not evaluate_and_log():
+                finished = plan.finished(progress.step, progress.examples_drawn)
+                if (evaluation_due or finished) and not evaluate_and_log():
                     status = "diverged"
                     divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
                     break
@@ -204,7 +248,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
 
         if divergence is not None:
             error = divergence.describe()
-        result = make_result(status, error, progress, plan, noise.result())
+        result = make_result(
+            status, error, progress, plan, noise.result() | growth.result() | averaging.result()
+        )
         if divergence is not None:
             result.extra["divergence"] = asdict(divergence)
         result.error_log = error_log
@@ -248,85 +294,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def forward_backward(
-    model: nn.Module,
-    micro_batches: list[Batch],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    autocast: Callable,
-    sync: bool = True,
-    sqnorms: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Accumulate in ``.grad`` the gradient of the mean loss over ``micro_batches``.
-
-    Each micro-batch's loss is divided by their number, so the sum of their
-    gradients is the gradient of the global batch. Under DDP, gradients are
-    averaged across processes on the last micro-batch only, and not at all
-    unless ``sync``. Returns this process's mean loss.
-
-    ``sqnorms``, if given, receives the squared norms of the first micro-batch's
-    gradient (as if alone) and of the whole batch's: the noise-scale estimate's
-    two batch sizes, read without changing the gradients.
-    """
-    count = len(micro_batches)
-    total = None
-    for i, (inputs, targets) in enumerate(micro_batches):
-        with distributed.no_sync(model, skip_sync=not (sync and i == count - 1)):
-            with autocast():
-                loss = loss_fn(model(inputs), targets)
-                if count > 1:
-                    loss = loss / count
-            loss.backward()
-        if sqnorms is not None and i == 0:
-            sqnorms.append(gradient_sqnorm(model.parameters()) * count**2)
-        total = loss.detach() if total is None else total + loss.detach()
-    if sqnorms is not None:
-        sqnorms.append(gradient_sqnorm(model.parameters()))
-    return total
-
-
-def optimizer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    protocol: StepProtocol,
-    stream: BatchStream,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    autocast: Callable,
-    sqnorms: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, int, list[Batch]]:
-    """One update from the next global batch, as the optimizer's protocol asks.
-
-    Standard optimizers: gradient, then ``step()``. Closure optimizers also get
-    ``step(closure)``, the closure recomputing the gradient on the same batch or
-    on a fresh one. Returns the loss at the current parameters, the number of
-    gradient evaluations (forward/backward passes over a global batch) and this
-    process's micro-batches of the step. ``sqnorms`` goes to the first gradient's
-    :func:`forward_backward`.
-    """
-    micro_batches = stream.next()
-    evaluations = 0
-    loss = None
-    optimizer.zero_grad(set_to_none=True)
-    if protocol.gradient_before_step:
-        loss = forward_backward(
-            model, micro_batches, loss_fn, autocast, not protocol.local_first_gradient, sqnorms
-        )
-        evaluations += 1
-    if protocol.closure is None:
-        optimizer.step()
-        return loss, evaluations, micro_batches
-
-    def closure() -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        optimizer.zero_grad(set_to_none=True)
-        batches = micro_batches if protocol.closure == "same" else stream.next()
-        return forward_backward(model, batches, loss_fn, autocast)
-
-    closure_loss = optimizer.step(closure)
-    loss = loss if loss is not None else torch.as_tensor(closure_loss)
-    return loss, evaluations, micro_batches
-
-
 def evaluate_splits(
     model: nn.Module, task: Task, batch_size: int, ddp: Distributed, autocast: Callable
 ) -> dict[str, dict[str, float]]:
@@ -363,7 +330,7 @@ def record_evaluation(
     target = plan.target
     if target is not None and progress.steps_to_target is None and target.reached(metrics):
         progress.steps_to_target = progress.step
-        progress.examples_to_target = progress.batches_drawn * plan.batch_size
+        progress.examples_to_target = progress.examples_drawn
 
 
 def stop_now(progress: Progress, config: RunConfig) -> bool:
@@ -376,8 +343,8 @@ def metric_columns(task: Task) -> list[str]:
     splits = ["train"] + (["val"] if task.val is not None else []) + ["test"]
     names = ["loss", *task.metrics]
     return [
-        "step", "epoch", "examples", "gradient_evaluations", "lr", "time", "batch_loss",
-        *(f"{split}_{name}" for split in splits for name in names),
+        "step", "epoch", "examples", "gradient_evaluations", "example_gradients", "lr", "time",
+        "batch_loss", *(f"{split}_{name}" for split in splits for name in names),
     ]  # fmt: skip
 
 
@@ -390,9 +357,10 @@ def metrics_row(
     """One ``metrics.csv`` row for the evaluation just done."""
     row = {
         "step": progress.step,
-        "epoch": progress.batches_drawn / plan.steps_per_epoch,
-        "examples": progress.batches_drawn * plan.batch_size,
+        "epoch": progress.examples_drawn / (plan.steps_per_epoch * plan.batch_size),
+        "examples": progress.examples_drawn,
         "gradient_evaluations": progress.gradient_evaluations,
+        "example_gradients": progress.example_gradients,
         "lr": lr,
         "time": progress.elapsed,
         "batch_loss": progress.loss_sum / progress.loss_count if progress.loss_count else "",
@@ -417,13 +385,14 @@ def make_result(
     error: str | None,
     progress: Progress,
     plan: RunPlan,
-    noise_scale: dict[str, float],
+    extras: dict[str, Any],
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
-    ``noise_scale`` (the final noise-scale averages, if measured) goes into ``extra``.
+    ``extras`` (the final noise-scale averages, if measured; batch growth and
+    averaging results) go into ``extra``.
     """
-    examples = progress.batches_drawn * plan.batch_size
+    examples = progress.examples_drawn
     fields = {}
     if status != "diverged":
         for split, values in progress.last_eval.items():
@@ -446,9 +415,11 @@ def make_result(
             "steps_per_epoch": plan.steps_per_epoch,
             "world_size": plan.world_size,
             "gradient_evaluations": progress.gradient_evaluations,
+            "example_gradients": progress.example_gradients,
+            "effective_passes": progress.example_gradients / plan.num_train,
             "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
             "final": progress.last_eval if status != "diverged" else {},
             "best": progress.best,
-            **noise_scale,
+            **extras,
         },
     )

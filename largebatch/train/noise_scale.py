@@ -10,7 +10,7 @@ already has two for free:
   communication hook (:class:`~largebatch.diagnostics.noise_scale.GradientNormRecorder`);
 * **one process with gradient accumulation** over k >= 2 micro-batches: the
   first micro-batch's gradient (times k) and the accumulated one (the global
-  batch), read by ``forward_backward`` in the loop.
+  batch), read by ``forward_backward`` (``step.py``).
 
 One process without accumulation has a single gradient per step, so nothing is
 measured; ``accumulation_steps=2`` makes it measurable (the same gradient up to
@@ -48,10 +48,11 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
     """Where a run gets its two gradients from, or ``None`` if it does not measure.
 
     ``config.noise_scale``: ``None`` measures when it is free, ``False`` never,
-    ``True`` always (``ValueError`` if it cannot be done for free).
+    ``True`` always (``ValueError`` if it cannot be done for free). Never with batch
+    growth, whose batch sizes change (RunConfig refuses ``True`` there).
     """
     source = None
-    if config.noise_scale is not False:
+    if config.noise_scale is not False and config.batch_growth is None:
         if config.nproc > 1:
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:

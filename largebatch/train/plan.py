@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
+from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.registry import get_spec, optimizer_arguments
 from largebatch.tasks.base import Task
+from largebatch.train.batch_growth import STATISTICS_OPTIONS, batch_multiple
 from largebatch.train.config import RunConfig
 from largebatch.train.noise_scale import noise_scale_source
 from largebatch.train.schedules import WarmupThenDecay, scale_lr
@@ -71,7 +73,11 @@ class RunPlan:
     """The numbers a run follows, all derived from the config and the data size.
 
     ``micro_batch_size`` is what one device processes per forward/backward;
-    ``batch_size = micro_batch_size * world_size * accumulation_steps``.
+    ``batch_size = micro_batch_size * world_size * accumulation_steps``. With
+    batch growth, ``batch_size`` is the first batch, ``max_batch_size`` the
+    largest, and an epochs or examples budget is ``total_examples`` (the run
+    stops when it has read them; ``total_steps`` is then the most steps it can
+    take, at the first batch size).
     """
 
     world_size: int
@@ -87,6 +93,14 @@ class RunPlan:
     eval_every: int
     eval_batch_size: int
     target: Target | None
+    num_train: int = 0
+    max_batch_size: int | None = None
+    total_examples: int | None = None
+
+    def finished(self, steps: int, examples: int) -> bool:
+        """Whether a run that has taken ``steps`` steps and read ``examples`` examples is done."""
+        over = self.total_examples is not None and examples >= self.total_examples
+        return steps >= self.total_steps or over
 
 
 def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> RunPlan:
@@ -119,6 +133,17 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
         total_steps = math.ceil(amount / config.batch_size)
     else:
         total_steps = max(1, round(amount * steps_per_epoch))
+    total_examples = None
+    max_batch_size = None
+    if config.batch_growth is not None:
+        if budget != "steps":
+            total_examples = amount if budget == "examples" else total_steps * config.batch_size
+        max_batch_size = _max_batch_size(config, num_train, world_size)
+    if config.hessian_batch_size is not None and config.hessian_batch_size > num_train:
+        raise ConfigError(
+            f"Invalid hessian_batch_size: {config.hessian_batch_size} is larger than the "
+            f"training set ({num_train} examples)"
+        )
 
     if config.warmup_steps is not None:
         warmup_steps = config.warmup_steps
@@ -158,7 +183,25 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
         eval_every=config.eval_every or min(steps_per_epoch, total_steps),
         eval_batch_size=config.eval_batch_size or micro_batch_size,
         target=resolve_target(config.target, task),
+        num_train=num_train,
+        max_batch_size=max_batch_size,
+        total_examples=total_examples,
     )
+
+
+def _max_batch_size(config: RunConfig, num_train: int, world_size: int) -> int:
+    """The largest batch of a growing run: as asked, or the most the data holds on the grid."""
+    statistics = {k: v for k, v in config.batch_growth_options.items() if k in STATISTICS_OPTIONS}
+    grid = batch_multiple(world_size, config.accumulation_steps, statistics.get("group_size", 1))
+    fits = (num_train // world_size) * world_size // grid * grid
+    if config.max_batch_size is None:
+        return fits
+    if config.max_batch_size > fits:
+        raise ConfigError(
+            f"Invalid max_batch_size: {config.max_batch_size} is larger than the training set "
+            f"holds ({fits} examples on the grid of {grid})"
+        )
+    return config.max_batch_size
 
 
 def build_optimizer(
@@ -168,12 +211,34 @@ def build_optimizer(
 
     Its constructor judges its hyperparameters (``TypeError`` for an unknown name,
     ``ValueError`` for a bad value, as ``torch.optim`` does); a protocol the loop
-    cannot follow, or ``noise_scale=True`` that it cannot honour, is a ``ConfigError``.
-    Called with a stand-in parameter, it checks all this without the model.
+    cannot follow, or ``noise_scale=True`` or ``hessian_batch_size`` that it cannot
+    honour, is a ``ConfigError``. Data arguments (SAGA's ``num_examples``) come
+    from the plan. Called with a stand-in parameter, it checks all this without
+    the model.
     """
-    optimizer = create_optimizer(config.optimizer, params, lr=plan.lr, **config.optimizer_options)
+    data = {"num_examples": plan.num_train}
+    spec = get_spec(config.optimizer)
+    arguments = {key: data[key] for key in spec.data_arguments}
+    optimizer = create_optimizer(
+        config.optimizer, params, lr=plan.lr, **arguments, **config.optimizer_options
+    )
     protocol = step_protocol_of(optimizer)
-    if not protocol.gradient_before_step and protocol.closure is None:
+    if (
+        not protocol.gradient_before_step
+        and protocol.closure is None
+        and not getattr(protocol, "per_example", False)
+    ):
         raise ConfigError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
+    classical = isinstance(protocol, ClassicalStepProtocol)
+    if classical and protocol.per_example and plan.world_size > 1:
+        raise ConfigError(
+            f"Optimizer {config.optimizer!r} runs in one process (nproc={config.nproc}): its "
+            "per-example table would have to follow every example from process to process"
+        )
+    if config.hessian_batch_size is not None and not (classical and protocol.hessian_sample):
+        raise ConfigError(
+            f"Invalid hessian_batch_size: {config.hessian_batch_size} (optimizer "
+            f"{config.optimizer!r} takes no Hessian sample; newton-cg and sqn do)"
+        )
     noise_scale_source(config, protocol)
     return optimizer, protocol
