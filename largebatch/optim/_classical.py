@@ -65,7 +65,9 @@ class ClassicalOptimizer(torch.optim.Optimizer):
     Subclasses set ``STATISTICS`` (the names :meth:`step_statistics` returns),
     ``GLOBAL_KEYS`` (hyperparameters of the whole optimizer, which every group
     must share: one solve or one snapshot covers all groups) and implement
-    :meth:`_check_group`.
+    :meth:`_check_group`. The last step's statistics are part of the state
+    (``state["statistics"]``), so a resumed run reports what the uninterrupted
+    one would (SVRG's snapshot values persist between snapshots).
     """
 
     STATISTICS: tuple[str, ...] = ()
@@ -73,12 +75,15 @@ class ClassicalOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict) -> None:
         self._check_group(defaults)
-        self._statistics: dict[str, float] = {}
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_statistics", {})  # not pickled: the last step's values
+    @property
+    def _statistics(self) -> dict[str, Any]:
+        return self.state["statistics"]
+
+    @_statistics.setter
+    def _statistics(self, values: dict[str, Any]) -> None:
+        self.state["statistics"] = values
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming a bad hyperparameter of ``group`` (defaults filled in)."""

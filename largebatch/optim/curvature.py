@@ -161,9 +161,10 @@ class CGResult:
         solution: the approximate solution ``x`` of ``A x = b``.
         iterations: products with ``A`` computed.
         relative_residual: ``||b - A x|| / ||b||`` at exit (0 for ``b = 0``).
-        negative_curvature: CG met a direction ``p`` with ``p^T A p <= 0`` and stopped;
-            ``solution`` is the iterate before it, or ``b`` itself if that was the
-            first direction (for ``b = -g``: the steepest-descent direction).
+        negative_curvature: CG met a direction ``p`` with ``p^T A p <= 0`` (or so close
+            to 0 that the step along it overflows the dtype) and stopped; ``solution``
+            is the iterate before it, or ``b`` itself if that was the first direction
+            (for ``b = -g``: the steepest-descent direction).
     """
 
     solution: Tensor
@@ -177,6 +178,7 @@ def conjugate_gradient(
 ) -> CGResult:
     """Solve ``A x = rhs`` from ``x = 0`` by CG; stop at ``||r|| <= tol ||rhs||``, ``max_iter``
     products, or non-positive curvature (Nocedal & Wright, Alg. 7.1)."""
+    largest = torch.finfo(rhs.dtype).max
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
@@ -187,7 +189,7 @@ def conjugate_gradient(
     for iteration in range(max_iter):
         product = operator(direction)
         curvature = float(direction.dot(product))
-        if curvature <= 0.0:
+        if curvature <= 0.0 or rr / curvature > largest:  # no (representable) positive curvature
             solution = rhs.clone() if iteration == 0 else x
             return CGResult(solution, iteration + 1, math.sqrt(rr) / rhs_norm, True)
         alpha = rr / curvature

@@ -52,15 +52,20 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
     growth, whose batch sizes change (RunConfig refuses ``True`` there).
     """
     source = None
+    # under DDP the norms are read inside its all-reduce: the step must backward through it
+    through_ddp = protocol.gradient_before_step or (
+        protocol.closure is not None and getattr(protocol, "closure_backward", True)
+    )
     if config.noise_scale is not False and config.batch_growth is None:
-        if config.nproc > 1:
+        if config.nproc > 1 and through_ddp:
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:
             source = "accumulation"
     if config.noise_scale and source is None:  # RunConfig has checked nproc and accumulation
         raise ConfigError(
             "noise_scale=True: in one process the noise scale comes from the accumulated "
-            "gradient, but this optimizer computes none before its step (closures only)"
+            "gradient, but this optimizer computes none before its step (closures only); "
+            "under DDP it comes from the all-reduce, which this optimizer's gradients skip"
         )
     return source
 
