@@ -1,6 +1,7 @@
 """A sweep definition, from command-line flags or a TOML file, and its cells.
 
 A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
+batch-size controllers (``batch_growths``) and iterate averages (``averagings``),
 on one task with one budget. :func:`load_sweep` checks everything before any run
 starts; a bad key or value raises :class:`SweepConfigError` naming the key and
 its line in the file (or the flag). :func:`expand` turns the sweep into a
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import re
 import tomllib
@@ -37,12 +39,16 @@ from typing import Any
 from largebatch.optim.registry import OptimizerArguments, list_optimizers, optimizer_arguments
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
+from largebatch.train.averaging import KINDS as AVERAGING_KINDS
+from largebatch.train.batch_growth import CONTROLLERS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
 
 KeyPath = tuple[str, ...]
 FULL_BATCH = "full"
+#: the ``batch_growths`` and ``averagings`` entry for "none"
+NONE = "none"
 
 
 class SweepConfigError(ConfigError):
@@ -160,6 +166,7 @@ RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "warmup_steps": _non_negative_int,
     "warmup_epochs": _non_negative_number,
     "schedule": _one_of(typing.get_args(Schedule)),
+    "hessian_batch_size": _positive_int,
 }
 
 #: Top-level keys of a sweep (besides RUN_SETTINGS and the ``[optimizer.NAME]`` tables).
@@ -180,6 +187,13 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "accumulation_steps": _positive_int,
     "device": _string,
     "bf16": _boolean,
+    "batch_growths": _list_of(_one_of((NONE, *sorted(CONTROLLERS)))),
+    "batch_growth_theta": _positive_number,
+    "batch_growth_options": _table,
+    "max_batch_size": _positive_int,
+    "averagings": _list_of(_one_of((NONE, *AVERAGING_KINDS))),
+    "averaging_start": _non_negative_int,
+    "averaging_decay": _non_negative_number,
     **RUN_SETTINGS,
 }
 
@@ -193,6 +207,9 @@ class SweepSpec:
     :data:`RUN_SETTINGS`) and ``hyperparameters[name]`` its optimizer arguments.
     ``evals_per_run`` sets the evaluation interval of each cell relative to its
     length, so small- and large-batch runs get equally fine curves.
+    ``batch_growths`` and ``averagings`` are grid axes (``"none"`` for a plain
+    run); the other batch-growth and averaging keys apply to every cell that
+    uses them.
     """
 
     task: str = "mnist1d-cnn"
@@ -218,6 +235,14 @@ class SweepSpec:
     warmup_steps: int | None = None
     warmup_epochs: float | None = None
     schedule: str | None = None
+    hessian_batch_size: int | None = None
+    batch_growths: tuple[str, ...] = (NONE,)
+    batch_growth_theta: float | None = None
+    batch_growth_options: dict[str, Any] = field(default_factory=dict)
+    max_batch_size: int | None = None
+    averagings: tuple[str, ...] = (NONE,)
+    averaging_start: int = 0
+    averaging_decay: float = 0.999
     optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -521,7 +546,7 @@ def _learning_rates(spec: SweepSpec, optimizer: str) -> tuple[float | None, ...]
 
 
 def cell_id(config: RunConfig) -> str:
-    """Stable, readable id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]-<hash>``.
+    """Stable, readable id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>][-<growth>][-<average>]-<hash>``.
 
     The hash covers every field of the config except those a resumed run may
     change (where it lives, checkpoint interval, progress bar, ...), so the same
@@ -533,13 +558,28 @@ def cell_id(config: RunConfig) -> str:
 
 
 def cell_name(config: RunConfig) -> str:
-    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>]``."""
-    return _name(config.optimizer, config.batch_size, config.seed, config.lr)
+    """The readable part of a cell id: ``<optimizer>-b<batch>-s<seed>[-lr<lr>][-<growth>][-<average>]``."""
+    return _name(
+        config.optimizer,
+        config.batch_size,
+        config.seed,
+        config.lr,
+        config.batch_growth or NONE,
+        config.averaging or NONE,
+    )
 
 
-def _name(optimizer: str, batch_size: int, seed: int, lr: float | None) -> str:
+def _name(
+    optimizer: str,
+    batch_size: int,
+    seed: int,
+    lr: float | None,
+    growth: str = NONE,
+    averaging: str = NONE,
+) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
-    return f"{optimizer}-b{batch_size}-s{seed}{lr_part}"
+    extras = "".join(f"-{part}" for part in (growth, averaging) if part != NONE)
+    return f"{optimizer}-b{batch_size}-s{seed}{lr_part}{extras}"
 
 
 def expand(
@@ -548,7 +588,8 @@ def expand(
     train_size: int,
     eval_every: Callable[[RunConfig], int],
 ) -> list[Cell]:
-    """The sweep's cells, in a fixed order: seed, batch size, optimizer, learning rate.
+    """The sweep's cells, in a fixed order: seed, batch size, optimizer, learning rate,
+    batch growth, averaging.
 
     ``train_size`` resolves ``"full"``; ``eval_every(config)`` gives a cell's
     evaluation interval, which is also its checkpoint interval unless the spec
@@ -557,45 +598,54 @@ def expand(
     batch_sizes = resolve_batch_sizes(spec, train_size)
     runs_dir = Path(sweep_dir) / "runs"
     cells = []
-    for seed in spec.seeds:
-        for batch_size in batch_sizes:
-            for optimizer in spec.optimizers:
-                settings = spec.settings_for(optimizer)
-                for lr in _learning_rates(spec, optimizer):
-                    try:
-                        config = RunConfig(
-                            task=spec.task,
-                            task_options=dict(spec.task_options),
-                            optimizer=optimizer,
-                            optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
-                            lr=lr,
-                            base_batch_size=spec.base_batch_size,
-                            batch_size=batch_size,
-                            accumulation_steps=spec.accumulation_steps,
-                            scaling=settings["scaling"],
-                            warmup_steps=settings["warmup_steps"],
-                            warmup_epochs=settings["warmup_epochs"],
-                            schedule=settings["schedule"] or RunConfig.schedule,
-                            epochs=spec.epochs,
-                            steps=spec.steps,
-                            target=spec.target,
-                            stop_at_target=spec.stop_at_target,
-                            seed=seed,
-                            device=spec.device,
-                            bf16=spec.bf16,
-                            nproc=spec.nproc,
-                        )
-                    except ConfigError as exc:
-                        name = _name(optimizer, batch_size, seed, lr)
-                        raise SweepConfigError(f"cell {name}: {exc}") from None
-                    every = eval_every(config)
-                    config = replace(
-                        config, eval_every=every, checkpoint_every=spec.checkpoint_every or every
-                    )
-                    identifier = cell_id(config)
-                    cells.append(
-                        Cell(identifier, replace(config, out_dir=str(runs_dir / identifier)))
-                    )
+    axes = itertools.product(spec.seeds, batch_sizes, spec.optimizers)
+    for seed, batch_size, optimizer in axes:
+        settings = spec.settings_for(optimizer)
+        extras = itertools.product(
+            _learning_rates(spec, optimizer), spec.batch_growths, spec.averagings
+        )
+        for lr, growth, averaging in extras:
+            growing = growth != NONE
+            try:
+                config = RunConfig(
+                    task=spec.task,
+                    task_options=dict(spec.task_options),
+                    optimizer=optimizer,
+                    optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
+                    lr=lr,
+                    base_batch_size=spec.base_batch_size,
+                    batch_size=batch_size,
+                    accumulation_steps=spec.accumulation_steps,
+                    scaling=settings["scaling"],
+                    warmup_steps=settings["warmup_steps"],
+                    warmup_epochs=settings["warmup_epochs"],
+                    schedule=settings["schedule"] or RunConfig.schedule,
+                    epochs=spec.epochs,
+                    steps=spec.steps,
+                    target=spec.target,
+                    stop_at_target=spec.stop_at_target,
+                    seed=seed,
+                    device=spec.device,
+                    bf16=spec.bf16,
+                    nproc=spec.nproc,
+                    hessian_batch_size=settings["hessian_batch_size"],
+                    batch_growth=growth if growing else None,
+                    batch_growth_theta=spec.batch_growth_theta if growing else None,
+                    batch_growth_options=dict(spec.batch_growth_options) if growing else {},
+                    max_batch_size=spec.max_batch_size if growing else None,
+                    averaging=averaging if averaging != NONE else None,
+                    averaging_start=spec.averaging_start,
+                    averaging_decay=spec.averaging_decay,
+                )
+            except ConfigError as exc:
+                name = _name(optimizer, batch_size, seed, lr, growth, averaging)
+                raise SweepConfigError(f"cell {name}: {exc}") from None
+            every = eval_every(config)
+            config = replace(
+                config, eval_every=every, checkpoint_every=spec.checkpoint_every or every
+            )
+            identifier = cell_id(config)
+            cells.append(Cell(identifier, replace(config, out_dir=str(runs_dir / identifier))))
     return cells
 
 

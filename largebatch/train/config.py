@@ -15,6 +15,7 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.registry import get_spec, optimizer_arguments
 from largebatch.tasks import registry as tasks
 from largebatch.train.averaging import AveragingConfig
@@ -311,13 +312,25 @@ def _check_rest(config: RunConfig) -> None:
 
 
 def _check_classical(config: RunConfig) -> None:
-    """The Hessian sample, batch growth and averaging."""
+    """The Hessian sample, one-process optimizers, batch growth and averaging."""
     size = config.hessian_batch_size
     if size is not None and (not _is_int(size) or size < 1 or size % config.nproc):
         raise _invalid(
             "hessian_batch_size",
             size,
             f"must be a positive integer divisible by nproc={config.nproc}",
+        )
+    protocol = getattr(get_spec(config.optimizer).load(), "step_protocol", None)
+    classical = protocol if isinstance(protocol, ClassicalStepProtocol) else None
+    if size is not None and not (classical and classical.hessian_sample):
+        raise ConfigError(
+            f"Invalid hessian_batch_size: {size} (optimizer {config.optimizer!r} takes no "
+            "Hessian sample; newton-cg and sqn do)"
+        )
+    if classical and classical.per_example and config.nproc > 1:
+        raise ConfigError(
+            f"Optimizer {config.optimizer!r} runs in one process (nproc={config.nproc}): its "
+            "per-example table would have to follow every example from process to process"
         )
     _check_batch_growth(config)
     if config.averaging is not None and not isinstance(config.averaging, str):

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 
 from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
-from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.registry import get_spec, optimizer_arguments
 from largebatch.tasks.base import Task
 from largebatch.train.batch_growth import STATISTICS_OPTIONS, batch_multiple
@@ -211,10 +210,9 @@ def build_optimizer(
 
     Its constructor judges its hyperparameters (``TypeError`` for an unknown name,
     ``ValueError`` for a bad value, as ``torch.optim`` does); a protocol the loop
-    cannot follow, or ``noise_scale=True`` or ``hessian_batch_size`` that it cannot
-    honour, is a ``ConfigError``. Data arguments (SAGA's ``num_examples``) come
-    from the plan. Called with a stand-in parameter, it checks all this without
-    the model.
+    cannot follow, or ``noise_scale=True`` that it cannot honour, is a
+    ``ConfigError``. Data arguments (SAGA's ``num_examples``) come from the plan.
+    Called with a stand-in parameter, it checks all this without the model.
     """
     data = {"num_examples": plan.num_train}
     spec = get_spec(config.optimizer)
@@ -229,16 +227,5 @@ def build_optimizer(
         and not getattr(protocol, "per_example", False)
     ):
         raise ConfigError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
-    classical = isinstance(protocol, ClassicalStepProtocol)
-    if classical and protocol.per_example and plan.world_size > 1:
-        raise ConfigError(
-            f"Optimizer {config.optimizer!r} runs in one process (nproc={config.nproc}): its "
-            "per-example table would have to follow every example from process to process"
-        )
-    if config.hessian_batch_size is not None and not (classical and protocol.hessian_sample):
-        raise ConfigError(
-            f"Invalid hessian_batch_size: {config.hessian_batch_size} (optimizer "
-            f"{config.optimizer!r} takes no Hessian sample; newton-cg and sqn do)"
-        )
     noise_scale_source(config, protocol)
     return optimizer, protocol

@@ -200,6 +200,8 @@ def test_saga_gets_the_indices_of_the_examples_it_is_given(make_config):
         ({"averaging": "uniform"}, "'uniform'"),
         ({"averaging": "ema", "averaging_decay": 1.0}, "decay: 1.0"),
         ({"averaging_start": -1}, "start: -1"),
+        ({"optimizer": "sgd", "hessian_batch_size": 8}, "'sgd' takes no Hessian sample"),
+        ({"optimizer": "saga", "nproc": 2}, "runs in one process"),
     ],
 )
 def test_bad_settings_are_refused_naming_the_value(make_config, fields, message):
@@ -210,10 +212,8 @@ def test_bad_settings_are_refused_naming_the_value(make_config, fields, message)
 @pytest.mark.parametrize(
     ("fields", "message"),
     [
-        ({"optimizer": "sgd", "hessian_batch_size": 8}, "'sgd' takes no Hessian sample"),
         ({"optimizer": "newton-cg", "hessian_batch_size": 4096}, "larger than the training set"),
         ({"batch_growth": "norm-test", "max_batch_size": 4096}, "max_batch_size: 4096"),
-        ({"optimizer": "saga", "nproc": 2}, "runs in one process"),
     ],
 )
 def test_settings_that_need_the_data_or_the_optimizer_are_refused_before_anything_is_written(
