@@ -211,6 +211,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 scheduler.step()
                 growth.update(progress.step, outcome.statistics, optimizer)
                 averaging.update(model, progress.step + 1)
+                read = stream.examples - progress.examples_drawn
                 progress.step += 1
                 progress.batches_drawn = stream.position
                 progress.examples_drawn = stream.examples
@@ -228,7 +229,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 bar.update()
                 if not bar.disable:
                     bar.set_postfix(progress_postfix(progress), refresh=False)
-                evaluation_due = progress.step % plan.eval_every == 0
+                evaluation_due = plan.evaluation_due(progress.step, progress.examples_drawn, read)
                 finished = plan.finished(progress.step, progress.examples_drawn)
                 if (evaluation_due or finished) and not evaluate_and_log():
                     status = "diverged"

@@ -101,6 +101,16 @@ class RunPlan:
         over = self.total_examples is not None and examples >= self.total_examples
         return steps >= self.total_steps or over
 
+    def evaluation_due(self, steps: int, examples: int, read: int) -> bool:
+        """Whether to evaluate after ``steps`` steps, ``examples`` examples read (``read`` by
+        the last step): every ``eval_every`` steps; on an examples budget with a growing
+        batch, whenever the examples pass a multiple of ``eval_every`` first batches (so
+        evaluations stay evenly spread over the data as the steps get larger)."""
+        if self.total_examples is None:
+            return steps % self.eval_every == 0
+        interval = self.eval_every * self.batch_size
+        return examples // interval > (examples - read) // interval
+
 
 def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> RunPlan:
     """Resolve ``config`` against ``task`` (its training-set size and metrics).

@@ -95,9 +95,10 @@ def test_increase_instead_of_decay_passes_the_rest_to_the_learning_rate(make_con
 
 def test_an_epochs_budget_with_batch_growth_counts_examples(make_config):
     """2 epochs of the 128-example set at batch 16 are 256 examples: the run stops once it has
-    read them, after fewer steps than batch 16 would take."""
+    read them, after fewer steps than batch 16 would take, and evaluates every 2 batches of 16
+    examples' worth (whatever the steps' sizes)."""
     config = make_config(
-        steps=None, epochs=2, schedule="constant", batch_growth="geometric",
+        steps=None, epochs=2, schedule="constant", batch_growth="geometric", eval_every=2,
         batch_growth_options={"factor": 1.5}, max_batch_size=64,
     )  # fmt: skip
     result = train(config)
@@ -105,7 +106,15 @@ def test_an_epochs_budget_with_batch_growth_counts_examples(make_config):
     sizes = [_size_after(_extra(config)["batch_size_changes"], s) for s in range(result.steps)]
     assert result.examples == sum(sizes) >= 256 > sum(sizes[:-1])
     assert result.steps < 16
-    assert float(read_metrics(config.out_dir)[-1]["epoch"]) == pytest.approx(result.examples / 128)
+    rows = read_metrics(config.out_dir)
+    assert float(rows[-1]["epoch"]) == pytest.approx(result.examples / 128)
+    read = [int(r["examples"]) for r in rows]
+    crossed = [0] + [
+        sum(sizes[: s + 1])
+        for s in range(len(sizes))
+        if sum(sizes[: s + 1]) // 32 > sum(sizes[:s]) // 32
+    ]
+    assert read == crossed  # one row per 32 examples passed, and the last step's
 
 
 # --- iterate averaging ------------------------------------------------------------------------
