@@ -55,14 +55,13 @@ from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.curvature import (
     FlatParameters,
     HessianVectorProduct,
-    armijo_backtracking,
     average_across_ranks,
     conjugate_gradient,
+    line_search,
 )
 
 LossClosure = Callable[[], Tensor]
 FORCING = ("fixed", "superlinear")
-_MAX_TRIALS = 30  # backtracking halves ~30 times before the step is below float32 resolution
 
 
 class NewtonCG(ClassicalOptimizer):
@@ -171,21 +170,17 @@ class NewtonCG(ClassicalOptimizer):
         )
         step = flat.group_values("lr", used) * solve.solution
 
-        def objective(point: Tensor) -> float:
-            flat.copy_(point)
-            value = average_across_ranks(closure().detach().double().clone())
-            return float(value) + 0.5 * float((decay * point * point).sum())
-
-        search = armijo_backtracking(
-            lambda a: objective(start + a * step),
-            loss_value + 0.5 * float((decay * start * start).sum()),
-            float(gradient.dot(step)),
-            initial=1.0,
+        search = line_search(
+            flat,
+            closure,
+            start,
+            step,
+            gradient,
+            decay,
+            loss_value,
             factor=settings["backtrack_factor"],
             sufficient_decrease=settings["armijo"],
-            max_trials=_MAX_TRIALS,
         )
-        flat.copy_(start + search.step_size * step)
         for p, g, has_gradient in zip(flat.params, flat.split(gradient_step), used):
             if has_gradient:
                 p.grad = g.clone()

@@ -62,11 +62,10 @@ from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.curvature import (
     FlatParameters,
     HessianVectorProduct,
-    armijo_backtracking,
     average_across_ranks,
+    line_search,
+    require_graph,
 )
-
-_MAX_TRIALS = 30  # backtracking halves ~30 times before the step is below float32 resolution
 
 
 def two_loop_recursion(
@@ -447,11 +446,7 @@ class LBFGS(_StochasticLBFGS):
         memory = self._memory(flat)
         with torch.enable_grad():
             loss = closure()
-            if not loss.requires_grad:
-                raise ValueError(
-                    f"Invalid closure loss: {loss.item():.6g} has no autograd graph; the closure "
-                    "must return the loss without calling backward and outside torch.no_grad()"
-                )
+            require_graph(loss, "closure loss")
             grads = torch.autograd.grad(loss, flat.params, allow_unused=True)
         used = [g is not None for g in grads]
         start = flat.vector()
@@ -464,21 +459,17 @@ class LBFGS(_StochasticLBFGS):
         direction = -flat.group_values("lr", used) * self._direction(gradient, memory)
         loss_value = float(average_across_ranks(loss.detach().double().clone()))
 
-        def objective(point: Tensor) -> float:
-            flat.copy_(point)
-            value = average_across_ranks(closure().detach().double().clone())
-            return float(value) + 0.5 * float((decay * point * point).sum())
-
-        search = armijo_backtracking(
-            lambda a: objective(start + a * direction),
-            loss_value + 0.5 * float((decay * start * start).sum()),
-            float(gradient.dot(direction)),
-            initial=1.0,
+        search = line_search(
+            flat,
+            closure,
+            start,
+            direction,
+            gradient,
+            decay,
+            loss_value,
             factor=settings["backtrack_factor"],
             sufficient_decrease=settings["armijo"],
-            max_trials=_MAX_TRIALS,
         )
-        flat.copy_(start + search.step_size * direction)
         memory["previous_point"], memory["previous_gradient"] = start, gradient
         memory["step"] += 1
         if not search.accepted:  # start over from steepest descent
