@@ -39,7 +39,10 @@ from largebatch.utils.atomic import write_bytes_atomic, write_text_atomic
 FIGURES_DIR = "figures"
 #: modules whose sections the report shows besides the core ones; each imports this
 #: module and calls :func:`register_section`, so they are imported when a report is made
-SECTION_MODULES = ("largebatch.experiments.diagnostics_sections",)
+SECTION_MODULES = (
+    "largebatch.experiments.diagnostics_sections",
+    "largebatch.experiments.classical_sections",
+)
 
 
 @dataclass

@@ -150,6 +150,11 @@ class Averaging:
         self.average = None if config is None else IterateAverage(model, config)
         self.last: dict[str, dict[str, float]] = {}
 
+    @classmethod
+    def for_run(cls, model: nn.Module, kind: str | None, start: int, decay: float) -> Averaging:
+        """A run's average (``kind=None``: none)."""
+        return cls(model, None if kind is None else AveragingConfig(kind, start, decay))
+
     def update(self, model: nn.Module, steps_done: int) -> None:
         """Fold in the weights after ``steps_done`` steps, if due."""
         if self.average is not None:

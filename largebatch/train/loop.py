@@ -35,7 +35,7 @@ from largebatch.diagnostics.evaluation import evaluate
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
 from largebatch.train import distributed
-from largebatch.train.averaging import Averaging, AveragingConfig
+from largebatch.train.averaging import Averaging
 from largebatch.train.batch_growth import BatchGrowth
 from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
@@ -124,9 +124,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         batch_size=plan.batch_size, max_batch_size=plan.max_batch_size, processes=ddp.world_size,
         accumulation_steps=plan.accumulation_steps, model=model,
     )  # fmt: skip
-    averaging = Averaging(model, config.averaging and AveragingConfig(
-        config.averaging, config.averaging_start, config.averaging_decay
-    ))  # fmt: skip
+    averaging = Averaging.for_run(
+        model, config.averaging, config.averaging_start, config.averaging_decay
+    )
     evaluate_model = partial(
         evaluate_splits, task=task, batch_size=plan.eval_batch_size, ddp=ddp, autocast=autocast
     )
