@@ -26,6 +26,7 @@ from largebatch.cli.common import (
     error_message,
     nproc_option,
     optimizer_options,
+    parse_pairs,
     parse_warmup,
     progress_option,
     shown,
@@ -33,6 +34,8 @@ from largebatch.cli.common import (
     task_options,
 )
 from largebatch.train.autowu import AUTOWU_DECAYS
+from largebatch.train.averaging import KINDS as AVERAGING_KINDS
+from largebatch.train.batch_growth import CONTROLLERS
 from largebatch.train.config import DEFAULT_EPOCHS, RunConfig
 from largebatch.train.schedules import SCALINGS, SCHEDULES
 
@@ -209,6 +212,49 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     "--noise-scale-every",
     type=int,
     help="Measure the noise scale on every N-th step." + shown(DEFAULTS["noise_scale_every"]),
+)
+@click.option(
+    "--hessian-batch-size",
+    type=int,
+    help="Hessian sample of newton-cg and sqn (at most the batch: its first examples; "
+    "larger: an independent sample)." + shown("the batch"),
+)
+@click.option(
+    "--batch-growth",
+    type=click.Choice(sorted(CONTROLLERS)),
+    help="Grow the batch from --batch-size during training with this controller.",
+)
+@click.option(
+    "--batch-growth-theta",
+    type=float,
+    help="theta of the norm and inner-product tests (smaller: larger batches)."
+    + shown("the controller's"),
+)
+@click.option(
+    "--batch-growth-opt",
+    "batch_growth_options",
+    multiple=True,
+    metavar="KEY=VALUE",
+    callback=parse_pairs,
+    help="Batch-growth option, repeatable (e.g. every=4, group_size=4, factor=2).",
+)
+@click.option(
+    "--max-batch-size", type=int, help="Largest batch of --batch-growth." + shown("the data")
+)
+@click.option(
+    "--averaging",
+    type=click.Choice(AVERAGING_KINDS),
+    help="Also evaluate an average of the iterates (avg_* columns).",
+)
+@click.option(
+    "--averaging-start",
+    type=int,
+    help="Steps before averaging begins." + shown(DEFAULTS["averaging_start"]),
+)
+@click.option(
+    "--averaging-decay",
+    type=float,
+    help="EMA factor of --averaging ema." + shown(DEFAULTS["averaging_decay"]),
 )
 def run(config_file: str | None, **options: Any) -> None:
     """Train one model and write its run directory (config, metrics, checkpoints, result).

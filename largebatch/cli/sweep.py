@@ -148,6 +148,20 @@ def _run_and_report(
     metavar="F,...",
     help="Multiples of each optimizer's default learning rate to try.",
 )
+@click.option(
+    "--batch-growths",
+    callback=parse_list,
+    metavar="NAME,...",
+    help='Batch-size controllers to try (a grid axis; "none": a fixed batch).'
+    + shown(",".join(SPEC_DEFAULTS["batch_growths"])),
+)
+@click.option(
+    "--averagings",
+    callback=parse_list,
+    metavar="KIND,...",
+    help="Iterate averages to evaluate too (a grid axis: none, polyak, ema)."
+    + shown(",".join(SPEC_DEFAULTS["averagings"])),
+)
 @budget_options(SPEC_DEFAULTS["epochs"])
 @target_option("the task's")
 @click.option(

@@ -37,7 +37,7 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, grad_and_value, vmap
 
 from largebatch.diagnostics.evaluation import LossFn, Result, all_reduce_sum, unwrap
 
@@ -54,6 +54,7 @@ class GradientStatistics(Result):
         mean_sqnorm: ``||g||^2``.
         sum_sqnorms: ``S1 = sum ||g_i||^2``.
         sum_projections_sq: ``S3 = sum (g_i^T g)^2``, or NaN where not computed.
+        mean_loss: the batch's mean loss (what a backward pass would have returned).
     """
 
     num_samples: int
@@ -61,6 +62,7 @@ class GradientStatistics(Result):
     mean_sqnorm: float
     sum_sqnorms: float
     sum_projections_sq: float
+    mean_loss: float = float("nan")
 
     @property
     def batch_size(self) -> int:
@@ -97,13 +99,13 @@ def _check_mode(model: nn.Module) -> None:
 
 def _sample_gradient_fn(
     model: nn.Module, loss_fn: LossFn, names: Sequence[str]
-) -> Callable[[dict[str, Tensor], Tensor, Tensor], dict[str, Tensor]]:
-    """``vmap(grad)`` of one sample's mean loss, over a leading sample dimension."""
+) -> Callable[[dict[str, Tensor], Tensor, Tensor], tuple[dict[str, Tensor], Tensor]]:
+    """``vmap(grad_and_value)`` of one sample's mean loss, over a leading sample dimension."""
 
     def sample_loss(params: dict[str, Tensor], inputs: Tensor, targets: Tensor) -> Tensor:
         return loss_fn(functional_call(model, params, (inputs,)), targets)
 
-    return vmap(grad(sample_loss), in_dims=(None, 0, 0), randomness="different")
+    return vmap(grad_and_value(sample_loss), in_dims=(None, 0, 0), randomness="different")
 
 
 def _chunks(
@@ -143,9 +145,10 @@ class _SampleGradients:
         self.values = {name: p.detach() for name, p in zip(self.names, chosen)}
         self.function = _sample_gradient_fn(model, loss_fn, self.names)
 
-    def __call__(self, inputs: Tensor, targets: Tensor) -> list[Tensor]:
-        grads = self.function(self.values, inputs, targets)
-        return [grads[name] for name in self.names]
+    def __call__(self, inputs: Tensor, targets: Tensor) -> tuple[list[Tensor], Tensor]:
+        """The samples' gradients (one tensor per parameter) and their losses."""
+        grads, losses = self.function(self.values, inputs, targets)
+        return [grads[name] for name in self.names], losses
 
 
 def per_example_gradients(
@@ -164,9 +167,26 @@ def per_example_gradients(
     order (the order SAGA's ``per_example_grads`` expects). Memory: the result
     holds ``K`` copies of the parameters.
     """
+    return per_example_gradients_and_losses(
+        model, loss_fn, inputs, targets, params=params, group_size=group_size, chunk_size=chunk_size
+    )[0]
+
+
+def per_example_gradients_and_losses(
+    model: nn.Module,
+    loss_fn: LossFn,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    params: Sequence[nn.Parameter] | None = None,
+    group_size: int = 1,
+    chunk_size: int = 256,
+) -> tuple[list[Tensor], Tensor]:
+    """:func:`per_example_gradients` and each sample's loss (``(K,)``), from the same pass."""
     gradients = _SampleGradients(model, loss_fn, params)
     pieces = [gradients(x, y) for x, y in _chunks(inputs, targets, group_size, chunk_size)]
-    return [torch.cat(parts) for parts in zip(*pieces)]
+    grads = [torch.cat(parts) for parts in zip(*(g for g, _ in pieces))]
+    return grads, torch.cat([losses for _, losses in pieces])
 
 
 def _sqnorms(grads: Sequence[Tensor]) -> Tensor:
@@ -216,12 +236,13 @@ def gradient_statistics(
             when torch.distributed is initialised, else nothing).
 
     Returns:
-        The statistics and the mean gradient (one tensor per parameter).
+        The statistics (with the batch's mean loss) and the mean gradient (one
+        tensor per parameter).
     """
     gradients = _SampleGradients(model, loss_fn, params)
     chunks = list(_chunks(inputs, targets, group_size, chunk_size))
     device = next(iter(gradients.values.values())).device
-    counts = torch.zeros(3, dtype=torch.float64, device=device)  # samples, S1, S3
+    counts = torch.zeros(4, dtype=torch.float64, device=device)  # samples, S1, S3, sum of losses
     counts[0] = len(inputs) // group_size
     if mean_gradient is None:
         total = [
@@ -229,30 +250,32 @@ def gradient_statistics(
             for p in gradients.values.values()
         ]
         for x, y in chunks:
-            grads = gradients(x, y)
+            grads, losses = gradients(x, y)
             counts[1] += _sqnorms(grads).sum()
+            counts[3] += losses.double().sum()
             for t, g in zip(total, grads):
                 t += g.sum(0)
-        flat = reduce(torch.cat([counts[:2], *(t.reshape(-1) for t in total)]))
-        counts[:2] = flat[:2]
+        flat = reduce(torch.cat([counts[[0, 1, 3]], *(t.reshape(-1) for t in total)]))
+        counts[[0, 1, 3]] = flat[:3]
         exact = [
             piece.view_as(t)
             for piece, t in zip(
-                torch.split(flat[2:] / counts[0], [t.numel() for t in total]), total
+                torch.split(flat[3:] / counts[0], [t.numel() for t in total]), total
             )
         ]
         mean = [m.to(p.dtype) for m, p in zip(exact, gradients.values.values())]
         if projections:
             # S3 needs the mean: the only chunk's gradients are still here, others are recomputed
-            again = [grads] if len(chunks) == 1 else (gradients(x, y) for x, y in chunks)
+            again = [grads] if len(chunks) == 1 else (gradients(x, y)[0] for x, y in chunks)
             for grads in again:
                 counts[2] += _projections(grads, exact).pow(2).sum()
-            counts[2:] = reduce(counts[2:].clone())
+            counts[2:3] = reduce(counts[2:3].clone())
     else:
         mean = exact = [m.detach() for m in mean_gradient]
         for x, y in chunks:
-            grads = gradients(x, y)
+            grads, losses = gradients(x, y)
             counts[1] += _sqnorms(grads).sum()
+            counts[3] += losses.double().sum()
             if projections:
                 counts[2] += _projections(grads, mean).pow(2).sum()
         counts = reduce(counts)
@@ -262,5 +285,6 @@ def gradient_statistics(
         mean_sqnorm=float(sum(m.double().pow(2).sum() for m in exact)),
         sum_sqnorms=float(counts[1]),
         sum_projections_sq=float(counts[2]) if projections else float("nan"),
+        mean_loss=float(counts[3] / counts[0]),
     )
     return statistics, mean

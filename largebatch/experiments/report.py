@@ -42,6 +42,7 @@ FIGURES_DIR = "figures"
 SECTION_MODULES = (
     "largebatch.experiments.diagnostics_sections",
     "largebatch.experiments.schedule_sections",
+    "largebatch.experiments.classical_sections",
 )
 
 

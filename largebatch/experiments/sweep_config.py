@@ -1,8 +1,10 @@
 """A sweep definition, from command-line flags or a TOML file, and its cells.
 
 A sweep is a grid: batch sizes x optimizers x seeds, optionally x learning rates,
-schedules, scaling rules and (for the decentralized optimizers) topologies, on one
-task with one budget. :func:`load_sweep` checks everything before any run starts; a bad key or value raises :class:`SweepConfigError` naming the key and
+schedules, scaling rules, (for the decentralized optimizers) topologies,
+batch-size controllers (``batch_growths``) and iterate averages (``averagings``),
+on one task with one budget. :func:`load_sweep` checks everything before any run
+starts; a bad key or value raises :class:`SweepConfigError` naming the key and
 its line in the file (or the flag). :func:`expand` turns the sweep into a
 deterministic list of :class:`Cell` s, each a :class:`RunConfig` with a stable id
 (a hash of the config) and a run directory ``DIR/runs/<cell-id>``.
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import itertools
 import json
 import re
 import tomllib
@@ -44,6 +47,8 @@ from largebatch.optim.registry import (
 from largebatch.tasks import get_spec as get_task_spec
 from largebatch.tasks.registry import load_user_builder
 from largebatch.train.autowu import AUTOWU_DECAYS
+from largebatch.train.averaging import KINDS as AVERAGING_KINDS
+from largebatch.train.batch_growth import CONTROLLERS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
@@ -52,6 +57,8 @@ KeyPath = tuple[str, ...]
 FULL_BATCH = "full"
 #: an item of the ``schedules``/``scalings`` axes: the setting the optimizer has without the axis
 DEFAULT = "default"
+#: the ``batch_growths`` and ``averagings`` entry for "none"
+NONE = "none"
 
 
 class SweepConfigError(ConfigError):
@@ -173,6 +180,7 @@ RUN_SETTINGS: dict[str, Callable[[Any], Any]] = {
     "autowu_max_lr": _positive_number,
     "autowu_max_warmup": _positive_number,
     "autowu_decay": _one_of(AUTOWU_DECAYS),
+    "hessian_batch_size": _positive_int,
 }
 #: the run settings only AutoWU cells take
 AUTOWU_SETTINGS = ("autowu_min_lr", "autowu_max_lr", "autowu_max_warmup", "autowu_decay")
@@ -198,6 +206,13 @@ SWEEP_KEYS: dict[str, Callable[[Any], Any]] = {
     "bf16": _boolean,
     "schedules": _list_of(_one_of((DEFAULT, *typing.get_args(Schedule)))),
     "scalings": _list_of(_one_of((DEFAULT, *typing.get_args(Scaling)))),
+    "batch_growths": _list_of(_one_of((NONE, *sorted(CONTROLLERS)))),
+    "batch_growth_theta": _positive_number,
+    "batch_growth_options": _table,
+    "max_batch_size": _positive_int,
+    "averagings": _list_of(_one_of((NONE, *AVERAGING_KINDS))),
+    "averaging_start": _non_negative_int,
+    "averaging_decay": _non_negative_number,
     **RUN_SETTINGS,
 }
 
@@ -217,6 +232,9 @@ class SweepSpec:
     ``"default"`` is what the optimizer gets without the axis (its section's
     setting, else the sweep's, else its recommendation). An AutoWU cell takes no
     learning rate, scaling rule or warm-up from the sweep, since it finds them.
+    ``batch_growths`` and ``averagings`` are grid axes (``"none"`` for a plain
+    run); the other batch-growth and averaging keys apply to every cell that
+    uses them.
     """
 
     task: str = "mnist1d-cnn"
@@ -249,6 +267,14 @@ class SweepSpec:
     autowu_decay: str | None = None
     schedules: tuple[str, ...] | None = None
     scalings: tuple[str, ...] | None = None
+    hessian_batch_size: int | None = None
+    batch_growths: tuple[str, ...] = (NONE,)
+    batch_growth_theta: float | None = None
+    batch_growth_options: dict[str, Any] = field(default_factory=dict)
+    max_batch_size: int | None = None
+    averagings: tuple[str, ...] = (NONE,)
+    averaging_start: int = 0
+    averaging_decay: float = 0.999
     optimizer_settings: dict[str, dict[str, Any]] = field(default_factory=dict)
     hyperparameters: dict[str, dict[str, Any]] = field(default_factory=dict)
 
@@ -560,11 +586,21 @@ LATER_FIELDS: dict[str, Any] = {
     "autowu_max_lr": 1.0,
     "autowu_max_warmup": 0.5,
     "autowu_decay": "cosine",
+    "hessian_batch_size": None,
+    "batch_growth": None,
+    "batch_growth_theta": None,
+    "batch_growth_options": {},
+    "max_batch_size": None,
+    "averaging": None,
+    "averaging_start": 0,
+    "averaging_decay": 0.999,
 }
+#: the schedule and scaling settings a cell name shows (they find the rate themselves)
+ADAPTIVE = ("autowu", "adascale")
 
 
 def cell_id(config: RunConfig) -> str:
-    """Stable, readable id: ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>]-<hash>``.
+    """Stable, readable id: ``<name>-<hash>`` (the name is :func:`cell_name`'s).
 
     The hash covers every field of the config except those a resumed run may
     change (where it lives, checkpoint interval, progress bar, ...), so the same
@@ -581,21 +617,27 @@ def cell_id(config: RunConfig) -> str:
 
 
 def cell_name(config: RunConfig) -> str:
-    """The readable part of a cell id:
-    ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>][-autowu][-adascale]``."""
-    adaptive = "".join(
-        f"-{name}" for name in (config.schedule, config.scaling) if name in ("autowu", "adascale")
+    """The readable part of a cell id: ``<optimizer>[-<topology>]-b<batch>-s<seed>[-lr<lr>]``
+    then ``-autowu``, ``-adascale``, ``-<batch growth>``, ``-<average>`` where they apply."""
+    adaptive = [name for name in (config.schedule, config.scaling) if name in ADAPTIVE]
+    extras = (*adaptive, config.batch_growth or NONE, config.averaging or NONE)
+    return _name(
+        config.optimizer, config.batch_size, config.seed, config.lr, config.topology, extras
     )
-    name = _name(config.optimizer, config.batch_size, config.seed, config.lr, config.topology)
-    return name + adaptive
 
 
 def _name(
-    optimizer: str, batch_size: int, seed: int, lr: float | None, topology: str | None = None
+    optimizer: str,
+    batch_size: int,
+    seed: int,
+    lr: float | None,
+    topology: str | None = None,
+    extras: tuple[str, ...] = (),
 ) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
     topology_part = f"-{topology}" if topology is not None else ""
-    return f"{optimizer}{topology_part}-b{batch_size}-s{seed}{lr_part}"
+    tail = "".join(f"-{part}" for part in extras if part != NONE)
+    return f"{optimizer}{topology_part}-b{batch_size}-s{seed}{lr_part}{tail}"
 
 
 def _optimizers_and_topologies(spec: SweepSpec) -> list[tuple[str, str | None]]:
@@ -614,7 +656,8 @@ def expand(
     train_size: int,
     eval_every: Callable[[RunConfig], int],
 ) -> list[Cell]:
-    """The sweep's cells, in a fixed order: seed, batch size, optimizer, topology, variant.
+    """The sweep's cells, in a fixed order: seed, batch size, optimizer, topology, variant,
+    batch growth, averaging.
 
     ``train_size`` resolves ``"full"``; ``eval_every(config)`` gives a cell's
     evaluation interval, which is also its checkpoint interval unless the spec
@@ -623,43 +666,59 @@ def expand(
     batch_sizes = resolve_batch_sizes(spec, train_size)
     runs_dir = Path(sweep_dir) / "runs"
     cells = []
-    for seed in spec.seeds:
-        for batch_size in batch_sizes:
-            for optimizer, topology in _optimizers_and_topologies(spec):
-                for settings, lr in _variants(spec, optimizer):
-                    try:
-                        config = RunConfig(
-                            task=spec.task,
-                            task_options=dict(spec.task_options),
-                            optimizer=optimizer,
-                            optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
-                            lr=lr,
-                            base_batch_size=spec.base_batch_size,
-                            batch_size=batch_size,
-                            accumulation_steps=spec.accumulation_steps,
-                            **settings,
-                            epochs=spec.epochs,
-                            steps=spec.steps,
-                            target=spec.target,
-                            stop_at_target=spec.stop_at_target,
-                            seed=seed,
-                            device=spec.device,
-                            bf16=spec.bf16,
-                            nproc=spec.nproc,
-                            topology=topology,
-                        )
-                    except ConfigError as exc:
-                        name = _name(optimizer, batch_size, seed, lr, topology)
-                        raise SweepConfigError(f"cell {name}: {exc}") from None
-                    every = eval_every(config)
-                    config = replace(
-                        config, eval_every=every, checkpoint_every=spec.checkpoint_every or every
-                    )
-                    identifier = cell_id(config)
-                    cells.append(
-                        Cell(identifier, replace(config, out_dir=str(runs_dir / identifier)))
-                    )
+    axes = itertools.product(spec.seeds, batch_sizes, _optimizers_and_topologies(spec))
+    for seed, batch_size, (optimizer, topology) in axes:
+        hessian_batch_size = spec.settings_for(optimizer)["hessian_batch_size"]
+        extras = itertools.product(_variants(spec, optimizer), spec.batch_growths, spec.averagings)
+        for (settings, lr), growth, averaging in extras:
+            try:
+                config = RunConfig(
+                    task=spec.task,
+                    task_options=dict(spec.task_options),
+                    optimizer=optimizer,
+                    optimizer_options=dict(spec.hyperparameters.get(optimizer, {})),
+                    lr=lr,
+                    base_batch_size=spec.base_batch_size,
+                    batch_size=batch_size,
+                    accumulation_steps=spec.accumulation_steps,
+                    **settings,
+                    epochs=spec.epochs,
+                    steps=spec.steps,
+                    target=spec.target,
+                    stop_at_target=spec.stop_at_target,
+                    seed=seed,
+                    device=spec.device,
+                    bf16=spec.bf16,
+                    nproc=spec.nproc,
+                    topology=topology,
+                    hessian_batch_size=hessian_batch_size,
+                    **_growth_and_averaging(spec, growth, averaging),
+                )
+            except ConfigError as exc:
+                name = _name(optimizer, batch_size, seed, lr, topology, (growth, averaging))
+                raise SweepConfigError(f"cell {name}: {exc}") from None
+            every = eval_every(config)
+            config = replace(
+                config, eval_every=every, checkpoint_every=spec.checkpoint_every or every
+            )
+            identifier = cell_id(config)
+            cells.append(Cell(identifier, replace(config, out_dir=str(runs_dir / identifier))))
     return cells
+
+
+def _growth_and_averaging(spec: SweepSpec, growth: str, averaging: str) -> dict[str, Any]:
+    """The batch-growth and averaging fields of a cell at ``growth``/``averaging`` on their
+    axes: the sweep's batch-growth settings go to growing cells only."""
+    growing = growth != NONE
+    return {
+        "batch_growth": growth if growing else None,
+        "batch_growth_theta": spec.batch_growth_theta if growing else None,
+        "batch_growth_options": dict(spec.batch_growth_options) if growing else {},
+        "max_batch_size": spec.max_batch_size if growing else None,
+        "averaging": averaging if averaging != NONE else None,
+        "averaging_start": spec.averaging_start,
+        "averaging_decay": spec.averaging_decay,
+    }
 
 
 def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], float | None]]:

@@ -41,13 +41,33 @@ def check_choice(name: str, value: Any, choices: tuple[str, ...]) -> None:
         raise ValueError(f"Invalid {name} value: {value!r} (expected one of {choices})")
 
 
+def reject_meta(param_group: dict[str, Any], what: str) -> dict[str, Any]:
+    """``param_group`` with its parameters listed; ``ValueError`` if one is a ``meta`` tensor.
+
+    For methods whose control flow reads values (line searches, CG's exit tests):
+    meta tensors have none, so the optimizer says so when it is built.
+    """
+    params = param_group["params"]
+    if isinstance(params, set):  # torch.optim rejects an unordered collection itself
+        return param_group
+    params = [params] if isinstance(params, Tensor) else list(params)
+    if any(isinstance(p, Tensor) and p.is_meta for p in params):
+        raise ValueError(
+            f"Invalid params: meta tensors ({what} decides on values, which meta tensors "
+            "do not have)"
+        )
+    return {**param_group, "params": params}
+
+
 class ClassicalOptimizer(torch.optim.Optimizer):
     """Base of the classical methods: validated groups and per-step statistics.
 
     Subclasses set ``STATISTICS`` (the names :meth:`step_statistics` returns),
     ``GLOBAL_KEYS`` (hyperparameters of the whole optimizer, which every group
     must share: one solve or one snapshot covers all groups) and implement
-    :meth:`_check_group`.
+    :meth:`_check_group`. The last step's statistics are part of the state
+    (``state["statistics"]``), so a resumed run reports what the uninterrupted
+    one would (SVRG's snapshot values persist between snapshots).
     """
 
     STATISTICS: tuple[str, ...] = ()
@@ -55,12 +75,15 @@ class ClassicalOptimizer(torch.optim.Optimizer):
 
     def __init__(self, params: Iterable[Tensor] | Iterable[dict[str, Any]], defaults: dict) -> None:
         self._check_group(defaults)
-        self._statistics: dict[str, float] = {}
         super().__init__(params, defaults)
 
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        self.__dict__.setdefault("_statistics", {})  # not pickled: the last step's values
+    @property
+    def _statistics(self) -> dict[str, Any]:
+        return self.state["statistics"]
+
+    @_statistics.setter
+    def _statistics(self, values: dict[str, Any]) -> None:
+        self.state["statistics"] = values
 
     def _check_group(self, group: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming a bad hyperparameter of ``group`` (defaults filled in)."""
@@ -80,6 +103,11 @@ class ClassicalOptimizer(torch.optim.Optimizer):
                     )
         super().add_param_group(param_group)
 
-    def step_statistics(self) -> dict[str, float]:
-        """The last step's quantities, one float per name in ``STATISTICS`` (NaN before any)."""
-        return {name: float(self._statistics.get(name, math.nan)) for name in self.STATISTICS}
+    def step_statistics(self, names: Iterable[str] | None = None) -> dict[str, float]:
+        """The last step's quantities, one float per name in ``STATISTICS`` (NaN before any).
+
+        Steps keep them as they come (device tensors included, so a step never waits
+        for the device); they are read here. ``names`` picks a subset.
+        """
+        names = self.STATISTICS if names is None else tuple(names)
+        return {name: float(self._statistics.get(name, math.nan)) for name in names}

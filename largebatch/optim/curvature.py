@@ -11,7 +11,9 @@
   ``docs/classical.md`` has the figures).
 * :func:`conjugate_gradient`: truncated CG with a relative-residual tolerance, an
   iteration cap and an exit on non-positive curvature.
-* :func:`armijo_backtracking`: the sufficient-decrease line search.
+* :func:`armijo_backtracking`: the sufficient-decrease line search, and
+  :func:`line_search`, the same on a loss closure plus weight decay over the
+  flat parameters (Newton-CG and L-BFGS).
 * :func:`average_across_ranks`: what replaces DDP's gradient averaging for
   quantities computed with ``torch.autograd.grad``.
 """
@@ -97,6 +99,15 @@ class FlatParameters:
         return [p.grad is not None for p in self.params]
 
 
+def require_graph(loss: Tensor, name: str) -> None:
+    """``ValueError`` unless ``loss`` carries the autograd graph a closure must return."""
+    if not loss.requires_grad:
+        raise ValueError(
+            f"Invalid {name}: {loss.item():.6g} has no autograd graph; the closure must "
+            "return the loss without calling backward and outside torch.no_grad()"
+        )
+
+
 class HessianVectorProduct:
     """``v -> H v``, ``H`` the Hessian of ``loss`` with respect to ``params``, by double backward.
 
@@ -113,11 +124,7 @@ class HessianVectorProduct:
     """
 
     def __init__(self, loss: Tensor, flat: FlatParameters, *, name: str = "loss") -> None:
-        if not loss.requires_grad:
-            raise ValueError(
-                f"Invalid {name}: {loss.item():.6g} has no autograd graph; the closure must "
-                "return the loss without calling backward and outside torch.no_grad()"
-            )
+        require_graph(loss, name)
         self.flat = flat
         self.name = name
         grads = torch.autograd.grad(loss, flat.params, create_graph=True, allow_unused=True)
@@ -161,9 +168,10 @@ class CGResult:
         solution: the approximate solution ``x`` of ``A x = b``.
         iterations: products with ``A`` computed.
         relative_residual: ``||b - A x|| / ||b||`` at exit (0 for ``b = 0``).
-        negative_curvature: CG met a direction ``p`` with ``p^T A p <= 0`` and stopped;
-            ``solution`` is the iterate before it, or ``b`` itself if that was the
-            first direction (for ``b = -g``: the steepest-descent direction).
+        negative_curvature: CG met a direction ``p`` with ``p^T A p <= 0`` (or so close
+            to 0 that the step along it overflows the dtype) and stopped; ``solution``
+            is the iterate before it, or ``b`` itself if that was the first direction
+            (for ``b = -g``: the steepest-descent direction).
     """
 
     solution: Tensor
@@ -177,6 +185,7 @@ def conjugate_gradient(
 ) -> CGResult:
     """Solve ``A x = rhs`` from ``x = 0`` by CG; stop at ``||r|| <= tol ||rhs||``, ``max_iter``
     products, or non-positive curvature (Nocedal & Wright, Alg. 7.1)."""
+    largest = torch.finfo(rhs.dtype).max
     x = torch.zeros_like(rhs)
     residual = rhs.clone()
     direction = residual.clone()
@@ -187,7 +196,7 @@ def conjugate_gradient(
     for iteration in range(max_iter):
         product = operator(direction)
         curvature = float(direction.dot(product))
-        if curvature <= 0.0:
+        if curvature <= 0.0 or rr / curvature > largest:  # no (representable) positive curvature
             solution = rhs.clone() if iteration == 0 else x
             return CGResult(solution, iteration + 1, math.sqrt(rr) / rhs_norm, True)
         alpha = rr / curvature
@@ -233,3 +242,42 @@ def armijo_backtracking(
             return LineSearchResult(step, trial, True, value)
         step *= factor
     return LineSearchResult(0.0, max_trials, False, loss)
+
+
+#: backtracking halves ~30 times before a step is below float32 resolution
+MAX_TRIALS = 30
+
+
+def line_search(
+    flat: FlatParameters,
+    closure: Callable[[], Tensor],
+    start: Tensor,
+    step: Tensor,
+    gradient: Tensor,
+    decay: Tensor,
+    loss: float,
+    *,
+    factor: float,
+    sufficient_decrease: float,
+) -> LineSearchResult:
+    """:func:`armijo_backtracking` from ``start`` along ``step`` on ``closure()`` (evaluated at
+    each trial point, averaged across ranks) plus ``1/2 sum decay w^2``; ``loss`` and
+    ``gradient`` are the closure's at ``start`` (the gradient with the decay). Leaves the
+    parameters at the accepted point (``start`` if none is)."""
+
+    def objective(point: Tensor) -> float:
+        flat.copy_(point)
+        value = average_across_ranks(closure().detach().double().clone())
+        return float(value) + 0.5 * float((decay * point * point).sum())
+
+    search = armijo_backtracking(
+        lambda a: objective(start + a * step),
+        loss + 0.5 * float((decay * start * start).sum()),
+        float(gradient.dot(step)),
+        initial=1.0,
+        factor=factor,
+        sufficient_decrease=sufficient_decrease,
+        max_trials=MAX_TRIALS,
+    )
+    flat.copy_(start + search.step_size * step)
+    return search

@@ -22,7 +22,7 @@ Driving it (:class:`~largebatch.optim.classical_protocol.ClassicalStepProtocol`)
         return loss_fn(model(x), y)
     def hessian_closure():             # same, on S^H (optional; default S^H = S)
         return loss_fn(model(x[:h]), y[:h])
-    optimizer.step(closure, hessian_closure)
+    optimizer.step(closure, hessian_closure)   # hessian_closure=closure also means S^H = S
 
 The closure is evaluated once with gradients enabled (gradient, and with no
 ``hessian_closure`` also the Hessian graph) and once per line-search trial under
@@ -49,19 +49,19 @@ from largebatch.optim._classical import (
     check_choice,
     check_open_unit,
     check_positive_int,
+    reject_meta,
 )
 from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.curvature import (
     FlatParameters,
     HessianVectorProduct,
-    armijo_backtracking,
     average_across_ranks,
     conjugate_gradient,
+    line_search,
 )
 
 LossClosure = Callable[[], Tensor]
 FORCING = ("fixed", "superlinear")
-_MAX_TRIALS = 30  # backtracking halves ~30 times before the step is below float32 resolution
 
 
 class NewtonCG(ClassicalOptimizer):
@@ -131,6 +131,10 @@ class NewtonCG(ClassicalOptimizer):
         check_open_unit("backtrack_factor", group["backtrack_factor"])
         check_open_unit("armijo", group["armijo"])
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; meta tensors are refused (CG's exit tests and the line search read values)."""
+        super().add_param_group(reject_meta(param_group, "Newton-CG's CG and line search"))
+
     @torch.no_grad()
     def step(  # type: ignore[override]
         self, closure: LossClosure, hessian_closure: LossClosure | None = None
@@ -142,7 +146,7 @@ class NewtonCG(ClassicalOptimizer):
         flat = FlatParameters(self.param_groups)
         with torch.enable_grad():
             loss = closure()
-            if hessian_closure is None:
+            if hessian_closure is None or hessian_closure is closure:
                 hessian = HessianVectorProduct(loss, flat, name="closure loss")
                 gradient, used = hessian.gradient, hessian.used
             else:
@@ -166,21 +170,17 @@ class NewtonCG(ClassicalOptimizer):
         )
         step = flat.group_values("lr", used) * solve.solution
 
-        def objective(point: Tensor) -> float:
-            flat.copy_(point)
-            value = average_across_ranks(closure().detach().double().clone())
-            return float(value) + 0.5 * float((decay * point * point).sum())
-
-        search = armijo_backtracking(
-            lambda a: objective(start + a * step),
-            loss_value + 0.5 * float((decay * start * start).sum()),
-            float(gradient.dot(step)),
-            initial=1.0,
+        search = line_search(
+            flat,
+            closure,
+            start,
+            step,
+            gradient,
+            decay,
+            loss_value,
             factor=settings["backtrack_factor"],
             sufficient_decrease=settings["armijo"],
-            max_trials=_MAX_TRIALS,
         )
-        flat.copy_(start + search.step_size * step)
         for p, g, has_gradient in zip(flat.params, flat.split(gradient_step), used):
             if has_gradient:
                 p.grad = g.clone()

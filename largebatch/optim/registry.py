@@ -38,6 +38,17 @@ class OptimizerSpec:
         scaling_rule: recommended learning-rate scaling with batch size.
         warmup: recommended warm-up length as a fraction of the run.
         reference: the paper or source the implementation follows.
+        data_arguments: constructor arguments that describe the training data and
+            that whoever builds it for a run fills in (``num_examples``: the size of
+            the training set, for SAGA's table); they are not hyperparameters.
+        couples_parameters: one step of a parameter depends on the others' history
+            (a shared curvature memory or snapshot schedule), so a parameter that
+            gets its first gradient late does not step as a fresh optimizer on it
+            would (L-BFGS family, SVRG). The contract suite checks such optimizers
+            for consistency instead.
+        steps_on_meta: steps run on ``meta`` tensors. ``False``: the method's control
+            flow reads values (a line search, CG's exit tests) and the constructor
+            refuses meta parameters with a ``ValueError``.
     """
 
     name: str
@@ -49,6 +60,9 @@ class OptimizerSpec:
     scaling_rule: ScalingRule = "none"
     warmup: float = 0.0
     reference: str = ""
+    data_arguments: tuple[str, ...] = ()
+    couples_parameters: bool = False
+    steps_on_meta: bool = True
 
     def load(self) -> type:
         """Import and return the optimizer class."""
@@ -59,10 +73,17 @@ class OptimizerSpec:
 _REGISTRY: dict[str, OptimizerSpec] = {}
 
 
+#: the data arguments a run knows how to fill in (``OptimizerSpec.data_arguments``)
+DATA_ARGUMENTS = ("num_examples",)
+
+
 def register(spec: OptimizerSpec) -> OptimizerSpec:
     """Add a spec to the registry; names are unique."""
     if spec.name in _REGISTRY:
         raise ValueError(f"optimizer {spec.name!r} is already registered")
+    unknown = sorted(set(spec.data_arguments) - set(DATA_ARGUMENTS))
+    if unknown:
+        raise ValueError(f"Invalid data_arguments: {unknown} (known: {list(DATA_ARGUMENTS)})")
     _REGISTRY[spec.name] = spec
     return spec
 
@@ -182,6 +203,12 @@ def create_optimizer(
         base = create_optimizer(base_name, model_or_params, **base_hparams)
         return cls(base, **own)
 
+    missing = [key for key in spec.data_arguments if key not in merged]
+    if missing:
+        raise TypeError(
+            f"{name}: missing data argument(s) {missing} (the training set's size: a run "
+            "fills it in; pass it when building the optimizer yourself)"
+        )
     accepted = _accepted_keys(cls)
     if accepted is not None:
         unknown = sorted(set(merged) - accepted)
@@ -362,11 +389,41 @@ register(
     )
 )
 
-# Classical stochastic quasi-Newton (largebatch/optim/quasi_newton.py): the review's oLBFGS,
-# two gradient evaluations per step on the same batch. SVRG, SAGA, Newton-CG and SQN
-# (svrg.py, saga.py, newton_cg.py, quasi_newton.py) need the loop hooks of
-# ClassicalStepProtocol (snapshots, per-example gradients, loss closures) and are
-# registered with them.
+# The classical large-scale methods of Bottou, Curtis & Nocedal (2018): variance reduction
+# (svrg.py, saga.py), subsampled Newton-CG (newton_cg.py) and stochastic quasi-Newton
+# (quasi_newton.py). They declare a ClassicalStepProtocol: the training loop's step driver
+# (largebatch/train/step.py) runs SVRG's snapshots, SAGA's per-example gradients and the
+# loss closures and Hessian samples of Newton-CG, SQN and L-BFGS. docs/classical.md.
+register(
+    OptimizerSpec(
+        name="svrg",
+        target="largebatch.optim.svrg:SVRG",
+        description="SVRG: g(w) - g(w~) + full gradient at the snapshot w~, a full pass every `inner_steps` steps (2 grads/step + n per snapshot).",
+        defaults={"lr": 0.1, "inner_steps": 100},
+        reference="Johnson & Zhang 2013; Bottou, Curtis & Nocedal 2018, Alg. 5.1",
+        couples_parameters=True,
+    )
+)
+register(
+    OptimizerSpec(
+        name="saga",
+        target="largebatch.optim.saga:SAGA",
+        description="SAGA: per-example gradient table (n copies of the parameters), unbiased variance-reduced direction; one process.",
+        defaults={"lr": 0.1},
+        reference="Defazio, Bach & Lacoste-Julien 2014; Bottou, Curtis & Nocedal 2018, Alg. 5.2",
+        data_arguments=("num_examples",),
+    )
+)
+register(
+    OptimizerSpec(
+        name="newton-cg",
+        target="largebatch.optim.newton_cg:NewtonCG",
+        description="Subsampled Hessian-free Newton-CG: CG on Hessian-vector products (tolerance, cap, negative-curvature exit), Armijo backtracking.",
+        defaults={"lr": 1.0, "cg_tol": 0.1, "max_cg": 10},
+        reference="Byrd, Chin, Neveitt & Nocedal 2011; Bottou, Curtis & Nocedal 2018, Alg. 6.1",
+        steps_on_meta=False,
+    )
+)
 register(
     OptimizerSpec(
         name="olbfgs",
@@ -374,6 +431,28 @@ register(
         description="Online L-BFGS: curvature pairs from the same batch at both points, two-loop recursion over the last `memory` pairs (2 grads/step).",
         defaults={"lr": 0.1, "memory": 10},
         reference="Schraudolph, Yu & Guenter 2007; Bottou, Curtis & Nocedal 2018, Sec. 6.2 (6.13)",
+        couples_parameters=True,
+    )
+)
+register(
+    OptimizerSpec(
+        name="sqn",
+        target="largebatch.optim.quasi_newton:SQN",
+        description="Stochastic quasi-Newton: L-BFGS pairs from Hessian-vector products at averaged iterates every `update_every` steps.",
+        defaults={"lr": 0.1, "memory": 10, "update_every": 20},
+        reference="Byrd, Hansen, Nocedal & Singer 2016; Bottou, Curtis & Nocedal 2018, Sec. 6.2 (6.14)",
+        couples_parameters=True,
+    )
+)
+register(
+    OptimizerSpec(
+        name="lbfgs",
+        target="largebatch.optim.quasi_newton:LBFGS",
+        description="L-BFGS with Armijo backtracking on the step's batch; with the full training set as batch, the classical deterministic method.",
+        defaults={"lr": 1.0, "memory": 10},
+        reference="Nocedal & Wright 2006, Alg. 7.5; Bottou, Curtis & Nocedal 2018, Fig. 3.1",
+        couples_parameters=True,
+        steps_on_meta=False,
     )
 )
 

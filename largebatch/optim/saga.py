@@ -128,7 +128,7 @@ class SAGA(ClassicalOptimizer):
         positions = torch.arange(len(indices), device=indices.device)
         last = torch.zeros_like(unique).scatter_reduce_(0, inverse, positions, "amax")
         grads = dict(zip(self._params(), per_example_grads))
-        correction_sqnorm = 0.0
+        correction_sqnorm = torch.zeros((), dtype=torch.float64)
         for group in self.param_groups:
             for p in group["params"]:
                 per_example = grads[p]
@@ -142,7 +142,9 @@ class SAGA(ClassicalOptimizer):
                 table, mean = state["table"], state["table_mean"]
                 per_example = per_example.to(table.dtype)
                 correction = (per_example - table[indices.to(table.device)]).mean(0) + mean
-                correction_sqnorm += float(correction.pow(2).sum())
+                correction_sqnorm = (
+                    correction_sqnorm.to(p.device) + correction.double().pow(2).sum()
+                )
                 stored = per_example[last]
                 rows = unique.to(table.device)
                 mean.add_((stored - table[rows]).sum(0), alpha=1.0 / n)
@@ -159,5 +161,5 @@ class SAGA(ClassicalOptimizer):
         self.state["saga"] = {"seen": seen}
         self._statistics = {
             "examples_seen": int(seen.sum()),
-            "correction_norm": correction_sqnorm**0.5,
+            "correction_norm": correction_sqnorm.sqrt(),
         }

@@ -3,7 +3,7 @@
 For a finite sum ``R_n(w) = (1/n) sum_i f_i(w)``, SVRG keeps a snapshot ``wt``
 and its full gradient ``mu = grad R_n(wt)``, and steps along
 
-    g = grad f_S(w) - grad f_S(wt) + mu  (+ weight_decay * w)
+    g = grad f_S(w) + (mu - grad f_S(wt))  (+ weight_decay * w)
 
 an unbiased estimate of ``grad R_n(w)`` whose variance vanishes as ``w`` and
 ``wt`` approach the minimizer: a linear rate with a constant step where SG
@@ -26,7 +26,10 @@ period of ``m`` steps of batch ``b``.
 
 The snapshot (``wt``, ``mu``, and the running average for option (b)) is in each
 parameter's state, so ``state_dict`` round-trips exactly; memory is three
-copies of the parameters (four with option (b)).
+copies of the parameters (four with option (b)). The snapshot schedule is
+shared by all parameters: one that has no gradient at a snapshot gets none,
+and steps along its plain gradient until the next (the registry declares
+SVRG as ``couples_parameters``). Statistics stay on the device until read.
 """
 
 from __future__ import annotations
@@ -47,14 +50,13 @@ SNAPSHOT_POINTS = ("last", "average")
 def _single_tensor_svrg(
     params: list[Tensor],
     grads: list[Tensor],
-    snapshot_grads: list[Tensor],
-    full_grads: list[Tensor],
+    corrections: list[Tensor],
     *,
     lr: float,
     weight_decay: float,
 ) -> None:
-    for param, grad, snapshot_grad, full_grad in zip(params, grads, snapshot_grads, full_grads):
-        direction = grad - snapshot_grad + full_grad
+    for param, grad, correction in zip(params, grads, corrections):
+        direction = grad + correction
         if weight_decay:
             direction.add_(param, alpha=weight_decay)
         param.add_(direction, alpha=-lr)
@@ -63,14 +65,12 @@ def _single_tensor_svrg(
 def _multi_tensor_svrg(
     params: list[Tensor],
     grads: list[Tensor],
-    snapshot_grads: list[Tensor],
-    full_grads: list[Tensor],
+    corrections: list[Tensor],
     *,
     lr: float,
     weight_decay: float,
 ) -> None:
-    directions = torch._foreach_sub(grads, snapshot_grads)
-    torch._foreach_add_(directions, full_grads)
+    directions = torch._foreach_add(grads, corrections)
     if weight_decay:
         torch._foreach_add_(directions, params, alpha=weight_decay)
     torch._foreach_add_(params, directions, alpha=-lr)
@@ -139,19 +139,28 @@ class SVRG(ClassicalOptimizer):
 
     @torch.no_grad()
     def snapshot(self, closure: Callable[[], Tensor]) -> Tensor:
-        """Move to the snapshot point, then store it and the full gradient ``closure`` leaves in ``.grad``."""
+        """Move to the snapshot point, then store it and the full gradient ``closure`` leaves in ``.grad``.
+
+        Parameters without a gradient get no snapshot: until the next one they step
+        along their plain gradient, should they get one (see :meth:`step`).
+        """
         averaging = self.param_groups[0]["snapshot_point"] == "average"
         if averaging and self.state["svrg"]["steps_since_snapshot"] > 0:
             for p in self._params():
-                p.copy_(self.state[p]["average"])
+                if "average" in self.state[p]:
+                    p.copy_(self.state[p]["average"])
         with torch.enable_grad():
             loss = closure()
-        full_sqnorm = 0.0
+        full_sqnorm = torch.zeros((), dtype=torch.float64)
         for p in self._params():
             state = self.state[p]
+            for key in ("snapshot", "full_grad", "average"):
+                state.pop(key, None)
+            if p.grad is None:
+                continue
             state["snapshot"] = p.detach().clone()
-            state["full_grad"] = torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
-            full_sqnorm += float(state["full_grad"].pow(2).sum())
+            state["full_grad"] = p.grad.detach().clone()
+            full_sqnorm = full_sqnorm.to(p.device) + state["full_grad"].double().pow(2).sum()
             if averaging:
                 state["average"] = p.detach().clone()
         counters = self._count(
@@ -159,14 +168,18 @@ class SVRG(ClassicalOptimizer):
         )
         self._statistics = {
             **counters,
-            "snapshot_loss": float(loss),
-            "full_gradient_norm": full_sqnorm**0.5,
+            "snapshot_loss": loss.detach(),
+            "full_gradient_norm": full_sqnorm.sqrt(),
         }
         return loss
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor]) -> Tensor:  # type: ignore[override]
-        """One variance-reduced step; ``closure`` re-evaluates the step's batch at the snapshot."""
+        """One variance-reduced step; ``closure`` re-evaluates the step's batch at the snapshot.
+
+        A parameter with a gradient but no snapshot (it had no gradient at the last
+        one) steps along its plain gradient until the next snapshot.
+        """
         if self.state["svrg"]["snapshots"] == 0:
             raise ValueError(
                 "Invalid SVRG state: snapshots=0; call optimizer.snapshot(full_gradient_closure) "
@@ -175,17 +188,23 @@ class SVRG(ClassicalOptimizer):
         if closure is None:
             raise ValueError("Invalid closure: None; SVRG re-evaluates the batch at the snapshot")
         active = [p for p in self._params() if p.grad is not None]
+        if any(p.grad.is_sparse for p in active):
+            raise RuntimeError("SVRG does not support sparse gradients")
+        reduced = [p for p in active if "snapshot" in self.state[p]]
         grads = {p: p.grad.detach().clone() for p in active}
-        current = {p: p.detach().clone() for p in active}
-        for p in active:
+        current = {p: p.detach().clone() for p in reduced}
+        for p in reduced:
             p.copy_(self.state[p]["snapshot"])
         with torch.enable_grad():
             loss = closure()
-        snapshot_grads = {
-            p: torch.zeros_like(p) if p.grad is None else p.grad.detach().clone() for p in active
+        corrections = {
+            p: self.state[p]["full_grad"]
+            - (torch.zeros_like(p) if p.grad is None else p.grad.detach())
+            for p in reduced
         }
-        for p in active:
+        for p in reduced:
             p.copy_(current[p])
+        for p in active:
             p.grad = grads[p]  # the step's own gradient at w, as after a plain step
         for group in self.param_groups:
             params = [p for p in group["params"] if p in grads]
@@ -195,14 +214,13 @@ class SVRG(ClassicalOptimizer):
             update(
                 params,
                 [grads[p] for p in params],
-                [snapshot_grads[p] for p in params],
-                [self.state[p]["full_grad"] for p in params],
+                [corrections.get(p, torch.zeros_like(p)) for p in params],
                 lr=group["lr"],
                 weight_decay=group["weight_decay"],
             )
         counters = self._count(steps_since_snapshot=self.state["svrg"]["steps_since_snapshot"] + 1)
         if self.param_groups[0]["snapshot_point"] == "average":
-            for p in active:
+            for p in reduced:
                 self.state[p]["average"].lerp_(p, 1.0 / counters["steps_since_snapshot"])
         self._statistics = {**self._statistics, **counters}
         return loss

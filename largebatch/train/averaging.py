@@ -29,17 +29,27 @@ Interface a training loop drives::
             average.recompute_batch_norm(train_batches)
             evaluate(average.module, ...)
     checkpoint["averaging"] = average.state_dict()
+
+:class:`Averaging` is the training loop's side (``--averaging polyak|ema``): it
+evaluates the averaged weights into ``avg_*`` columns of ``metrics.csv`` and is
+checkpointed with the run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 import torch.distributed as dist
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn, update_bn
+from torch.optim.swa_utils import (
+    AveragedModel,
+    get_ema_multi_avg_fn,
+    get_swa_multi_avg_fn,
+    update_bn,
+)
 
 from largebatch.diagnostics.evaluation import model_device, unwrap
 
@@ -84,8 +94,10 @@ class IterateAverage:
 
     def __init__(self, model: nn.Module, config: AveragingConfig) -> None:
         self.config = config
-        multi_avg_fn = get_ema_multi_avg_fn(config.decay) if config.kind == "ema" else None
-        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=multi_avg_fn, use_buffers=False)
+        ema = config.kind == "ema"
+        self._fold = get_ema_multi_avg_fn(config.decay) if ema else get_swa_multi_avg_fn()
+        self.averaged = AveragedModel(unwrap(model), multi_avg_fn=self._fold, use_buffers=False)
+        self._count = 0  # ``averaged.n_averaged``, also on the host
 
     @property
     def module(self) -> nn.Module:
@@ -95,15 +107,31 @@ class IterateAverage:
     @property
     def num_averaged(self) -> int:
         """Iterates folded into the average so far."""
-        return int(self.averaged.n_averaged)
+        return self._count
 
     def update(self, model: nn.Module, steps_done: int) -> bool:
         """Fold in ``model``'s weights after ``steps_done`` optimizer steps, if due; True if folded."""
         offset = steps_done - self.config.start
         if offset < 1 or (offset - 1) % self.config.every:
             return False
-        self.averaged.update_parameters(unwrap(model))
+        self._fold_in(unwrap(model))
         return True
+
+    @torch.no_grad()
+    def _fold_in(self, model: nn.Module) -> None:
+        """``AveragedModel.update_parameters`` with the count of iterates kept on the host:
+        torch's reads its counter tensor and copies it to the device, a wait per step on a
+        GPU (``tests/train/test_host_syncs.py``)."""
+        averaged = [p.detach() for p in self.averaged.module.parameters()]
+        current = [p.detach().to(a.device) for a, p in zip(averaged, model.parameters())]
+        if self._count == 0:
+            torch._foreach_copy_(averaged, current)
+        else:
+            self._fold(averaged, current, self._count)
+        for mine, theirs in zip(self.averaged.module.buffers(), model.buffers()):
+            mine.copy_(theirs)  # not averaged (use_buffers=False): kept as the model's
+        self._count += 1
+        self.averaged.n_averaged += 1
 
     def recompute_batch_norm(self, batches: Iterable[Any]) -> None:
         """Batch-norm running statistics of the averaged weights, from ``batches`` (inputs or ``(inputs, targets)``)."""
@@ -123,3 +151,73 @@ class IterateAverage:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.averaged.load_state_dict(state)
+        self._count = int(self.averaged.n_averaged)
+
+
+Evaluate = Callable[[nn.Module], dict[str, dict[str, float]]]
+
+
+class Averaging:
+    """A run's iterate average: the loop's side of :class:`IterateAverage`.
+
+    Without a config it does nothing, so the loop has one code path. The loop
+    calls :meth:`update` after every step and :meth:`row` at every evaluation,
+    which evaluates the averaged weights (batch-norm statistics recomputed
+    first) into ``avg_<split>_<metric>`` columns, empty before the first
+    averaged iterate.
+
+    Args:
+        model: the model being trained.
+        config: what to average, or ``None``.
+    """
+
+    def __init__(self, model: nn.Module, config: AveragingConfig | None) -> None:
+        self.average = None if config is None else IterateAverage(model, config)
+        self.last: dict[str, dict[str, float]] = {}
+
+    @classmethod
+    def for_run(cls, model: nn.Module, kind: str | None, start: int, decay: float) -> Averaging:
+        """A run's average (``kind=None``: none)."""
+        return cls(model, None if kind is None else AveragingConfig(kind, start, decay))
+
+    def update(self, model: nn.Module, steps_done: int) -> None:
+        """Fold in the weights after ``steps_done`` steps, if due."""
+        if self.average is not None:
+            self.average.update(model, steps_done)
+
+    def columns(self, metric_columns: Iterable[str]) -> list[str]:
+        """``avg_`` + each evaluated column (``train_loss``, ``test_accuracy``, ...)."""
+        if self.average is None:
+            return []
+        return [f"avg_{c}" for c in metric_columns if c.split("_")[0] in ("train", "val", "test")]
+
+    def row(
+        self, evaluate: Evaluate, batch_norm_batches: Callable[[], Iterable[Any]]
+    ) -> dict[str, float | str]:
+        """The averaged model's metrics (``evaluate``), after recomputing its batch-norm
+        statistics from ``batch_norm_batches()``; empty values before any iterate."""
+        if self.average is None or self.average.num_averaged == 0:
+            return {}
+        self.average.recompute_batch_norm(batch_norm_batches())
+        self.last = evaluate(self.average.module)
+        return {
+            f"avg_{split}_{name}": value
+            for split, values in self.last.items()
+            for name, value in values.items()
+        }
+
+    def result(self) -> dict[str, Any]:
+        """For ``RunResult.extra``: the averaged model's last evaluation and iterate count."""
+        if self.average is None:
+            return {}
+        return {"averaged": self.last, "averaged_iterates": self.average.num_averaged}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.average is None:
+            return {}
+        return {"model": self.average.state_dict(), "last": self.last}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.average is not None:
+            self.average.load_state_dict(state["model"])
+            self.last = state["last"]

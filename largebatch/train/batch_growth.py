@@ -37,17 +37,29 @@ Interface a training loop drives (one call per optimizer step)::
 
 Controllers hold plain Python numbers only; ``state_dict``/``load_state_dict``
 round-trip exactly, so a resumed run continues with the same batch sizes.
+
+:class:`BatchGrowth` is the training loop's side (``--batch-growth NAME``): it
+builds the controller from a run's settings (:func:`build_controller`, which
+also judges them), tells the step driver each step's batch size and which
+statistics to compute, scales the learning rate, keeps the values
+``metrics.csv`` shows and the steps where the batch size changed, and is
+checkpointed with the run.
 """
 
 from __future__ import annotations
 
+import inspect
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
+
+import torch
+from torch import nn
 
 from largebatch.diagnostics.per_example import GradientStatistics
 from largebatch.optim._classical import check_positive, check_positive_int
+from largebatch.train.step import StatisticsRequest, check_per_example_model
 
 
 class BatchSizeController(ABC):
@@ -61,6 +73,10 @@ class BatchSizeController(ABC):
 
     name: ClassVar[str]
     needs_statistics: ClassVar[bool] = False
+    #: reads a batch's gradient statistics (on the steps where ``needs_statistics``)
+    adaptive: ClassVar[bool] = False
+    #: its statistics include the projections ``S3`` (inner-product, orthogonality tests)
+    projections: ClassVar[bool] = False
 
     def __init__(self, initial: int, max_batch_size: int, multiple_of: int = 1) -> None:
         check_positive_int("initial", initial)
@@ -134,6 +150,8 @@ class BatchSizeController(ABC):
 
 class _AdaptiveTest(BatchSizeController):
     """A statistics-driven test, run every ``every`` steps, with the review's geometric back-up floor."""
+
+    adaptive = True
 
     def __init__(
         self,
@@ -218,6 +236,7 @@ class InnerProductTest(_AdaptiveTest):
     """
 
     name = "inner-product-test"
+    projections = True
 
     def __init__(
         self,
@@ -324,3 +343,183 @@ def make_controller(name: str, **options: Any) -> BatchSizeController:
             f"Invalid batch growth: {name!r} (expected one of {sorted(CONTROLLERS)})"
         ) from None
     return cls(**options)
+
+
+#: options of ``--batch-growth-opt`` that go to the statistics, not to the controller
+STATISTICS_OPTIONS = ("group_size", "chunk_size")
+#: controller arguments a run sets itself
+_RUN_ARGUMENTS = ("initial", "max_batch_size", "multiple_of")
+
+
+def batch_multiple(processes: int, accumulation_steps: int, group_size: int = 1) -> int:
+    """The grid of batch sizes: every process gets whole micro-batches and whole groups."""
+    return processes * math.lcm(accumulation_steps, group_size)
+
+
+def build_controller(
+    name: str,
+    theta: float | None,
+    options: Mapping[str, Any],
+    *,
+    initial: int,
+    max_batch_size: int,
+    processes: int = 1,
+    accumulation_steps: int = 1,
+) -> tuple[BatchSizeController, StatisticsRequest | None]:
+    """A run's controller and the statistics it asks of each tested step (``None``: none).
+
+    ``theta`` is ``--batch-growth-theta``; ``options`` are the controller's other
+    arguments plus :data:`STATISTICS_OPTIONS`. Raises ``ValueError`` naming an
+    unknown name or option, or a bad value.
+    """
+    if name not in CONTROLLERS:
+        raise ValueError(
+            f"Invalid batch growth: {name!r} (expected one of {', '.join(sorted(CONTROLLERS))})"
+        )
+    cls = CONTROLLERS[name]
+    options = dict(options)
+    statistics = {key: options.pop(key) for key in STATISTICS_OPTIONS if key in options}
+    accepted = [p for p in inspect.signature(cls).parameters if p not in _RUN_ARGUMENTS]
+    if theta is not None:
+        if "theta" in options:
+            raise ValueError(
+                f"Invalid batch growth options: theta given twice ({theta}, {options['theta']})"
+            )
+        options["theta"] = theta
+    valid = accepted + (list(STATISTICS_OPTIONS) if cls.adaptive else [])
+    for key in [*options, *statistics]:
+        if key not in valid:
+            raise ValueError(
+                f"Invalid batch growth option {key!r} for {name!r} (accepted: {', '.join(valid)})"
+            )
+    for key, value in statistics.items():
+        check_positive_int(key, value)
+    group_size = statistics.get("group_size", 1)
+    controller = cls(
+        initial=initial,
+        max_batch_size=max_batch_size,
+        multiple_of=batch_multiple(processes, accumulation_steps, group_size),
+        **options,
+    )
+    request = StatisticsRequest(projections=cls.projections, **statistics) if cls.adaptive else None
+    return controller, request
+
+
+class BatchGrowth:
+    """A run's batch size, step by step: the loop's side of a :class:`BatchSizeController`.
+
+    Without a controller it does nothing and the batch stays ``batch_size``, so the
+    loop has one code path. Per step the loop reads :attr:`batch_size` and
+    :attr:`request` (the statistics the step driver computes for the controller),
+    and after the optimizer's and the schedule's steps calls :meth:`update`.
+
+    Args:
+        controller: the controller, or ``None``.
+        batch_size: the batch size without a controller.
+        request: the statistics the controller reads.
+    """
+
+    COLUMNS = ("batch_size", "proposed_batch_size", "test_ratio", "lr_scale")
+
+    def __init__(
+        self,
+        controller: BatchSizeController | None,
+        batch_size: int,
+        request: StatisticsRequest | None = None,
+    ) -> None:
+        self.controller = controller
+        self._batch_size = batch_size
+        self._request = request
+        self.changes: list[tuple[int, int]] = []
+        """``(step, batch size)`` at the start and wherever the size changed."""
+
+    @classmethod
+    def for_run(
+        cls,
+        name: str | None,
+        theta: float | None,
+        options: Mapping[str, Any],
+        *,
+        batch_size: int,
+        max_batch_size: int | None,
+        processes: int,
+        accumulation_steps: int,
+        model: nn.Module,
+    ) -> BatchGrowth:
+        """The run's batch growth (``name=None``: none); ``ConfigError`` if its statistics
+        cannot be computed for ``model`` (batch norm)."""
+        if name is None:
+            return cls(None, batch_size)
+        controller, request = build_controller(
+            name,
+            theta,
+            options,
+            initial=batch_size,
+            max_batch_size=max_batch_size or batch_size,
+            processes=processes,
+            accumulation_steps=accumulation_steps,
+        )
+        if request is not None:
+            check_per_example_model(model, f"batch growth {name!r}")
+        return cls(controller, batch_size, request)
+
+    @property
+    def batch_size(self) -> int:
+        """The next step's global batch size."""
+        return self._batch_size if self.controller is None else self.controller.batch_size
+
+    @property
+    def request(self) -> StatisticsRequest | None:
+        """The statistics the next step must compute for the controller, if any."""
+        if self.controller is None or not self.controller.needs_statistics:
+            return None
+        return self._request
+
+    def update(
+        self, step: int, statistics: GradientStatistics | None, optimizer: torch.optim.Optimizer
+    ) -> None:
+        """After step ``step`` (and the schedule's step): the next batch size, and the
+        learning rate of every group multiplied by the controller's ``lr_scale``."""
+        if self.controller is None:
+            return
+        if not self.changes:
+            self.changes.append((step, self.controller.batch_size))
+        before = self.controller.batch_size
+        self.controller.update(statistics)
+        if self.controller.batch_size != before:
+            self.changes.append((step + 1, self.controller.batch_size))
+        if self.controller.lr_scale != 1.0:
+            for group in optimizer.param_groups:
+                group["lr"] *= self.controller.lr_scale
+
+    @property
+    def lr_scale(self) -> float:
+        return 1.0 if self.controller is None else self.controller.lr_scale
+
+    @property
+    def columns(self) -> list[str]:
+        """The ``metrics.csv`` columns (none without a controller)."""
+        return list(self.COLUMNS) if self.controller is not None else []
+
+    def row(self) -> dict[str, float | str]:
+        """The last step's values (``test_ratio`` is empty on untested steps)."""
+        if self.controller is None:
+            return {}
+        record = self.controller.record()
+        return {key: "" if math.isnan(value) else value for key, value in record.items()}
+
+    def result(self) -> dict[str, Any]:
+        """For ``RunResult.extra``: the final batch size and the steps where it changed."""
+        if self.controller is None:
+            return {}
+        return {"final_batch_size": self.batch_size, "batch_size_changes": self.changes}
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.controller is None:
+            return {}
+        return {"controller": self.controller.state_dict(), "changes": list(self.changes)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if self.controller is not None:
+            self.controller.load_state_dict(state["controller"])
+            self.changes = [tuple(change) for change in state["changes"]]

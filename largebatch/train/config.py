@@ -15,10 +15,13 @@ import math
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
+from largebatch.optim.classical_protocol import ClassicalStepProtocol
 from largebatch.optim.decentralized.topology import TOPOLOGIES, make_topology
 from largebatch.optim.registry import get_spec, is_decentralized, optimizer_arguments
 from largebatch.tasks import registry as tasks
 from largebatch.train.autowu import check_autowu
+from largebatch.train.averaging import AveragingConfig
+from largebatch.train.batch_growth import build_controller
 from largebatch.train.distributed import check_device
 from largebatch.train.schedules import SCALINGS, SCHEDULES, check_decay
 from largebatch.utils.errors import ConfigError, UnknownNameError, unknown_name_message
@@ -84,6 +87,21 @@ class RunConfig:
     Decentralized optimizers (those that take a ``topology``, e.g. ``decentlam``):
     ``topology`` is the graph the ``nproc >= 2`` processes gossip over (``None``: the
     optimizer's default); it must be ``None`` for every other optimizer.
+
+    Classical methods (docs/classical.md): ``hessian_batch_size`` is the
+    Hessian sample of Newton-CG and SQN (``None``: the step's batch; no larger
+    than the batch, its first examples; larger, an independent sample).
+    ``batch_growth`` names a batch-size controller (``norm-test``,
+    ``inner-product-test``, ``geometric``, ``increase-instead-of-decay``) that
+    grows the batch from ``batch_size`` up to ``max_batch_size`` (``None``: the
+    training set); ``batch_growth_theta`` is the tests' ``theta``,
+    ``batch_growth_options`` the controller's other arguments and the
+    statistics' ``group_size``/``chunk_size``. With a controller, an epochs or
+    examples budget counts examples (the number of steps is not known in
+    advance, so the schedule must be constant). ``averaging`` (``polyak`` or
+    ``ema``, from step ``averaging_start``, EMA factor ``averaging_decay``)
+    evaluates the averaged weights too (``avg_*`` columns); it never changes the
+    trained parameters.
     """
 
     task: str = "mnist1d-cnn"
@@ -125,6 +143,14 @@ class RunConfig:
     progress: bool = False
     noise_scale: bool | None = None
     noise_scale_every: int = 10
+    hessian_batch_size: int | None = None
+    batch_growth: str | None = None
+    batch_growth_theta: float | None = None
+    batch_growth_options: dict[str, Any] = field(default_factory=dict)
+    max_batch_size: int | None = None
+    averaging: str | None = None
+    averaging_start: int = 0
+    averaging_decay: float = 0.999
 
     def __post_init__(self) -> None:
         _check_names(self)
@@ -132,6 +158,7 @@ class RunConfig:
         _check_topology(self)
         _check_schedule(self)
         _check_rest(self)
+        _check_classical(self)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -205,6 +232,12 @@ def _check_names(config: RunConfig) -> None:
         raise UnknownNameError(error.args[0]) from None
     except ValueError as error:
         raise ConfigError(str(error)) from None
+    for key in get_spec(config.optimizer).data_arguments:
+        if key in options:
+            raise ConfigError(
+                f"Invalid optimizer option {key}={options[key]!r}: the run sets it from the "
+                "training data"
+            )
     if "lr" in options:
         raise ConfigError(
             f"Invalid optimizer option lr={options['lr']!r}. Set the learning rate with lr "
@@ -375,6 +408,103 @@ def _check_rest(config: RunConfig) -> None:
         raise ConfigError(
             "noise_scale=True needs two gradients of different batch sizes per step: "
             "set nproc >= 2 or accumulation_steps >= 2"
+        )
+
+
+def _check_classical(config: RunConfig) -> None:
+    """The Hessian sample, one-process optimizers, batch growth and averaging."""
+    size = config.hessian_batch_size
+    if size is not None and (not _is_int(size) or size < 1 or size % config.nproc):
+        raise _invalid(
+            "hessian_batch_size",
+            size,
+            f"must be a positive integer divisible by nproc={config.nproc}",
+        )
+    protocol = getattr(get_spec(config.optimizer).load(), "step_protocol", None)
+    classical = protocol if isinstance(protocol, ClassicalStepProtocol) else None
+    if size is not None and not (classical and classical.hessian_sample):
+        raise ConfigError(
+            f"Invalid hessian_batch_size: {size} (optimizer {config.optimizer!r} takes no "
+            "Hessian sample; newton-cg and sqn do)"
+        )
+    if classical and classical.per_example and config.nproc > 1:
+        raise ConfigError(
+            f"Optimizer {config.optimizer!r} runs in one process (nproc={config.nproc}): its "
+            "per-example table would have to follow every example from process to process"
+        )
+    _check_batch_growth(config)
+    if config.averaging is not None and not isinstance(config.averaging, str):
+        raise _invalid("averaging", config.averaging, "None, 'polyak' or 'ema'")
+    try:
+        AveragingConfig(
+            config.averaging or "polyak", config.averaging_start, config.averaging_decay
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
+    if config.averaging is not None and is_decentralized(
+        config.optimizer, config.optimizer_options.get("base")
+    ):
+        raise ConfigError(
+            f"Invalid averaging: {config.averaging!r} with the decentralized optimizer "
+            f"{config.optimizer!r} (each process would average its own iterates, and "
+            "evaluation needs one model); leave averaging unset"
+        )
+
+
+def _check_batch_growth(config: RunConfig) -> None:
+    if not isinstance(config.batch_growth_options, dict):
+        raise _invalid(
+            "batch_growth_options", config.batch_growth_options, "a dict of name -> value"
+        )
+    if config.batch_growth is None:
+        unused = {
+            name: getattr(config, name)
+            for name in ("batch_growth_theta", "max_batch_size", "batch_growth_options")
+            if getattr(config, name) not in (None, {})
+        }
+        if unused:
+            raise ConfigError(
+                f"Invalid batch growth settings {unused}: set batch_growth to use them"
+            )
+        return
+    if not isinstance(config.batch_growth, str):
+        raise _invalid("batch_growth", config.batch_growth, "the name of a batch-size controller")
+    maximum = config.max_batch_size
+    if maximum is not None and (not _is_int(maximum) or maximum < config.batch_size):
+        raise _invalid(
+            "max_batch_size", maximum, f"must be an integer >= batch_size={config.batch_size}"
+        )
+    theta = config.batch_growth_theta
+    if theta is not None and not is_number(theta):
+        raise _invalid("batch_growth_theta", theta, "must be a number > 0")
+    try:
+        build_controller(
+            config.batch_growth,
+            theta,
+            config.batch_growth_options,
+            initial=config.batch_size,
+            max_batch_size=maximum or config.batch_size,
+            processes=config.nproc,
+            accumulation_steps=config.accumulation_steps,
+        )
+    except (ValueError, TypeError) as error:
+        raise ConfigError(str(error)) from None
+    if config.noise_scale:
+        raise ConfigError(
+            "noise_scale=True with batch_growth: the noise scale's two batch sizes change "
+            "every step; the controller's statistics log the test instead"
+        )
+    if config.scaling == "adascale":
+        raise ConfigError(
+            f"Invalid scaling: 'adascale' with batch_growth={config.batch_growth!r} (AdaScale "
+            "scales the rate of one fixed batch size by the gradient noise measured at it, "
+            "which batch growth does not measure); use one or the other"
+        )
+    if config.budget()[0] != "steps" and config.schedule != "constant":
+        raise ConfigError(
+            f"Invalid schedule: {config.schedule!r} with batch_growth={config.batch_growth!r} "
+            f"and a budget in {config.budget()[0]} (the number of steps is not known in "
+            "advance); use schedule='constant' or a budget in steps"
         )
 
 

@@ -8,7 +8,10 @@ target, checkpoint and result. Under data parallelism every process runs this
 same code (see ``distributed.py`` and ``launch.py``); with a decentralized
 optimizer, ``decentralized.py`` evaluates the processes' average and checkpoints
 each process. The gradient noise scale is read off the gradients as they pass
-(``noise_scale.py``).
+(``noise_scale.py``). What a step does for each optimizer's protocol is
+``step.py``; a growing batch (``batch_growth.py``) and an iterate average
+(``averaging.py``) are small objects called at named points, which do nothing
+when the run does not ask for them.
 
 A step never waits for the device: the data are indexed where they live
 (``data.py``), and the losses stay on the device until the loop reads them, at
@@ -36,20 +39,21 @@ from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
 from largebatch.diagnostics.evaluation import evaluate
-from largebatch.diagnostics.noise_scale import gradient_sqnorm
-from largebatch.optim import StepProtocol
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
 from largebatch.train import distributed
+from largebatch.train.averaging import Averaging
+from largebatch.train.batch_growth import BatchGrowth
 from largebatch.train.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from largebatch.train.config import RunConfig, RunResult
-from largebatch.train.data import Batch, BatchStream, place_task_data, shard_batches
+from largebatch.train.data import BatchStream, place_task_data, shard_batches
 from largebatch.train.decentralized import DecentralizedRun, own_state
 from largebatch.train.distributed import Distributed
 from largebatch.train.divergence import Divergence
 from largebatch.train.noise_scale import NoiseScaleMonitor
 from largebatch.train.plan import RunPlan, build_optimizer, build_scheduler, plan_run
 from largebatch.train.run_dir import RunDirectory
+from largebatch.train.step import StepDriver, statistics_columns, statistics_row
 from largebatch.train.step_losses import StepLoss, StepLosses
 
 
@@ -57,14 +61,18 @@ from largebatch.train.step_losses import StepLoss, StepLosses
 class Progress:
     """How far a run has got; with model, optimizer and schedule, all a checkpoint holds.
 
-    ``batches_drawn`` counts global batches read from the data (more than ``step``
-    for optimizers whose closure wants fresh batches); ``loss_sum``/``loss_count``
-    accumulate training losses since the last evaluation.
+    ``batches_drawn`` and ``examples_drawn`` count global batches and examples read
+    from the data (more than ``step`` batches for optimizers whose closure wants
+    fresh batches); ``example_gradients`` is the cost in example gradients
+    (``step.py``); ``loss_sum``/``loss_count`` accumulate training losses since
+    the last evaluation.
     """
 
     step: int = 0
     batches_drawn: int = 0
+    examples_drawn: int = 0
     gradient_evaluations: int = 0
+    example_gradients: float = 0.0
     elapsed: float = 0.0
     loss_sum: float = 0.0
     loss_count: int = 0
@@ -118,6 +126,24 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     noise = NoiseScaleMonitor.for_run(config, plan, protocol, ddp_model, ddp.device)
     scheduler = build_scheduler(plan, optimizer, noise, ddp)  # AdaScale reads noise's averages
     decentralized = DecentralizedRun.for_run(protocol, optimizer, model, ddp)
+    stepper = StepDriver(
+        model, optimizer, task.loss_fn, train_model=ddp_model, autocast=autocast,
+        hessian_batch_size=config.hessian_batch_size, full_pass_batch_size=plan.eval_batch_size,
+    )  # fmt: skip
+    growth = BatchGrowth.for_run(
+        config.batch_growth, config.batch_growth_theta, config.batch_growth_options,
+        batch_size=plan.batch_size, max_batch_size=plan.max_batch_size, processes=ddp.world_size,
+        accumulation_steps=plan.accumulation_steps, model=model,
+    )  # fmt: skip
+    averaging = Averaging.for_run(
+        model, config.averaging, config.averaging_start, config.averaging_decay
+    )
+    evaluate_model = partial(
+        evaluate_splits, task=task, batch_size=plan.eval_batch_size, ddp=ddp, autocast=autocast
+    )
+    train_shard = partial(  # this process's share of the training set, for batch-norm statistics
+        shard_batches, task.train, plan.eval_batch_size, ddp.rank, ddp.world_size, ddp.device
+    )
 
     # --- the run directory: locked and checked by rank 0, resumed if asked ---------------
     run_dir = RunDirectory(config.out_dir, enabled=ddp.is_main)
@@ -135,10 +161,15 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 noise.load_state_dict(saved["noise_scale"])
             set_rng_state(saved["rng"][ddp.rank])
             stream.position = progress.batches_drawn
+            if "data" in saved:  # absent from checkpoints of earlier versions
+                stream.load_state_dict(saved["data"])
+            growth.load_state_dict(saved.get("batch_growth", {}))
+            averaging.load_state_dict(saved.get("averaging", {}))
+            progress.examples_drawn = stream.examples
         saved_step = progress.step if saved is not None else None
-        columns = (
-            metric_columns(task) + noise.columns + decentralized.columns + list(scheduler.columns)
-        )
+        columns = metric_columns(task)
+        columns += averaging.columns(columns) + growth.columns + statistics_columns(optimizer)
+        columns += noise.columns + decentralized.columns + list(scheduler.columns)
         run_dir.open_metrics(columns, resume_step=saved_step)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
@@ -152,6 +183,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
                 "progress": asdict(progress),
                 "rng": distributed.gather_objects(rng_state(), ddp),
                 "noise_scale": noise.state_dict(),
+                "data": stream.state_dict(),  # the same on every process
+                "batch_growth": growth.state_dict(),
+                "averaging": averaging.state_dict(),
                 **decentralized.checkpoint_state(),  # every rank's model; "model": their average
             }
             if ddp.is_main:
@@ -160,13 +194,19 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         def evaluate_and_log() -> bool:
             """Evaluate, log a row; False if the training loss is no longer finite."""
             with decentralized.averaged():  # the ranks' average model, if they differ
-                metrics = evaluate_splits(model, task, plan.eval_batch_size, ddp, autocast)
+                metrics = evaluate_model(model)
+            averaged = averaging.row(evaluate_model, train_shard)  # the averaged weights, if any
             progress.elapsed = time.perf_counter() - clock_start
             record_evaluation(progress, metrics, plan)
-            row = metrics_row(progress, metrics, scheduler.get_last_lr()[0], plan)
-            run_dir.log(row | noise.row() | decentralized.row() | scheduler.row())
+            row = metrics_row(progress, metrics, scheduler.get_last_lr()[0] * growth.lr_scale, plan)
+            row |= averaged | growth.row() | statistics_row(optimizer) | noise.row()
+            run_dir.log(row | decentralized.row() | scheduler.row())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
+
+        def finished() -> bool:
+            """The budget is spent: the steps, the examples (a growing batch), AdaScale's schedule."""
+            return plan.finished(progress.step, progress.examples_drawn) or scheduler.finished
 
         losses = StepLosses(ddp)
 
@@ -191,26 +231,26 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             if progress.last_eval_step is None and not evaluate_and_log():
                 status = "diverged"
                 divergence = Divergence.at_evaluation(progress.step, model, task, plan, ddp)
-            while (
-                status == "done"
-                and progress.step < plan.total_steps
-                and not scheduler.finished  # AdaScale: its progress has covered the schedule
-                and not stop_now(progress, config)
-            ):
+            while status == "done" and not finished() and not stop_now(progress, config):
                 sqnorms = noise.begin_step(progress.step)
-                first_batch = stream.position
-                loss, evaluations = optimizer_step(
-                    ddp_model, optimizer, protocol, stream, task.loss_fn, autocast, sqnorms
+                outcome = stepper.step(
+                    stream, growth.batch_size, statistics=growth.request, sqnorms=sqnorms
                 )
                 noise.update(progress.step, sqnorms)
-                scheduler.step(loss.detach())  # the next step's rate (AutoWU keeps the losses)
+                scheduler.step(outcome.loss)  # the next step's rate (AutoWU keeps the losses)
+                growth.update(progress.step, outcome.statistics, optimizer)  # the next batch size
+                averaging.update(model, progress.step + 1)
+                read = stream.examples - progress.examples_drawn  # by this step
                 progress.step += 1
                 progress.batches_drawn = stream.position
-                progress.gradient_evaluations += evaluations
-                losses.append(progress.step, first_batch, loss)
+                progress.examples_drawn = stream.examples
+                progress.gradient_evaluations += outcome.gradient_evaluations
+                progress.example_gradients += outcome.example_gradients
+                losses.append(progress.step, outcome.batch, outcome.loss)
                 bar.update()
-                last = progress.step == plan.total_steps or scheduler.finished
-                evaluation_due = progress.step % plan.eval_every == 0 or last
+                evaluation_due = (
+                    plan.evaluation_due(progress.step, progress.examples_drawn, read) or finished()
+                )
                 checkpoint_due = (
                     config.checkpoint_every and progress.step % config.checkpoint_every == 0
                 )
@@ -244,6 +284,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         if divergence is not None:
             error = divergence.describe() + (f"; then {error}" if error else "")
         measured = noise.result() | decentralized.result() | scheduler.summary()
+        measured |= growth.result() | averaging.result()
         result = make_result(status, error, progress, plan, measured)
         if divergence is not None:
             result.extra["divergence"] = asdict(divergence)
@@ -288,84 +329,6 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def forward_backward(
-    model: nn.Module,
-    micro_batches: list[Batch],
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    autocast: Callable,
-    sync: bool = True,
-    sqnorms: list[torch.Tensor] | None = None,
-) -> torch.Tensor:
-    """Accumulate in ``.grad`` the gradient of the mean loss over ``micro_batches``.
-
-    Each micro-batch's loss is divided by their number, so the sum of their
-    gradients is the gradient of the global batch. Under DDP, gradients are
-    averaged across processes on the last micro-batch only, and not at all
-    unless ``sync``. Returns this process's mean loss.
-
-    ``sqnorms``, if given, receives the squared norms of the first micro-batch's
-    gradient (as if alone) and of the whole batch's: the noise-scale estimate's
-    two batch sizes, read without changing the gradients.
-    """
-    count = len(micro_batches)
-    total = None
-    for i, (inputs, targets) in enumerate(micro_batches):
-        with distributed.no_sync(model, skip_sync=not (sync and i == count - 1)):
-            with autocast():
-                loss = loss_fn(model(inputs), targets)
-                if count > 1:
-                    loss = loss / count
-            loss.backward()
-        if sqnorms is not None and i == 0:
-            sqnorms.append(gradient_sqnorm(model.parameters()) * count**2)
-        total = loss.detach() if total is None else total + loss.detach()
-    if sqnorms is not None:
-        sqnorms.append(gradient_sqnorm(model.parameters()))
-    return total
-
-
-def optimizer_step(
-    model: nn.Module,
-    optimizer: torch.optim.Optimizer,
-    protocol: StepProtocol,
-    stream: BatchStream,
-    loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    autocast: Callable,
-    sqnorms: list[torch.Tensor] | None = None,
-) -> tuple[torch.Tensor, int]:
-    """One update from the next global batch, as the optimizer's protocol asks.
-
-    Standard optimizers: gradient, then ``step()``. Closure optimizers also get
-    ``step(closure)``, the closure recomputing the gradient on the same batch or
-    on a fresh one. Returns the loss at the current parameters (a tensor, not read)
-    and the number of gradient evaluations (forward/backward passes over a global
-    batch). ``sqnorms`` goes to the first gradient's :func:`forward_backward`.
-    """
-    micro_batches = stream.next()
-    evaluations = 0
-    loss = None
-    optimizer.zero_grad(set_to_none=True)
-    if protocol.gradient_before_step:
-        loss = forward_backward(
-            model, micro_batches, loss_fn, autocast, not protocol.local_first_gradient, sqnorms
-        )
-        evaluations += 1
-    if protocol.closure is None:
-        optimizer.step()
-        return loss, evaluations
-
-    def closure() -> torch.Tensor:
-        nonlocal evaluations
-        evaluations += 1
-        optimizer.zero_grad(set_to_none=True)
-        batches = micro_batches if protocol.closure == "same" else stream.next()
-        return forward_backward(model, batches, loss_fn, autocast)
-
-    closure_loss = optimizer.step(closure)
-    loss = loss if loss is not None else torch.as_tensor(closure_loss)
-    return loss, evaluations
-
-
 def evaluate_splits(
     model: nn.Module, task: Task, batch_size: int, ddp: Distributed, autocast: Callable
 ) -> dict[str, dict[str, float]]:
@@ -402,7 +365,7 @@ def record_evaluation(
     target = plan.target
     if target is not None and progress.steps_to_target is None and target.reached(metrics):
         progress.steps_to_target = progress.step
-        progress.examples_to_target = progress.batches_drawn * plan.batch_size
+        progress.examples_to_target = progress.examples_drawn
 
 
 def stop_now(progress: Progress, config: RunConfig) -> bool:
@@ -415,8 +378,8 @@ def metric_columns(task: Task) -> list[str]:
     splits = ["train"] + (["val"] if task.val is not None else []) + ["test"]
     names = ["loss", *task.metrics]
     return [
-        "step", "epoch", "examples", "gradient_evaluations", "lr", "time", "batch_loss",
-        *(f"{split}_{name}" for split in splits for name in names),
+        "step", "epoch", "examples", "gradient_evaluations", "example_gradients", "lr", "time",
+        "batch_loss", *(f"{split}_{name}" for split in splits for name in names),
     ]  # fmt: skip
 
 
@@ -429,9 +392,10 @@ def metrics_row(
     """One ``metrics.csv`` row for the evaluation just done."""
     row = {
         "step": progress.step,
-        "epoch": progress.batches_drawn / plan.steps_per_epoch,
-        "examples": progress.batches_drawn * plan.batch_size,
+        "epoch": progress.examples_drawn / (plan.steps_per_epoch * plan.batch_size),
+        "examples": progress.examples_drawn,
         "gradient_evaluations": progress.gradient_evaluations,
+        "example_gradients": progress.example_gradients,
         "lr": lr,
         "time": progress.elapsed,
         "batch_loss": progress.loss_sum / progress.loss_count if progress.loss_count else "",
@@ -460,10 +424,10 @@ def make_result(
 ) -> RunResult:
     """The :class:`RunResult`: final values from the last evaluation (none if diverged).
 
-    ``measured`` (the monitors' final values: noise scale, consensus, and what the
-    learning-rate scheduler reports) goes into ``extra``.
+    ``measured`` (the monitors' final values: noise scale, consensus, what the
+    learning-rate scheduler reports, batch growth and averaging) goes into ``extra``.
     """
-    examples = progress.batches_drawn * plan.batch_size
+    examples = progress.examples_drawn
     fields = {}
     if status != "diverged":
         for split, values in progress.last_eval.items():
@@ -486,6 +450,8 @@ def make_result(
             "steps_per_epoch": plan.steps_per_epoch,
             "world_size": plan.world_size,
             "gradient_evaluations": progress.gradient_evaluations,
+            "example_gradients": progress.example_gradients,
+            "effective_passes": progress.example_gradients / plan.num_train,
             "examples_per_second": examples / progress.elapsed if progress.elapsed else None,
             "final": progress.last_eval if status != "diverged" else {},
             "best": progress.best,

@@ -32,8 +32,9 @@ from largebatch.tasks.base import Task
 from largebatch.train.config import RunConfig
 from largebatch.train.data import BatchStream
 from largebatch.train.distributed import pick_device
-from largebatch.train.loop import optimizer_step, seed_everything
+from largebatch.train.loop import seed_everything
 from largebatch.train.plan import build_optimizer, plan_run
+from largebatch.train.step import StepDriver
 from largebatch.utils.errors import ConfigError
 from largebatch.utils.values import is_number
 
@@ -109,6 +110,11 @@ def check_range_test(config: RunConfig) -> None:
     """``ConfigError`` for a config the range test cannot run (it trains in one process)."""
     if config.nproc != 1:
         raise ConfigError(f"Invalid nproc: {config.nproc} (the range test runs in one process)")
+    if config.batch_growth is not None:
+        raise ConfigError(
+            f"Invalid batch_growth: {config.batch_growth!r} (the range test runs at one batch "
+            "size, the one you will train with)"
+        )
 
 
 def range_test(
@@ -138,7 +144,11 @@ def range_test(
         task.train, sampler, plan.micro_batch_size, plan.accumulation_steps, device
     )
     model = task.build_model().to(device)
-    optimizer, protocol = build_optimizer(config, plan, model)
+    optimizer, _ = build_optimizer(config, plan, model)
+    driver = StepDriver(
+        model, optimizer, task.loss_fn, autocast=autocast,
+        hessian_batch_size=config.hessian_batch_size, full_pass_batch_size=plan.eval_batch_size,
+    )  # fmt: skip
     _check_initial_loss(model, stream, task, autocast)
 
     base_lrs = [group["lr"] for group in optimizer.param_groups]
@@ -148,8 +158,7 @@ def range_test(
         rate = settings.rate(i)
         for group, base in zip(optimizer.param_groups, base_lrs):
             group["lr"] = rate * base / base_lrs[0]  # groups keep their ratios
-        loss = optimizer_step(model, optimizer, protocol, stream, task.loss_fn, autocast)[0]
-        value = float(loss)
+        value = float(driver.step(stream).loss)
         average = settings.smoothing * average + (1 - settings.smoothing) * value
         current = average / (1 - settings.smoothing ** (i + 1))
         lrs.append(rate)

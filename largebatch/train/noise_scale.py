@@ -10,7 +10,7 @@ already has two for free:
   communication hook (:class:`~largebatch.diagnostics.noise_scale.GradientNormRecorder`);
 * **one process with gradient accumulation** over k >= 2 micro-batches: the
   first micro-batch's gradient (times k) and the accumulated one (the global
-  batch), read by ``forward_backward`` in the loop.
+  batch), read by ``forward_backward`` (``step.py``).
 
 One process without accumulation has a single gradient per step, so nothing is
 measured; ``accumulation_steps=2`` makes it measurable (the same gradient up to
@@ -49,17 +49,22 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
 
     ``config.noise_scale``: ``None`` measures when it is free, ``False`` never,
     ``True`` always (``ValueError`` if it cannot be done for free). AdaScale
-    (``scaling="adascale"``) needs the measurement, as ``True`` does.
+    (``scaling="adascale"``) needs the measurement, as ``True`` does. Never with
+    batch growth, whose batch sizes change (RunConfig refuses ``True`` there).
     """
     source = None
+    # under DDP the norms are read inside its all-reduce: the step must backward through it
+    through_ddp = protocol.gradient_before_step or (
+        protocol.closure is not None and getattr(protocol, "closure_backward", True)
+    )
     if protocol.local_gradients:  # decentralized: no process sees the global-batch gradient
         if config.noise_scale:
             raise ConfigError(
                 "noise_scale=True: a decentralized optimizer keeps each process's gradient "
                 "local, so no global-batch gradient exists to measure it with"
             )
-    elif config.noise_scale is not False:
-        if config.nproc > 1:
+    elif config.noise_scale is not False and config.batch_growth is None:
+        if config.nproc > 1 and through_ddp:
             source = "data_parallel"
         elif config.accumulation_steps > 1 and protocol.gradient_before_step:
             source = "accumulation"
@@ -68,7 +73,8 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
         setting = "scaling='adascale'" if config.scaling == "adascale" else "noise_scale=True"
         raise ConfigError(
             f"{setting}: in one process the gradient variance comes from the accumulated "
-            "gradient, but this optimizer computes none before its step (closures only)"
+            "gradient, but this optimizer computes none before its step (closures only); "
+            "under DDP it comes from the all-reduce, which this optimizer's gradients skip"
         )
     return source
 

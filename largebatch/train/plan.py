@@ -25,6 +25,7 @@ from largebatch.tasks.base import Task
 from largebatch.train import schedules
 from largebatch.train.adascale import AdaScale, AdaScaleSchedule
 from largebatch.train.autowu import AutoWU, AutoWUSchedule
+from largebatch.train.batch_growth import STATISTICS_OPTIONS, batch_multiple
 from largebatch.train.config import RunConfig
 from largebatch.train.distributed import Distributed
 from largebatch.train.noise_scale import NoiseScaleMonitor, noise_scale_source
@@ -80,7 +81,10 @@ class RunPlan:
     ``total_steps`` is the most steps the run takes: AdaScale ends earlier, once
     its scale-invariant progress has covered ``schedule.base``. ``lr`` is the rate
     the optimizer is built with: the scaled peak; the base rate under AdaScale
-    (its gain scales it); AutoWU's ``max_lr``.
+    (its gain scales it); AutoWU's ``max_lr``. With batch growth, ``batch_size``
+    is the first batch, ``max_batch_size`` the largest, and an epochs or examples
+    budget is ``total_examples`` (the run stops when it has read them;
+    ``total_steps`` is then the most steps it can take, at the first batch size).
     """
 
     world_size: int
@@ -96,6 +100,24 @@ class RunPlan:
     eval_every: int
     eval_batch_size: int
     target: Target | None
+    num_train: int = 0
+    max_batch_size: int | None = None
+    total_examples: int | None = None
+
+    def finished(self, steps: int, examples: int) -> bool:
+        """Whether a run that has taken ``steps`` steps and read ``examples`` examples is done."""
+        over = self.total_examples is not None and examples >= self.total_examples
+        return steps >= self.total_steps or over
+
+    def evaluation_due(self, steps: int, examples: int, read: int) -> bool:
+        """Whether to evaluate after ``steps`` steps, ``examples`` examples read (``read`` by
+        the last step): every ``eval_every`` steps; on an examples budget with a growing
+        batch, whenever the examples pass a multiple of ``eval_every`` first batches (so
+        evaluations stay evenly spread over the data as the steps get larger)."""
+        if self.total_examples is None:
+            return steps % self.eval_every == 0
+        interval = self.eval_every * self.batch_size
+        return examples // interval > (examples - read) // interval
 
 
 def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> RunPlan:
@@ -128,6 +150,17 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
         total_steps = math.ceil(amount / config.batch_size)
     else:
         total_steps = max(1, round(amount * steps_per_epoch))
+    total_examples = None
+    max_batch_size = None
+    if config.batch_growth is not None:
+        if budget != "steps":
+            total_examples = amount if budget == "examples" else total_steps * config.batch_size
+        max_batch_size = _max_batch_size(config, num_train, world_size)
+    if config.hessian_batch_size is not None and config.hessian_batch_size > num_train:
+        raise ConfigError(
+            f"Invalid hessian_batch_size: {config.hessian_batch_size} is larger than the "
+            f"training set ({num_train} examples)"
+        )
 
     base_lr, scaling, schedule = _resolve_schedule(config, spec, total_steps, steps_per_epoch)
     if isinstance(schedule, AdaScaleSchedule):
@@ -146,7 +179,25 @@ def plan_run(config: RunConfig, task: Task, world_size: int | None = None) -> Ru
         eval_every=config.eval_every or min(steps_per_epoch, total_steps),
         eval_batch_size=config.eval_batch_size or micro_batch_size,
         target=resolve_target(config.target, task),
+        num_train=num_train,
+        max_batch_size=max_batch_size,
+        total_examples=total_examples,
     )
+
+
+def _max_batch_size(config: RunConfig, num_train: int, world_size: int) -> int:
+    """The largest batch of a growing run: as asked, or the most the data holds on the grid."""
+    statistics = {k: v for k, v in config.batch_growth_options.items() if k in STATISTICS_OPTIONS}
+    grid = batch_multiple(world_size, config.accumulation_steps, statistics.get("group_size", 1))
+    fits = (num_train // world_size) * world_size // grid * grid
+    if config.max_batch_size is None:
+        return fits
+    if config.max_batch_size > fits:
+        raise ConfigError(
+            f"Invalid max_batch_size: {config.max_batch_size} is larger than the training set "
+            f"holds ({fits} examples on the grid of {grid})"
+        )
+    return config.max_batch_size
 
 
 def _resolve_schedule(
@@ -221,15 +272,22 @@ def build_optimizer(
 
     Its constructor judges its hyperparameters (``TypeError`` for an unknown name,
     ``ValueError`` for a bad value, as ``torch.optim`` does); a protocol the loop
-    cannot follow, or ``noise_scale=True`` that it cannot honour, is a ``ConfigError``.
+    cannot follow, or ``noise_scale=True`` that it cannot honour, is a
+    ``ConfigError``. Data arguments (SAGA's ``num_examples``) come from the plan.
     Called with a stand-in parameter, it checks all this without the model.
     """
     options = dict(config.optimizer_options)
     if config.topology is not None:
         options["topology"] = config.topology
+    data = {"num_examples": plan.num_train}
+    options.update({key: data[key] for key in get_spec(config.optimizer).data_arguments})
     optimizer = create_optimizer(config.optimizer, params, lr=plan.lr, **options)
     protocol = step_protocol_of(optimizer)
-    if not protocol.gradient_before_step and protocol.closure is None:
+    if (
+        not protocol.gradient_before_step
+        and protocol.closure is None
+        and not getattr(protocol, "per_example", False)
+    ):
         raise ConfigError(f"Optimizer {config.optimizer!r} declares neither gradient nor closure")
     noise_scale_source(config, protocol)
     return optimizer, protocol

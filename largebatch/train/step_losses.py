@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from largebatch.train import distributed
+from largebatch.train.data import BatchAt
 from largebatch.train.distributed import Distributed
 
 #: steps between reads at most: a read waits for the device once, which over 100
@@ -29,10 +30,10 @@ CAPACITY = 100
 @dataclass(frozen=True)
 class StepLoss:
     """The training loss of optimizer step ``step`` (1-based), whose first global
-    batch was the data stream's batch ``batch``."""
+    batch lies at ``batch`` in the data stream."""
 
     step: int
-    batch: int
+    batch: BatchAt
     value: float
 
 
@@ -42,7 +43,7 @@ class StepLosses:
     def __init__(self, ddp: Distributed, capacity: int = CAPACITY) -> None:
         self.ddp = ddp
         self._values = torch.empty(capacity, dtype=torch.float32, device=ddp.device)
-        self._steps: list[tuple[int, int]] = []
+        self._steps: list[tuple[int, BatchAt]] = []
 
     def __len__(self) -> int:
         return len(self._steps)
@@ -51,7 +52,7 @@ class StepLosses:
     def full(self) -> bool:
         return len(self._steps) == len(self._values)
 
-    def append(self, step: int, batch: int, loss: torch.Tensor) -> None:
+    def append(self, step: int, batch: BatchAt, loss: torch.Tensor) -> None:
         """Keep step ``step``'s ``loss`` (a 0-dim tensor on the device) without reading it."""
         if self.full:
             raise RuntimeError(f"StepLosses holds {len(self)} losses: read them first")

@@ -109,3 +109,29 @@ def test_sharpness_section_from_database_columns(synthetic_sweep):
 def test_duplicate_section_names_are_refused(sections_copy):
     with pytest.raises(ValueError, match="already registered"):
         register_section("overview")(lambda ctx: None)
+
+
+def test_batch_growth_and_averaging_sections_from_a_real_sweep(tmp_path):
+    """A sweep over the ``batch_growths`` and ``averagings`` axes: the report shows each growing
+    run's batch sizes and each averaged run's metrics, from the runs' own records."""
+    from sweep_helpers import tiny_spec
+
+    from largebatch.experiments.sweep import prepare, run_sweep
+
+    spec = tiny_spec(
+        batch_sizes=[16], optimizers=["sgd"], schedule="constant", batch_growths=["none", "norm-test"],
+        batch_growth_theta=0.3, averagings=["none", "polyak"], averaging_start=4,
+    )  # fmt: skip
+    statuses = run_sweep(prepare(spec, tmp_path), progress=False)
+    assert len(statuses) == 4 and set(statuses.values()) == {"done"}
+    html_path, _ = report(tmp_path)
+    html = html_path.read_text()
+    growth = html.split("<h2>Batch growth</h2>")[1].split("<h2>")[0]
+    assert growth.count("<tr>") == 1 + 2  # the two growing runs (with and without an average)
+    assert "<td>norm-test</td><td>0.3</td><td>16</td>" in growth
+    averaging = html.split("<h2>Iterate averaging</h2>")[1].split("<h2>")[0]
+    assert averaging.count("<tr>") == 1 + 2 and "<td>polyak</td><td>4</td><td>-</td>" in averaging
+    stored = ResultsStore(tmp_path).rows()
+    averaged = [r for r in stored if r["config"]["averaging"]]
+    loss = averaged[0]["extra"]["averaged"]["test"]["loss"]
+    assert f"{loss:.3g}" in averaging

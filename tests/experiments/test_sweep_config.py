@@ -212,6 +212,63 @@ def test_expansion_order_count_and_settings(tmp_path):
     assert len({c.cell_id for c in cells}) == len(cells)
 
 
+def test_batch_growth_and_averaging_are_grid_axes(tmp_path):
+    """``batch_growths`` x ``averagings`` cross the grid; their settings reach the cells that
+    use them (and only those); a Hessian sample is set per optimizer."""
+    path = write(
+        tmp_path,
+        """
+        task = "teacher-student"
+        batch_sizes = [16]
+        optimizers = ["sgd", "newton-cg"]
+        steps = 10
+        schedule = "constant"
+        batch_growths = ["none", "norm-test"]
+        batch_growth_theta = 0.4
+        max_batch_size = 64
+        averagings = ["none", "ema"]
+        averaging_decay = 0.9
+        [batch_growth_options]
+        every = 2
+        [optimizer.newton-cg]
+        hessian_batch_size = 8
+        """,
+    )
+    cells = expand(load_sweep(path), tmp_path, train_size=300, eval_every=lambda config: 5)
+    assert len(cells) == 2 * 2 * 2
+    names = [c.cell_id.rsplit("-", 1)[0] for c in cells]
+    assert names[:4] == [
+        "sgd-b16-s0", "sgd-b16-s0-ema", "sgd-b16-s0-norm-test", "sgd-b16-s0-norm-test-ema",
+    ]  # fmt: skip
+    growing = [c.config for c in cells if c.config.batch_growth == "norm-test"]
+    assert len(growing) == 4
+    assert all(c.batch_growth_theta == 0.4 and c.max_batch_size == 64 for c in growing)
+    assert all(c.batch_growth_options == {"every": 2} for c in growing)
+    fixed = [c.config for c in cells if c.config.batch_growth is None]
+    assert all(c.batch_growth_theta is None and c.max_batch_size is None for c in fixed)
+    assert {c.config.averaging for c in cells} == {None, "ema"}
+    assert all(c.config.averaging_decay == 0.9 for c in cells)
+    hessian = {c.config.optimizer: c.config.hessian_batch_size for c in cells}
+    assert hessian == {"sgd": None, "newton-cg": 8}
+
+
+@pytest.mark.parametrize(
+    ("overrides", "words"),
+    [
+        ({"batch_growths": ["norm_test"]}, "batch_growths: item 0: expected one of 'none'"),
+        ({"averagings": ["swa"]}, "averagings: item 0: expected one of 'none', 'polyak', 'ema'"),
+        ({"batch_growths": ["norm-test"], "batch_growth_theta": 0}, "batch_growth_theta"),
+        ({"hessian_batch_size": 8}, "cell sgd-b16-s0: Invalid hessian_batch_size: 8"),
+        ({"batch_growths": ["norm-test"]}, "cell sgd-b16-s0-norm-test: Invalid schedule"),
+    ],
+)
+def test_bad_classical_sweep_keys_are_named(tmp_path, overrides, words):
+    base = {"task": "teacher-student", "batch_sizes": [16], "optimizers": ["sgd"]}
+    with pytest.raises(SweepConfigError, match=words):
+        spec = load_sweep(overrides=base | overrides)
+        expand(spec, tmp_path, train_size=300, eval_every=lambda config: 5)
+
+
 def test_wrapper_base_sets_default_lr_and_accepted_keys(tmp_path):
     """``[optimizer.e] base = "lamb"``: lr_factors scale LAMB's default learning rate, not the
     default base's (AdamW), and LAMB-only hyperparameters are accepted."""
@@ -267,12 +324,17 @@ def test_cell_ids_are_stable_hashes(tmp_path):
         for k, v in config.to_dict().items()
         if k not in RESUMABLE_CHANGES and not (k in LATER_FIELDS and v == LATER_FIELDS[k])
     }
-    assert "topology" not in unhashed  # added later: a sweep's older cells keep their ids
+    # added later (decentralized, schedules, classical methods): older cells keep their ids
+    assert {"topology", "warmup_start", "batch_growth", "averaging"} <= LATER_FIELDS.keys()
+    assert unhashed.keys().isdisjoint(LATER_FIELDS)
     digest = hashlib.sha256(json.dumps(unhashed, sort_keys=True).encode()).hexdigest()[:10]
     assert cell_id(config) == f"sgd-b8-s0-{digest}"
     assert cell_id(replace(config, checkpoint_every=999, out_dir="elsewhere")) == cell_id(config)
     assert cell_id(replace(config, optimizer_options={"momentum": 0.5})) != cell_id(config)
-    assert cell_id(RunConfig(lr=0.1)).startswith("sgd-b64-s0-lr0.1-")
+    assert cell_id(replace(config, averaging="ema")) != cell_id(config)  # off its default
+    assert cell_id(replace(config, averaging_decay=0.9)) != cell_id(config)
+    # the id this config had before any field of LATER_FIELDS existed (commit 23c7a24)
+    assert cell_id(RunConfig(lr=0.1)) == "sgd-b64-s0-lr0.1-c5f9ee316d"
 
 
 def test_default_spec_round_trips():

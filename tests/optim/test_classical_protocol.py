@@ -1,9 +1,11 @@
 """Every classical optimizer driven only through its declared ClassicalStepProtocol.
 
-:class:`ProtocolDriver` reads nothing but the protocol's fields and the
-optimizer's ``snapshot_due``/``hessian_due``: it is the reference for what a
-training loop does with these optimizers. Each optimizer trains a small
-logistic regression through it and reports every statistic it declares.
+The driver is the training loop's own (:class:`~largebatch.train.step.StepDriver`): it
+reads nothing but the protocol's fields and the optimizer's ``snapshot_due`` /
+``hessian_due``. Each optimizer trains a small logistic regression through it, reports
+every statistic it declares, and the driver counts each step's cost in example
+gradients as docs/classical.md says (checked against the optimizer's own counts of
+Hessian-vector products and line-search trials).
 """
 
 from __future__ import annotations
@@ -14,61 +16,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 from classical_problems import LogReg
+from torch.utils.data import DistributedSampler, TensorDataset
 
-from largebatch.diagnostics.per_example import per_example_gradients
-from largebatch.optim.classical_protocol import ClassicalStepProtocol, ReportsStepStatistics
+from largebatch.optim.classical_protocol import ReportsStepStatistics
 from largebatch.optim.newton_cg import NewtonCG
-from largebatch.optim.quasi_newton import OLBFGS, SQN
+from largebatch.optim.quasi_newton import LBFGS, OLBFGS, SQN
 from largebatch.optim.saga import SAGA
 from largebatch.optim.svrg import SVRG
+from largebatch.train.data import BatchStream
+from largebatch.train.step import FORWARD_COST, HVP_COST, StepDriver
 
-
-class ProtocolDriver:
-    """Steps any classical optimizer on ``problem`` as its protocol says."""
-
-    def __init__(self, problem: LogReg, model, optimizer, batch_size: int = 20) -> None:
-        self.problem, self.model, self.optimizer = problem, model, optimizer
-        self.protocol: ClassicalStepProtocol = optimizer.step_protocol
-        self.generator = torch.Generator().manual_seed(0)
-        self.batch_size = batch_size
-        self.example_gradients = 0  # per-example gradient evaluations, the review's cost unit
-
-    def backward_closure(self, index):
-        def closure():
-            self.optimizer.zero_grad()
-            loss = self.problem.data_loss(self.model, index)
-            loss.backward()
-            self.example_gradients += len(self.problem.X[index])
-            return loss
-
-        return closure
-
-    def loss_closure(self, index):
-        return lambda: self.problem.data_loss(self.model, index)
-
-    def step(self) -> None:
-        protocol, optimizer = self.protocol, self.optimizer
-        index = torch.randperm(self.problem.n, generator=self.generator)[: self.batch_size]
-        if protocol.snapshots and optimizer.snapshot_due:
-            optimizer.snapshot(self.backward_closure(slice(None)))
-        if protocol.per_example:
-            x, y = self.problem.X[index], self.problem.y[index]
-            grads = per_example_gradients(self.model, F.cross_entropy, x, y)
-            self.example_gradients += len(index)
-            optimizer.step(indices=index, per_example_grads=grads)
-            return
-        optimizer.zero_grad()
-        if protocol.gradient_before_step:
-            self.backward_closure(index)()
-        kwargs = {}
-        if protocol.hessian_sample and optimizer.hessian_due:
-            kwargs["hessian_closure"] = self.loss_closure(index[: self.batch_size // 2])
-        if protocol.closure is None:
-            optimizer.step(**kwargs)
-        elif protocol.closure_backward:
-            optimizer.step(self.backward_closure(index), **kwargs)
-        else:
-            optimizer.step(self.loss_closure(index), **kwargs)
+BATCH, HESSIAN = 20, 10
 
 
 def build(name: str, model, problem: LogReg):
@@ -79,10 +37,11 @@ def build(name: str, model, problem: LogReg):
         "newton-cg": lambda: NewtonCG(params, max_cg=5, weight_decay=wd),
         "olbfgs": lambda: OLBFGS(params, lr=0.5, weight_decay=wd),
         "sqn": lambda: SQN(params, lr=0.5, update_every=3, weight_decay=wd),
+        "lbfgs": lambda: LBFGS(params, weight_decay=wd),
     }[name]()
 
 
-NAMES = ["svrg", "saga", "newton-cg", "olbfgs", "sqn"]
+NAMES = ["svrg", "saga", "newton-cg", "olbfgs", "sqn", "lbfgs"]
 
 
 @pytest.fixture(scope="module")
@@ -90,17 +49,72 @@ def problem() -> LogReg:
     return LogReg(num_train=100, num_features=10, weight_decay=1e-2)
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_driven_through_the_protocol_it_trains_and_reports_its_statistics(problem, name):
+def driven(problem: LogReg, name: str) -> tuple[torch.nn.Module, object, StepDriver, BatchStream]:
     model = problem.model()
     optimizer = build(name, model, problem)
+    dataset = TensorDataset(problem.X, problem.y)
+    sampler = DistributedSampler(dataset, 1, 0, shuffle=True, seed=0, drop_last=True)
+    stream = BatchStream(dataset, sampler, BATCH, 1, torch.device("cpu"))
+    driver = StepDriver(model, optimizer, F.cross_entropy, hessian_batch_size=HESSIAN)
+    return model, optimizer, driver, stream
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_driven_through_the_protocol_it_trains_and_reports_its_statistics(problem, name):
+    model, optimizer, driver, stream = driven(problem, name)
     assert isinstance(optimizer, ReportsStepStatistics)
     assert all(math.isnan(v) for v in optimizer.step_statistics().values())
-    driver = ProtocolDriver(problem, model, optimizer)
     before = problem.objective(model)
     for _ in range(12):
-        driver.step()
+        driver.step(stream)
     assert problem.objective(model) < before
     statistics = optimizer.step_statistics()
     assert set(statistics) == set(optimizer.STATISTICS)
     assert all(isinstance(v, float) for v in statistics.values())
+
+
+def expected_cost(name: str, step: int, statistics: dict[str, float], n: int) -> float:
+    """A step's cost in example gradients, from docs/classical.md's accounting."""
+    b, h = BATCH, HESSIAN
+    if name == "svrg":  # the driver's gradient and the closure at the snapshot, + n per snapshot
+        return 2 * b + (n if step % 10 == 0 else 0)
+    if name == "saga":
+        return b
+    if name == "olbfgs":
+        return 2 * b
+    if name == "sqn":  # a gradient; on pair steps, the Hessian sample's gradient and one product
+        pair = statistics["hessian_vector_products"]
+        return b + pair * (h + HVP_COST * h)
+    trials = statistics["line_search_trials"]
+    if name == "lbfgs":
+        return b + FORWARD_COST * b * trials
+    # newton-cg: gradient, the Hessian sample's gradient, the products, the trials
+    return b + h + HVP_COST * h * statistics["hessian_vector_products"] + FORWARD_COST * b * trials
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_each_step_counts_its_cost_in_example_gradients(problem, name):
+    _, optimizer, driver, stream = driven(problem, name)
+    pair_steps = 0
+    for step in range(12):
+        result = driver.step(stream)
+        statistics = optimizer.step_statistics()
+        expected = expected_cost(name, step, statistics, problem.n)
+        assert result.example_gradients == pytest.approx(expected), step
+        pair_steps += statistics.get("hessian_vector_products", 0) > 0
+    if name == "sqn":
+        assert pair_steps == 3  # steps 6, 9, 12: the accounting was exercised on pair steps
+
+
+def test_a_hessian_sample_larger_than_the_batch_is_drawn_apart_and_the_same_on_resume(problem):
+    """SQN's Hessian sample of 40 > 20 examples: an independent sample per step, the same
+    for the same step of a resumed stream (so a resumed run is exact)."""
+    _, _, driver, stream = driven(problem, "sqn")
+    stream.next()
+    first = stream.sample(40)
+    stream.next()
+    second = stream.sample(40)
+    assert len(first[0]) == 40 and not torch.equal(first[1], second[1])
+    resumed = driven(problem, "sqn")[3]
+    resumed.load_state_dict({**stream.state_dict(), "batches": 1})
+    assert torch.equal(resumed.sample(40)[0], first[0])

@@ -7,13 +7,17 @@ or a pickled copy continues exactly as the original; torch learning-rate schedul
 drive it (``LambdaLR``, and ``OneCycleLR``/``CyclicLR``/``StepLR`` changing the learning
 rate and the momentum or first beta); ``step(closure)`` returns the closure's loss;
 parameters without a gradient are left alone, and one that gets its first gradient late
-steps exactly as a fresh optimizer would on it; a sparse gradient is either supported
-(the step equals the dense one) or rejected with a message before anything changes;
-parameters on the ``meta`` device step; ``maximize=True`` on ``f`` equals minimizing
-``-f`` wherever the optimizer accepts it (and is otherwise rejected by name); a
-negative learning rate raises ``ValueError`` naming the value. Steps follow each
-optimizer's :class:`~largebatch.optim.StepProtocol` (gradient first, closure on the
-same or a fresh mini-batch), as the training loop does.
+steps exactly as a fresh optimizer would on it (or, for an optimizer declared
+``couples_parameters``, steps without disturbing the others and with a state that
+round-trips); a sparse gradient is either supported (the step equals the dense one) or
+rejected with a message before anything changes; parameters on the ``meta`` device step
+(or, for an optimizer declared ``steps_on_meta=False``, are refused when it is built);
+``maximize=True`` on ``f`` equals minimizing ``-f`` wherever the optimizer accepts it
+(and is otherwise rejected by name); a negative learning rate raises ``ValueError``
+naming the value. Steps are the training loop's own
+(:class:`~largebatch.train.step.StepDriver`, which follows each optimizer's step
+protocol: gradient first, closures on the same or a fresh mini-batch, loss closures,
+Hessian samples, per-example gradients, snapshots).
 
 The decentralized optimizers (``is_decentralized``) need at least two processes to
 step; ``tests/optim/decentralized/`` checks them in four.
@@ -25,22 +29,29 @@ import copy
 import io
 import math
 import pickle
-from collections.abc import Callable, Sequence
 
 import pytest
 import torch
 import torch.nn.functional as F
 from state_compare import assert_same
 from torch import nn
+from torch.utils.data import DistributedSampler, TensorDataset
 
-from largebatch.optim import create_optimizer, list_optimizers, step_protocol_of
+from largebatch.optim import OptimizerSpec, create_optimizer, list_optimizers
 from largebatch.optim.registry import is_decentralized
+from largebatch.train.data import BatchStream
+from largebatch.train.step import StepDriver, StepResult, classical_protocol
 
 SPECS = [spec for spec in list_optimizers() if not is_decentralized(spec.name)]
 BATCHES = 8
-# oLBFGS couples all parameters and reads its curvature test on the host: its contract
-# (a declared capability, or a clear error) comes with the classical methods' loop integration
-CLASSICAL_PHASE_B = pytest.mark.xfail(strict=True, reason="olbfgs: classical phase B")
+BATCH_SIZE = 32
+
+
+def build(spec: OptimizerSpec, params, **hparams) -> torch.optim.Optimizer:
+    """``create_optimizer`` with the data arguments a run would fill in (SAGA's table size)."""
+    data = {"num_examples": BATCHES * BATCH_SIZE}
+    arguments = {key: data[key] for key in spec.data_arguments}
+    return create_optimizer(spec.name, params, **arguments, **hparams)
 
 
 def specs(*, known_failures: dict | None = None) -> list:
@@ -68,23 +79,30 @@ def make_model() -> Problem:
 
 def make_batches(device: str = "cpu") -> list[tuple[torch.Tensor, torch.Tensor]]:
     generator = torch.Generator().manual_seed(1)
-    inputs = torch.randn(BATCHES, 32, 3, generator=generator, dtype=torch.float64)
+    inputs = torch.randn(BATCHES, BATCH_SIZE, 3, generator=generator, dtype=torch.float64)
     targets = torch.stack([x[:, :2].sin() + 0.5 * x[:, 2:] for x in inputs])
     return [(x.to(device), y.to(device)) for x, y in zip(inputs, targets)]
 
 
-Batch = tuple[torch.Tensor, torch.Tensor]
+class MatrixModel(nn.Module):
+    """``tanh(x @ weight)`` around a given parameter (the late-parameter test's two halves)."""
+
+    def __init__(self, weight: nn.Parameter) -> None:
+        super().__init__()
+        self.weight = weight
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(inputs @ self.weight)
 
 
 class Driver:
-    """Steps an optimizer as its protocol asks, cycling through fixed mini-batches.
+    """Steps an optimizer as the training loop does, through the fixed mini-batches in order.
 
     Args:
-        model: the module trained (its ``forward`` maps a batch's inputs to outputs).
+        model: the module trained.
         optimizer: the optimizer under test.
         sign: the loss is ``sign * mse``; ``-1`` trains on ``-f``.
-        loss: replaces the MSE of ``model`` (``batch -> loss``).
-        device: where the batches live (``"meta"`` for meta parameters).
+        device: where the batches go (``"meta"`` for meta parameters).
     """
 
     def __init__(
@@ -93,48 +111,34 @@ class Driver:
         optimizer: torch.optim.Optimizer,
         *,
         sign: float = 1.0,
-        loss: Callable[[Batch], torch.Tensor] | None = None,
         device: str = "cpu",
     ) -> None:
-        self.model, self.optimizer, self.sign = model, optimizer, sign
-        self.loss = loss or (lambda batch: F.mse_loss(self.model(batch[0]), batch[1]))
-        self.batches = make_batches(device)
-        self.position = 0
-        self.closure_losses: list[torch.Tensor] = []
-        self.sparse: Sequence[torch.Tensor] = ()
-        """Parameters whose gradients are made sparse after every backward pass."""
+        self.model, self.optimizer = model, optimizer
+        inputs, targets = (torch.cat(parts) for parts in zip(*make_batches()))
+        dataset = TensorDataset(inputs, targets)
+        sampler = DistributedSampler(dataset, 1, 0, shuffle=False, drop_last=True)
+        self.stream = BatchStream(dataset, sampler, BATCH_SIZE, 1, torch.device(device))
+        self.losses: list[torch.Tensor] = []
+        """Every loss the step computed, in order."""
 
-    def _next_batch(self) -> Batch:
-        batch = self.batches[self.position % len(self.batches)]
-        self.position += 1
-        return batch
-
-    def _loss(self, batch: Batch) -> torch.Tensor:
-        loss = self.sign * self.loss(batch)
-        loss.backward()
-        for param in self.sparse:
-            param.grad = param.grad.to_sparse()
-        return loss
-
-    def step(self, *, force_closure: bool = False):
-        """One update; returns what ``optimizer.step`` returned."""
-        protocol = step_protocol_of(self.optimizer)
-        batch = self._next_batch()
-        self.optimizer.zero_grad(set_to_none=True)
-        if protocol.closure is None and not force_closure:
-            self._loss(batch)
-            return self.optimizer.step()
-        if protocol.gradient_before_step and protocol.closure is not None:
-            self._loss(batch)
-
-        def closure() -> torch.Tensor:
-            self.optimizer.zero_grad(set_to_none=True)
-            fresh = protocol.closure == "fresh"
-            loss = self._loss(self._next_batch() if fresh else batch)
-            self.closure_losses.append(loss)
+        def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+            loss = sign * F.mse_loss(outputs, targets)
+            self.losses.append(loss)
             return loss
 
-        return self.optimizer.step(closure)
+        self.loss_fn = loss_fn
+        self.stepper = StepDriver(model, optimizer, loss_fn, full_pass_batch_size=BATCH_SIZE)
+
+    @property
+    def position(self) -> int:
+        return self.stream.position
+
+    @position.setter
+    def position(self, batches: int) -> None:
+        self.stream.position = batches
+
+    def step(self) -> StepResult:
+        return self.stepper.step(self.stream)
 
 
 def full_loss(model: nn.Module) -> float:
@@ -151,9 +155,17 @@ def spec(request):
     return request.param
 
 
+def test_the_driver_reads_the_stream_as_the_fixed_batches():
+    """The contract's batches are the stream's, in order (so positions mean what they say)."""
+    driver = Driver(make_model(), create_optimizer("sgd", make_model()))
+    for x, y in make_batches() * 2:
+        (inputs, targets), *_ = driver.stream.next()
+        assert torch.equal(inputs, x) and torch.equal(targets, y)
+
+
 def test_loss_decreases(spec):
     model = make_model()
-    driver = Driver(model, create_optimizer(spec.name, model))
+    driver = Driver(model, build(spec, model))
     before = full_loss(model)
     for _ in range(3 * BATCHES):
         driver.step()
@@ -162,12 +174,12 @@ def test_loss_decreases(spec):
 
 def test_state_dict_save_load_continue_equals_uninterrupted_run(spec):
     model = make_model()
-    uninterrupted = Driver(model, create_optimizer(spec.name, model))
+    uninterrupted = Driver(model, build(spec, model))
     for _ in range(10):
         uninterrupted.step()
 
     model = make_model()
-    first = Driver(model, create_optimizer(spec.name, model))
+    first = Driver(model, build(spec, model))
     for _ in range(6):
         first.step()
     buffer = io.BytesIO()
@@ -177,7 +189,7 @@ def test_state_dict_save_load_continue_equals_uninterrupted_run(spec):
 
     resumed_model = make_model()
     resumed_model.load_state_dict(saved["model"])
-    optimizer = create_optimizer(spec.name, resumed_model)
+    optimizer = build(spec, resumed_model)
     optimizer.load_state_dict(copy.deepcopy(saved["optimizer"]))
     resumed = Driver(resumed_model, optimizer)
     resumed.position = first.position
@@ -188,7 +200,7 @@ def test_state_dict_save_load_continue_equals_uninterrupted_run(spec):
 
 def test_lr_scheduler_drives_every_group(spec):
     model = make_model()
-    optimizer = create_optimizer(spec.name, model)
+    optimizer = build(spec, model)
     base_lrs = [group["lr"] for group in optimizer.param_groups]
     factors = [1.0, 0.5, 0.0]
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: factors[min(step, 2)])
@@ -206,15 +218,34 @@ def test_lr_scheduler_drives_every_group(spec):
 
 
 def test_step_with_closure_returns_the_loss(spec):
+    """torch's convention: ``step(closure)`` returns the closure's loss (one of its losses,
+    for an optimizer that calls it several times). A per-example optimizer takes no closure."""
     model = make_model()
-    driver = Driver(model, create_optimizer(spec.name, model))
-    returned = driver.step(force_closure=True)
-    assert any(returned is loss for loss in driver.closure_losses)
+    optimizer = build(spec, model)
+    driver = Driver(model, optimizer)
+    protocol = classical_protocol(optimizer)
+    if protocol.per_example:
+        with pytest.raises(ValueError, match="closure"):
+            optimizer.step(lambda: None, indices=torch.arange(2), per_example_grads=[])
+        return
+    if protocol.closure is None:  # torch's optional closure: it computes the gradient
+        (batch,) = driver.stream.next()
+
+        def closure() -> torch.Tensor:
+            optimizer.zero_grad()
+            loss = driver.loss_fn(model(batch[0]), batch[1])
+            loss.backward()
+            return loss
+
+        returned = optimizer.step(closure)
+    else:
+        returned = driver.step().returned
+    assert any(torch.equal(torch.as_tensor(returned), loss.detach()) for loss in driver.losses)
 
 
 def test_parameters_without_gradient_are_skipped(spec):
     model = make_model()
-    driver = Driver(model, create_optimizer(spec.name, model))
+    driver = Driver(model, build(spec, model))
     for _ in range(3):
         driver.step()
     assert model.unused.grad is None
@@ -223,7 +254,7 @@ def test_parameters_without_gradient_are_skipped(spec):
 
 def test_negative_learning_rate_raises_naming_it(spec):
     with pytest.raises(ValueError, match="-0.5"):
-        create_optimizer(spec.name, make_model(), lr=-0.5)
+        build(spec, make_model(), lr=-0.5)
 
 
 # --- copies, late parameters, sparse gradients, meta tensors, maximize, schedulers ---------
@@ -240,7 +271,7 @@ COPIERS = {
 def test_copy_continues_exactly_as_the_original(spec, copier):
     """The model and optimizer copied together after 3 steps: 3 more steps of each agree bitwise."""
     model = make_model()
-    original = Driver(model, create_optimizer(spec.name, model))
+    original = Driver(model, build(spec, model))
     for _ in range(3):
         original.step()
     model_copy, optimizer_copy = COPIERS[copier]((model, original.optimizer))
@@ -260,28 +291,49 @@ def _two_matrices() -> tuple[nn.Parameter, nn.Parameter]:
     )
 
 
-def _matrix_loss(weight: torch.Tensor) -> Callable[[Batch], torch.Tensor]:
-    return lambda batch: F.mse_loss(torch.tanh(batch[0] @ weight), batch[1])
-
-
-@pytest.mark.parametrize("spec", specs(known_failures={"olbfgs": CLASSICAL_PHASE_B}))
+@pytest.mark.parametrize("spec", specs())
 def test_late_parameter_steps_like_a_fresh_optimizer(spec):
     """``b`` has no gradient for 5 steps (only ``a`` is trained), then joins (only ``b``).
 
     Its 4 steps equal those of a fresh optimizer built on ``b`` alone: its state (step
-    counts, bias corrections) starts when it joins, as torch's Adam keeps it.
+    counts, bias corrections) starts when it joins, as torch's Adam keeps it. An
+    optimizer that couples its parameters (a shared curvature memory or snapshot
+    schedule) cannot promise that; for it ``b`` must step, ``a`` must stay where it
+    is, and the state saved half-way must continue exactly as the original.
     """
     a, b = _two_matrices()
     fresh_b = nn.Parameter(b.detach().clone())
-    optimizer = create_optimizer(spec.name, [a, b])
-    early = Driver(None, optimizer, loss=_matrix_loss(a))
+    optimizer = build(spec, [a, b])
+    early = Driver(MatrixModel(a), optimizer)
     for _ in range(5):
         early.step()
     assert b.grad is None and torch.equal(b, fresh_b)
 
-    late = Driver(None, optimizer, loss=_matrix_loss(b))
-    fresh = Driver(None, create_optimizer(spec.name, [fresh_b]), loss=_matrix_loss(fresh_b))
-    late.position = fresh.position = early.position
+    late = Driver(MatrixModel(b), optimizer)
+    late.position = early.position
+    if spec.couples_parameters:
+        a_before = a.detach().clone()
+        for _ in range(2):
+            late.step()
+        saved, middle = (
+            copy.deepcopy(optimizer.state_dict()),
+            [a.detach().clone(), b.detach().clone()],
+        )
+        for _ in range(2):
+            late.step()
+        assert torch.equal(a, a_before) and not torch.equal(b, fresh_b)
+        assert torch.isfinite(b).all()
+        a_copy, b_copy = (nn.Parameter(w) for w in middle)
+        reloaded = build(spec, [a_copy, b_copy])
+        reloaded.load_state_dict(saved)
+        again = Driver(MatrixModel(b_copy), reloaded)
+        again.position = early.position + 2
+        for _ in range(2):
+            again.step()
+        assert torch.equal(b_copy, b)
+        return
+    fresh = Driver(MatrixModel(fresh_b), build(spec, [fresh_b]))
+    fresh.position = early.position
     for _ in range(4):
         late.step()
         fresh.step()
@@ -306,10 +358,13 @@ def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     supports it and steps exactly as with the same gradient dense.
     """
     model = make_model()
-    optimizer = create_optimizer(spec.name, model)
+    optimizer = build(spec, model)
+    protocol = classical_protocol(optimizer)
+    if not (protocol.gradient_before_step or (protocol.closure and protocol.closure_backward)):
+        pytest.skip("takes no .grad: its gradients come from torch.func or autograd.grad (dense)")
     driver = Driver(model, optimizer)
     dense_model = make_model()
-    dense = Driver(dense_model, create_optimizer(spec.name, dense_model))
+    dense = Driver(dense_model, build(spec, dense_model))
     for _ in range(2):
         driver.step()
         dense.step()
@@ -317,7 +372,7 @@ def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     assert any(last is p for p in model.net.parameters())
     state_before = copy.deepcopy(optimizer.state_dict())
     params_before = flat(model)
-    driver.sparse = [last]
+    last.register_post_accumulate_grad_hook(lambda p: setattr(p, "grad", p.grad.to_sparse()))
     try:
         driver.step()
     except RuntimeError as error:
@@ -329,24 +384,36 @@ def test_sparse_gradient_is_supported_or_rejected_before_anything_changes(spec):
     torch.testing.assert_close(flat(model), flat(dense_model), rtol=1e-12, atol=0)
 
 
-@pytest.mark.parametrize("spec", specs(known_failures={"olbfgs": CLASSICAL_PHASE_B}))
+@pytest.mark.parametrize("spec", specs())
 def test_meta_parameters_step(spec):
-    """A model on the ``meta`` device: steps run and state keeps the parameters' shapes there."""
+    """A model on the ``meta`` device: steps run and state keeps the parameters' shapes there.
+
+    An optimizer declared ``steps_on_meta=False`` (its control flow reads values) refuses
+    meta parameters when it is built, naming them.
+    """
     model = make_model().to("meta")
-    optimizer = create_optimizer(spec.name, model)
+    if not spec.steps_on_meta:
+        with pytest.raises(ValueError, match="meta tensors"):
+            build(spec, model)
+        return
+    optimizer = build(spec, model)
     driver = Driver(model, optimizer, device="meta")
     for _ in range(2):
         driver.step()
     for param in model.parameters():
         assert param.is_meta
-    # a parameter's state tensors of its own shape (moments, buffers) live with it
+    # a parameter's state tensors of its own shape (moments, buffers) live with it, and so
+    # do state tensors over the flattened parameters (the L-BFGS family's memory)
+    flat_size = sum(p.numel() for p in model.parameters())
     tensors = [
         value
         for optimizer_ in (optimizer, getattr(optimizer, "base_optimizer", None))
         if optimizer_ is not None
         for param, state in optimizer_.state.items()
-        for value in state.values()
-        if torch.is_tensor(value) and value.dim() > 0 and value.shape == param.shape
+        for value in (state.values() if torch.is_tensor(param) else ())
+        if torch.is_tensor(value)
+        and value.dim() > 0
+        and (value.shape == param.shape or value.shape[-1] == flat_size)
     ]
     assert tensors and all(t.is_meta for t in tensors)
 
@@ -359,14 +426,14 @@ def test_maximize_equals_minimizing_the_negated_loss(spec):
     """
     model = make_model()
     try:
-        optimizer = create_optimizer(spec.name, model, maximize=True)
+        optimizer = build(spec, model, maximize=True)
     except TypeError as error:
         assert "maximize" in str(error)
         return
     maximizing = Driver(model, optimizer)
     negated_model, plain_model = make_model(), make_model()
-    negated = Driver(negated_model, create_optimizer(spec.name, negated_model), sign=-1.0)
-    plain = Driver(plain_model, create_optimizer(spec.name, plain_model))
+    negated = Driver(negated_model, build(spec, negated_model), sign=-1.0)
+    plain = Driver(plain_model, build(spec, plain_model))
     for _ in range(5):
         maximizing.step()
         negated.step()
@@ -403,7 +470,7 @@ def test_schedulers_change_lr_and_momentum(spec, scheduler):
     Cycling schedulers also cycle ``momentum`` or ``betas[0]`` where the optimizer has one.
     """
     model = make_model()
-    optimizer = create_optimizer(spec.name, model)
+    optimizer = build(spec, model)
     lrs = [group["lr"] for group in optimizer.param_groups]
     cycle = "momentum" in optimizer.defaults or "betas" in optimizer.defaults
     schedule = SCHEDULERS[scheduler](optimizer, lrs, cycle)

@@ -99,6 +99,19 @@ def test_cg_exits_on_negative_curvature():
     torch.testing.assert_close(later.solution, (b @ b) / (b @ A @ b) * b)  # the first iterate
 
 
+def test_cg_treats_curvature_too_small_for_the_dtype_as_none():
+    """A direction with positive but tiny curvature: the step along it would overflow float32."""
+    A = torch.diag(torch.tensor([1.0, 1e-40]))  # 1e-40 is a float32 denormal
+    b = torch.tensor([0.0, 1.0])
+    result = conjugate_gradient(lambda v: A @ v, b, tol=1e-6, max_iter=5)
+    assert result.negative_curvature and result.iterations == 1
+    torch.testing.assert_close(result.solution, b)
+    # the same in float64 is representable: CG solves it
+    A64 = torch.diag(torch.tensor([1.0, 1e-40], dtype=torch.float64))
+    solved = conjugate_gradient(lambda v: A64 @ v, b.double(), tol=1e-6, max_iter=5)
+    assert not solved.negative_curvature and solved.solution[1] == pytest.approx(1e40)
+
+
 def test_armijo_takes_the_largest_step_with_enough_decrease():
     def f(a: float) -> float:  # f(x + a d) along d = -2 from x = 1 for f(x) = x^2
         return (1 - 2 * a) ** 2

@@ -17,14 +17,20 @@ def test_every_accepted_argument_is_accepted_and_the_lr_is_the_one_used(name):
     an optimizer built without ``lr`` has the reported learning rate."""
     arguments = optimizer_arguments(name)
     param = torch.nn.Parameter(torch.zeros(3))
-    given = {k: v for k, v in arguments.defaults.items() if v is not None}
+    data = {key: 10 for key in get_spec(name).data_arguments}  # what a run fills in
+    given = {k: v for k, v in arguments.defaults.items() if v is not None} | data
     built = create_optimizer(name, [param], **given)
-    plain = create_optimizer(name, [torch.nn.Parameter(torch.zeros(3))])
+    plain = create_optimizer(name, [torch.nn.Parameter(torch.zeros(3))], **data)
     groups = getattr(plain, "base_optimizer", plain).param_groups
     assert groups[0]["lr"] == arguments.lr
     assert built is not None
     with pytest.raises(TypeError, match="unknown hyperparameter"):
-        create_optimizer(name, [param], not_an_argument=1)
+        create_optimizer(name, [param], not_an_argument=1, **data)
+
+
+def test_a_missing_data_argument_is_named():
+    with pytest.raises(TypeError, match=r"saga: missing data argument\(s\) \['num_examples'\]"):
+        create_optimizer("saga", [torch.nn.Parameter(torch.zeros(3))])
 
 
 def test_a_wrapper_reports_the_arguments_and_lr_of_its_base():

@@ -108,6 +108,34 @@ def test_start_every_and_state_round_trip():
     torch.testing.assert_close(average.module.weight, torch.full((1, 2), (4 + 6 + 8 + 20) / 4))
 
 
+@pytest.mark.parametrize("kind", ["polyak", "ema"])
+def test_folding_equals_torchs_averaged_model(kind):
+    """The average (its own fold, which reads no tensor) equals ``AveragedModel.update_parameters``
+    step by step, buffers and a resume included."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))
+    config = AveragingConfig(kind, decay=0.7)
+    average = IterateAverage(model, config)
+    fold = torch.optim.swa_utils.get_ema_multi_avg_fn(0.7) if kind == "ema" else None
+    reference = torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=fold, use_buffers=False)
+    for step in range(1, 7):
+        with torch.no_grad():
+            for p in model.parameters():
+                p.add_(torch.randn_like(p))
+        model(torch.randn(8, 3))  # new running statistics
+        average.update(model, step)
+        reference.update_parameters(model)
+        if step == 3:
+            average = IterateAverage(model, config)
+            average.load_state_dict(copy.deepcopy(reference.state_dict()))
+    assert average.num_averaged == int(reference.n_averaged) == 6
+    for mine, theirs in zip(
+        average.averaged.state_dict().values(), reference.state_dict().values()
+    ):
+        torch.testing.assert_close(mine, theirs, rtol=1e-6, atol=1e-7)
+    assert not torch.allclose(average.module[0].weight, model[0].weight)  # it did average
+
+
 def test_batch_norm_statistics_are_recomputed_for_the_averaged_weights():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4), nn.Linear(4, 2))

@@ -110,14 +110,58 @@ def test_resume_refuses_a_different_config(make_config):
         train(make_config("run", steps=4))
 
 
-def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(make_config, tmp_path):
-    """Kill a CLI run with SIGKILL mid-training, resume it, compare with a run never killed."""
+#: name -> (command-line options, the same as RunConfig fields) of the killed runs
+KILLED_RUNS = {
+    "sgd": (
+        ["--optimizer", "sgd", "--opt", "momentum=0.9", "--warmup", "5"],
+        dict(optimizer="sgd", optimizer_options={"momentum": 0.9}, warmup_steps=5),
+    ),
+    # the batch-size controller's state, a variable-size stream and the statistics' RNG draws
+    "norm-test": (
+        ["--optimizer", "sgd", "--opt", "momentum=0.9", "--warmup", "0", "--batch-growth",
+         "norm-test", "--batch-growth-theta", "0.3", "--max-batch-size", "64"],
+        dict(optimizer="sgd", optimizer_options={"momentum": 0.9}, warmup_steps=0,
+             batch_growth="norm-test", batch_growth_theta=0.3, max_batch_size=64),
+    ),
+    # snapshots (every 6 steps) and an iterate average
+    "svrg": (
+        ["--optimizer", "svrg", "--opt", "inner_steps=6", "--warmup", "0", "--averaging",
+         "polyak", "--averaging-start", "10"],
+        dict(optimizer="svrg", optimizer_options={"inner_steps": 6}, warmup_steps=0,
+             averaging="polyak", averaging_start=10),
+    ),
+}  # fmt: skip
+
+
+def _assert_same_state(expected, actual, where: str = "") -> None:
+    """Nested checkpoint states equal, tensors bitwise."""
+    if torch.is_tensor(expected):
+        assert torch.equal(expected, actual), where
+    elif isinstance(expected, dict):
+        assert expected.keys() == actual.keys(), where
+        for key in expected:
+            _assert_same_state(expected[key], actual[key], f"{where}/{key}")
+    elif isinstance(expected, list | tuple):
+        assert len(expected) == len(actual), where
+        for i, (a, b) in enumerate(zip(expected, actual)):
+            _assert_same_state(a, b, f"{where}/{i}")
+    else:
+        assert expected == actual or (expected != expected and actual != actual), where
+
+
+@pytest.mark.parametrize("name", KILLED_RUNS)
+def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(make_config, tmp_path, name):
+    """Kill a CLI run with SIGKILL mid-training, resume it, compare with a run never killed.
+
+    Also with a growing batch (norm test) and with SVRG's snapshots and an iterate average:
+    parameters, the whole optimizer state, the controller's and the average's states and
+    every logged row are those of the uninterrupted run."""
+    options, fields = KILLED_RUNS[name]
     steps, every = 40, 4
     killed_dir = tmp_path / "killed"
     args = [
         "--task", TINY_TASK, "--task-opt", "delay=0.01", "--task-opt", "dropout=0.2",
-        "--optimizer", "sgd",
-        "--opt", "momentum=0.9", "--lr", "0.05", "--batch-size", "16", "--warmup", "5",
+        *options, "--lr", "0.05", "--batch-size", "16",
         "--steps", str(steps), "--checkpoint-every", str(every), "--eval-every", "3",
         "--no-progress",
     ]  # fmt: skip
@@ -152,16 +196,14 @@ def test_sigkill_at_a_random_step_then_resume_is_bitwise_exact(make_config, tmp_
 
     reference = make_config(
         "reference", task_options={"delay": 0.0, "dropout": 0.2},
-        optimizer_options={"momentum": 0.9},
-        lr=0.05, warmup_steps=5, steps=steps, checkpoint_every=every, eval_every=3,
+        lr=0.05, steps=steps, checkpoint_every=every, eval_every=3, **fields,
     )  # fmt: skip
     train(reference)
     expected, actual = final_checkpoint(reference.out_dir), final_checkpoint(str(killed_dir))
     _assert_bitwise_equal(expected["model"], actual["model"])
     assert expected["progress"]["step"] == actual["progress"]["step"] == steps
-    momentum = [s["momentum_buffer"] for s in expected["optimizer"]["state"].values()]
-    resumed_momentum = [s["momentum_buffer"] for s in actual["optimizer"]["state"].values()]
-    assert all(torch.equal(a, b) for a, b in zip(momentum, resumed_momentum))
+    for part in ("optimizer", "data", "batch_growth", "averaging"):
+        _assert_same_state(expected[part], actual[part], part)
     rows = _rows_without_time(str(killed_dir))
     assert [int(r["step"]) for r in rows] == [0, *range(3, steps, 3), steps]  # none twice
     assert rows == _rows_without_time(reference.out_dir), f"killed after step {kill_after}"

@@ -99,10 +99,22 @@ def test_splits_are_placed_in_order_while_the_budget_lasts():
 
 
 def test_any_batch_can_be_read_again():
-    """``at`` (divergence reports re-read a step's batch) agrees with the stream, in any epoch."""
+    """``at`` (divergence reports re-read a step's batch) agrees with the stream, in any epoch
+    and whatever the batch sizes, and leaves the stream where it was."""
     stream = _stream(micro=4, steps=2)
-    seen = [_ids(stream.next()) for _ in range(14)]  # two epochs and a bit
-    for position in (12, 0, 7, 13, 3):
-        assert _ids(stream.at(position)) == seen[position]
-    assert stream.position == 14
-    assert _ids(stream.next()) == _ids(_stream(micro=4, steps=2, position=14).next())
+    sizes = [None] * 14 + [16, 8, 24, 8, 32, 16]  # two epochs and a bit, then growing batches
+    seen = [(_ids(stream.next(size)), stream.last) for size in sizes]
+    assert len({where.epoch for _, where in seen}) >= 4
+    for position in (12, 0, 7, 13, 3, 16, 19, 14):
+        ids, where = seen[position]
+        assert _ids(stream.at(where)) == ids
+    assert stream.position == len(sizes)
+    state = stream.state_dict()
+    assert _ids(stream.next()) == _ids(_resumed(state).next())
+    assert _ids(_stream(micro=4, steps=2, position=14).at(seen[14][1])) == seen[14][0]
+
+
+def _resumed(state: dict) -> BatchStream:
+    stream = _stream(micro=4, steps=2)
+    stream.load_state_dict(state)
+    return stream

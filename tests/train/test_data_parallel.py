@@ -36,12 +36,31 @@ OPTIMIZERS = {
 }
 
 
+#: the classical methods' reductions: an SVRG snapshot's full pass, Newton-CG's Hessian
+#: sub-sample (each process's first examples), SQN's independent Hessian sample (sharded),
+#: a growing batch's statistics (and its mean gradient, the cheap path)
+CLASSICAL = {
+    "svrg": dict(optimizer="svrg", optimizer_options={"inner_steps": 3}, lr=0.05),
+    "newton-cg": dict(
+        optimizer="newton-cg", optimizer_options={"weight_decay": 1e-2}, hessian_batch_size=8
+    ),
+    "sqn": dict(optimizer="sqn", optimizer_options={"update_every": 2}, hessian_batch_size=64),
+    "norm-test": dict(
+        optimizer="sgd", lr=0.05, batch_growth="norm-test", batch_growth_theta=0.3,
+        max_batch_size=64, schedule="constant",
+    ),
+}  # fmt: skip
+
+
 def _config(out_root: Path, optimizer: str, nproc: int) -> RunConfig:
+    fields = CLASSICAL.get(optimizer) or dict(
+        optimizer=optimizer,
+        optimizer_options=OPTIMIZERS[optimizer],
+        lr=0.05 if optimizer in ("sgd", "protocol-probe") else 0.01,
+    )
     return RunConfig(
-        task=TINY_TASK, optimizer=optimizer, optimizer_options=OPTIMIZERS[optimizer],
-        lr=0.05 if optimizer in ("sgd", "protocol-probe") else 0.01, batch_size=32,
-        accumulation_steps=2, steps=6, warmup_steps=2, eval_every=3, nproc=nproc,
-        out_dir=str(out_root / f"{optimizer}-{nproc}"),
+        task=TINY_TASK, batch_size=32, accumulation_steps=2, steps=6, warmup_steps=2,
+        eval_every=3, nproc=nproc, out_dir=str(out_root / f"{optimizer}-{nproc}"), **fields,
     )  # fmt: skip
 
 
@@ -101,7 +120,7 @@ def _free_port() -> int:
 def two_process_runs(tmp_path_factory):
     """Every optimizer trained once by two gloo processes (one launch for all)."""
     out_root = tmp_path_factory.mktemp("ddp")
-    optimizers = list(OPTIMIZERS)
+    optimizers = [*OPTIMIZERS, *CLASSICAL]
     importlib.import_module("torch._dynamo")  # DDP imports it: once here, not in each fork
     mp.start_processes(
         _worker, args=(_free_port(), out_root, optimizers), nprocs=2, start_method="fork"
@@ -127,6 +146,19 @@ def test_two_processes_match_one_process(two_process_runs, tmp_path, optimizer):
         assert not torch.allclose(probe_two["first_grad"], probe_two["closure_grad"], atol=1e-4)
         torch.testing.assert_close(probe_two["closure_grad"], probe_one["closure_grad"])
         torch.testing.assert_close(probe_one["first_grad"], probe_one["closure_grad"])
+
+
+@pytest.mark.parametrize("case", CLASSICAL)
+def test_classical_methods_in_two_processes_match_one_process(two_process_runs, tmp_path, case):
+    single = train(_config(tmp_path, case, nproc=1))
+    assert single.status == "done", single.error
+    two = final_checkpoint(_config(two_process_runs, case, nproc=2).out_dir)
+    one = final_checkpoint(_config(tmp_path, case, nproc=1).out_dir)
+    assert_same_params(two["model"], one["model"], atol=1e-5)
+    assert two["progress"]["example_gradients"] == one["progress"]["example_gradients"]
+    if case == "norm-test":  # the same batch sizes, step by step: the batch did grow
+        assert two["batch_growth"]["changes"] == one["batch_growth"]["changes"]
+        assert len(one["batch_growth"]["changes"]) > 1
 
 
 def test_noise_scale_is_logged_under_ddp_and_changes_nothing(two_process_runs):

@@ -51,6 +51,11 @@ def _worker(rank: int, port: int, out_root: Path) -> None:
             result = train(_config(out_root, name, "decentlam", "exp"))
             assert result.status == "done", result.error
         assert train(_config(out_root, "ring", "dmsgd", "ring")).status == "done"
+        growing = _config(
+            out_root, "growing", "decentlam", "exp", batch_growth="norm-test",
+            batch_growth_theta=0.3, max_batch_size=64, schedule="constant",
+        )  # fmt: skip
+        assert train(growing).status == "done"
         dist.barrier()
         if rank == 0:  # as if killed after the step-6 checkpoint
             (out_root / "resumed" / "checkpoints" / f"step-{KILLED_AT:09d}.pt").unlink()
@@ -118,6 +123,16 @@ def test_ranks_differ_and_the_model_evaluated_is_their_average(runs):
     assert evaluate(own, task.loss_fn, [task.test[:]], task.metrics)["loss"] != pytest.approx(
         test["loss"], rel=1e-5
     )
+
+
+def test_a_growing_batch_leaves_the_gradients_local(runs):
+    """The norm test on every step: its statistics pass (reduced across the ranks) does not
+    stand in for the local gradients, which would keep the ranks identical; the batch grew."""
+    checkpoint = final_checkpoint(str(runs / "growing"))
+    first, second = (rank["model"] for rank in checkpoint["ranks"][:2])
+    assert any(not torch.equal(first[name], second[name]) for name in first)
+    extra = json.loads((runs / "growing" / "result.json").read_text())["extra"]
+    assert extra["final_batch_size"] > 32
 
 
 def test_consensus_distance_and_bytes_per_step_are_logged(runs):

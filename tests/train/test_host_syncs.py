@@ -7,8 +7,10 @@ queue the next step ahead. These reads look the same on the CPU, so the tests
 count them on the CPU: a ``TorchFunctionMode`` sees the Python-level reads and a
 ``TorchDispatchMode`` the operators that read values (``_local_scalar_dense``,
 ``nonzero``, ...). Each read is attributed to the training step in progress,
-from one call of ``optimizer_step`` to the next; only the steps at which the loop
-reads its losses (evaluations, checkpoints, a full buffer) may read. With CUDA,
+from one call of ``StepDriver.step`` to the next; only the steps at which the loop
+reads its losses (evaluations, checkpoints, a full buffer) may read, and, with a
+batch-size test, the steps it tests (their statistics are host numbers the
+controller compares: a documented exception, counted here). With CUDA,
 the same runs on the GPU, with ``torch.cuda.set_sync_debug_mode`` also
 reporting every synchronising CUDA call in the steps that must have none.
 """
@@ -27,7 +29,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from largebatch.optim import list_optimizers
+from largebatch.optim.registry import is_decentralized
 from largebatch.train import loop, train
+from largebatch.train.step import StepDriver
 from largebatch.train.step_losses import StepLosses
 
 aten = torch.ops.aten
@@ -111,13 +115,13 @@ def reads_per_step(monkeypatch, config, quiet_steps=(), task=None) -> HostReads:
     """Train ``config`` under :class:`HostReads` and return it."""
     reads = HostReads(sync_debug=config.device == "cuda")
     reads.quiet_steps = set(quiet_steps)
-    step = loop.optimizer_step
+    step = StepDriver.step
 
     def counted_step(*args, **kwargs):
         reads.start_step()
         return step(*args, **kwargs)
 
-    monkeypatch.setattr(loop, "optimizer_step", counted_step)
+    monkeypatch.setattr(StepDriver, "step", counted_step)
     with warnings.catch_warnings(record=True) as caught, reads:
         warnings.simplefilter("always")
         result = train(config, task=task)
@@ -151,6 +155,42 @@ def test_steps_between_evaluations_read_nothing_from_the_device(
     assert {step for step, _, _ in reads.reads} >= {0} | reading
 
 
+@pytest.mark.parametrize("device", devices())
+@pytest.mark.parametrize(
+    ("settings", "tested"),
+    [
+        ({"batch_growth": "geometric", "batch_growth_options": {"factor": 1.2}}, set()),
+        (
+            {"batch_growth": "norm-test", "batch_growth_theta": 0.3},
+            {1, 5, 9},  # with every=4: steps 1, 5, 9
+        ),
+        ({"averaging": "polyak", "averaging_start": 2}, set()),
+        ({"averaging": "ema", "averaging_decay": 0.9}, set()),
+    ],
+    ids=["geometric", "norm-test-every-4", "polyak", "ema"],
+)
+def test_growth_and_averaging_read_only_on_the_steps_a_test_takes(
+    make_config, monkeypatch, device, settings, tested
+):
+    """Geometric growth and the iterate averages read nothing; the norm test (every 4th
+    step) reads its statistics on the steps it tests, and on no other."""
+    if settings.get("batch_growth") == "norm-test":
+        settings = settings | {"batch_growth_options": {"every": 4}}
+    if "batch_growth" in settings:
+        settings = settings | {"max_batch_size": 64}
+    config = make_config(
+        steps=12, eval_every=4, checkpoint_every=6, device=device, schedule="constant",
+        **settings,
+    )  # fmt: skip
+    reading = {4, 6, 8, 12}
+    quiet = set(range(1, 13)) - reading - tested
+    reads = reads_per_step(monkeypatch, config, quiet)
+    assert reads.step == 12
+    assert [r for r in reads.reads if r[0] in quiet or r[0] == -1] == []
+    statistics = {step for step, _, where in reads.reads if "per_example" in where}
+    assert statistics == tested  # and the counting sees the tested steps read
+
+
 def test_a_read_per_step_is_caught(make_config, monkeypatch):
     """Negative control: a loss function that reads its value (as the loop once did)."""
     from tiny_train_task import build
@@ -177,10 +217,44 @@ def test_losses_are_read_at_least_every_capacity_steps(make_config, monkeypatch)
     assert read_steps == {0, 3, 6, 9, 10}  # 0 and 10: evaluations
 
 
+#: optimizers whose algorithm decides on the host within a step, by design
+HOST_DECISIONS = {
+    "newton-cg": "CG's stopping and curvature tests and the Armijo search compare on the host",
+    "lbfgs": "torch's L-BFGS and the Armijo search compare on the host",
+    "saga": "checks the batch's indices and folds repeated ones into its table",
+}
+#: the classical methods with their own loop protocols, whose steps read nothing
+CLASSICAL_WITHOUT_READS = {
+    "svrg": {"inner_steps": 3},  # snapshots (full passes) at steps 1, 4 and 7
+    "olbfgs": {},
+    "sqn": {"update_every": 2},  # Hessian-vector products every other step
+}
+
+
+@pytest.mark.parametrize("name", CLASSICAL_WITHOUT_READS)
+def test_classical_protocols_read_nothing_in_the_loop(make_config, monkeypatch, name):
+    """Snapshots, loss closures and Hessian samples, driven by the loop, read nothing (CPU)."""
+    config = make_config(
+        optimizer=name, optimizer_options=CLASSICAL_WITHOUT_READS[name], lr=None, steps=8,
+        eval_every=8,
+    )  # fmt: skip
+    reads = reads_per_step(monkeypatch, config, quiet_steps=range(2, 8))
+    assert [r for r in reads.reads if 2 <= r[0] < 8] == []
+    assert {step for step, _, _ in reads.reads} >= {0, 8}  # evaluations: the counting sees them
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA's sync debug mode needs a GPU")
-@pytest.mark.parametrize("name", [spec.name for spec in list_optimizers()])
+@pytest.mark.parametrize(
+    "name",
+    [
+        spec.name
+        for spec in list_optimizers()
+        if spec.name not in HOST_DECISIONS and not is_decentralized(spec.name)
+    ],
+)
 def test_registered_optimizers_do_not_synchronise_on_cuda(make_config, monkeypatch, name):
-    """Every optimizer's steps 2-7 (after its state exists) without a synchronising CUDA call.
+    """Every optimizer's steps 2-7 (after its state exists) without a synchronising CUDA call
+    (but those of :data:`HOST_DECISIONS`; the decentralized ones need processes).
 
     Only CUDA's own report counts here: on the CPU, reads of the step counters that
     some optimizers keep on the host by design look like device reads.

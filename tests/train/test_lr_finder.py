@@ -120,4 +120,13 @@ def test_bad_cli_settings_and_several_processes_are_refused(tmp_path):
         ValueError, match="Invalid nproc: 2 \\(the range test runs in one process\\)"
     ):
         range_test(two)
-    assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()
+    growing = RunConfig(
+        task=TINY_TASK,
+        batch_size=32,
+        batch_growth="geometric",
+        steps=10,
+        out_dir=str(tmp_path / "z"),
+    )
+    with pytest.raises(ValueError, match="Invalid batch_growth: 'geometric' \\(the range test"):
+        range_test(growing)
+    assert not any((tmp_path / name).exists() for name in ("x", "y", "z"))

@@ -14,8 +14,8 @@ from tiny_train_task import build, final_checkpoint, read_metrics
 from torch.nn import functional as F
 
 from largebatch.train import train
-from largebatch.train.loop import forward_backward
 from largebatch.train.noise_scale import NoiseScaleMonitor
+from largebatch.train.step import forward_backward
 
 
 def _flat_grad(model, inputs, targets) -> torch.Tensor:
