@@ -18,7 +18,8 @@ COMMANDS = {
     "sweep": "largebatch.cli.sweep:sweep",
     "results": "largebatch.cli.sweep:results",
     "report": "largebatch.cli.sweep:report_cmd",
-    "demo": "largebatch.cli.sweep:demo",
+    "demo": "largebatch.cli.study:demo",
+    "study": "largebatch.cli.study:study",
     "diagnose": "largebatch.cli.diagnose:diagnose",
 }
 

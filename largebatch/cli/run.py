@@ -275,7 +275,8 @@ def _print_summary(result: Any, out_dir: str) -> None:
     parts.append(f"{result.wall_time:.1f} s")
     click.echo(", ".join(parts) + f"  ->  {out_dir}")
     if result.error:
-        click.echo(f"error: {result.error}", err=True)
+        kind = "warning" if result.status == "chance" else "error"
+        click.echo(f"{kind}: {result.error}", err=True)
     if result.error_log:
         click.echo(f"traceback: {result.error_log}", err=True)
 

@@ -1,4 +1,4 @@
-"""``largebatch sweep``, ``results``, ``report`` and ``demo``: batch-size studies from the shell.
+"""``largebatch sweep``, ``results`` and ``report``: batch-size sweeps from the shell.
 
 A sweep directory holds ``sweep.json`` (the sweep), ``results.sqlite`` (one row
 per finished run), ``runs/<cell-id>/`` (each run's files) and, once reported,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -20,7 +19,6 @@ import click
 from largebatch.cli.run import parse_pairs, parse_target, parse_value
 
 DEFAULT_SWEEP_DIR = "studies/sweep"
-DEMO_DIR = "studies/demo"
 
 
 def _list(ctx: click.Context, param: click.Parameter, text: str | None) -> list | None:
@@ -88,14 +86,25 @@ def _run_and_report(
     except KeyboardInterrupt:
         raise click.ClickException("Interrupted; run the same command again to continue.") from None
     click.echo(summary(rows))
-    problems = {s: sum(v == s for v in statuses.values()) for s in ("diverged", "failed")}
-    if any(problems.values()):
-        click.echo(
-            f"{problems['diverged']} diverged, {problems['failed']} failed (see `largebatch results {directory}`)"
-        )
+    warn_problems(rows, directory)
     if report:
         html_path, md_path = write_report(directory)
         click.echo(f"report: {html_path}  {md_path}")
+
+
+def warn_problems(rows: list[dict[str, Any]], directory: Path) -> None:
+    """A warning on stderr naming the runs that diverged, stayed at chance level or failed."""
+    bad = {s: [r for r in rows if r["status"] == s] for s in ("diverged", "chance", "failed")}
+    if not any(bad.values()):
+        return
+    counts = ", ".join(f"{len(v)} {PROBLEM_WORDS[s]}" for s, v in bad.items() if v)
+    click.echo(f"warning: {counts} (see `largebatch results {directory}`)", err=True)
+    for row in bad["chance"]:
+        click.echo(f"  {row['cell_id']}: {row['error']}", err=True)
+
+
+#: how a summary line names the runs of each problem status
+PROBLEM_WORDS = {"diverged": "diverged", "chance": "stayed at chance level", "failed": "failed"}
 
 
 @click.command("sweep")
@@ -186,41 +195,6 @@ def sweep(
     directory_path = Path(directory)
     spec = _load(file, directory_path, flags)
     _run_and_report(spec, directory_path, jobs, retry_failed, report, progress, diagnose)
-
-
-@click.command("demo")
-@click.option(
-    "--out",
-    "directory",
-    default=DEMO_DIR,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Sweep directory.",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
-)
-@click.option("--diagnose", is_flag=True, help="Also measure sharpness and curvature (as sweep).")
-@click.option("--progress/--no-progress", default=True, help="Progress bar.")
-def demo(directory: str, jobs: int | None, diagnose: bool, progress: bool) -> None:
-    """The default study: mnist1d-cnn, batch 64 to full batch, SGD, AdamW, LAMB and ALTO.
-
-    About 10 minutes on 2 CPU cores; writes DIRECTORY/report.html. Re-running continues.
-    """
-    from largebatch.experiments.sweep_config import SweepConfigError, demo_spec
-
-    try:
-        spec = demo_spec()
-    except SweepConfigError as error:
-        raise click.ClickException(str(error)) from None
-    jobs = jobs or max(1, min(os.cpu_count() or 1, 4))
-    _run_and_report(
-        spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress,
-        diagnose=diagnose,
-    )  # fmt: skip
 
 
 @click.command("report")

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 Scaling = Literal["none", "linear", "sqrt"]
 Schedule = Literal["constant", "cosine", "poly", "step"]
-Status = Literal["done", "diverged", "failed"]
+Status = Literal["done", "diverged", "chance", "failed"]
 
 
 @dataclass
@@ -98,10 +98,12 @@ class RunConfig:
 class RunResult:
     """Outcome of a run; every field is JSON-serialisable.
 
-    ``status`` is "done", "diverged" (non-finite loss) or "failed" (an exception,
-    whose message is in ``error`` and whose full traceback is in the file
-    ``error_log``, inside the run directory). ``*_to_target`` are ``None`` if the target was
-    never reached or none was set.
+    ``status`` is "done", "diverged" (non-finite loss), "chance" (finished with
+    the training loss at chance level, see :mod:`largebatch.diagnostics.chance`;
+    ``error`` says why) or "failed" (an exception, whose message is in ``error``
+    and whose full traceback is in the file ``error_log``, inside the run
+    directory). ``*_to_target`` are ``None`` if the target was never reached or
+    none was set.
     """
 
     status: Status

@@ -24,6 +24,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from largebatch.diagnostics.chance import chance_level
 from largebatch.diagnostics.evaluation import evaluate
 from largebatch.diagnostics.noise_scale import gradient_sqnorm
 from largebatch.optim import StepProtocol, create_optimizer, step_protocol_of
@@ -68,7 +69,8 @@ def train(config: RunConfig, task: Task | None = None) -> RunResult:
     ``task`` replaces ``config.task`` by a :class:`Task` built in code. A bad
     config raises ``ValueError`` before training starts; once training runs, a
     non-finite loss ends it as "diverged" and an exception as "failed", both
-    returned rather than raised.
+    returned rather than raised. A run that ends no better on the training set
+    than predicting the class frequencies (``diagnostics.chance``) is "chance".
     """
     ddp = distributed.setup(config.device)
     try:
@@ -198,6 +200,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
     finally:
         bar.close()
     progress.elapsed = time.perf_counter() - clock_start
+    chance = chance_level(task) if status == "done" else None
+    if chance is not None and chance.reached_by(progress.last_eval["train"]):
+        status, error = "chance", chance.describe(progress.last_eval["train"])
 
     result = make_result(status, error, progress, plan, config, noise.result())
     result.error_log = error_log

@@ -1,0 +1,122 @@
+"""``largebatch study`` and ``largebatch demo``: the registered studies from the shell.
+
+A study directory holds ``study.json`` (which study, quick or not), one sweep
+directory per part and, once reported, ``report.html``, ``report.md`` and
+``figures/``. Re-running the same command continues a killed study.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import click
+
+DEMO_DIR = "studies/demo"
+
+
+def _default_jobs() -> int:
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progress: bool) -> None:
+    """Run a study, print its summary, warn about flagged runs, name the report."""
+    from largebatch.cli.sweep import warn_problems
+    from largebatch.experiments.results_store import ResultsStoreError
+    from largebatch.experiments.studies import StudyError, get_study, run_study
+    from largebatch.experiments.studies.base import results
+    from largebatch.experiments.studies.common import text_table
+
+    try:
+        study = get_study(name)
+    except StudyError as error:
+        raise click.UsageError(str(error)) from None
+    path = Path(directory or f"studies/{name}{'-quick' if quick else ''}")
+    jobs = jobs or _default_jobs()
+    click.echo(
+        f"study {name} in {path} ({jobs} runs at a time){' --quick' if quick else ''}", err=True
+    )
+    try:
+        html_path, md_path = run_study(study, path, quick=quick, jobs=jobs, progress=progress)
+        context = results(study, path, quick)
+    except StudyError as error:
+        raise click.UsageError(str(error)) from None
+    except ResultsStoreError as error:
+        raise click.ClickException(str(error)) from None
+    except KeyboardInterrupt:
+        raise click.ClickException("Interrupted; run the same command again to continue.") from None
+    if study.summary is not None:
+        click.echo(study.summary(context))
+    else:
+        sections = study.sections(context)
+        table = next((t for s in sections for t in s.tables), None)
+        if table is not None:
+            click.echo(text_table(table, sections[0].title))
+    for part in context.parts.values():
+        warn_problems(part.wanted, part.directory)
+    click.echo(f"report: {html_path}  {md_path}")
+
+
+def _list_studies() -> None:
+    from largebatch.experiments.studies import list_studies
+
+    for study in list_studies():
+        full, quick = study.minutes
+        click.echo(f"{study.name:<10} {study.title}")
+        click.echo(f"{'':<10} about {full:g} min on 2 CPU cores (--quick: {quick:g} min)")
+
+
+@click.command("study")
+@click.argument("name", required=False)
+@click.argument("directory", required=False, type=click.Path(file_okay=False))
+@click.option("--list", "show_list", is_flag=True, help="List the studies and their run times.")
+@click.option("--quick", is_flag=True, help="A few small runs of every step (a smoke test).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bar.")
+def study(
+    name: str | None, directory: str | None, show_list: bool, quick: bool, jobs: int | None,
+    progress: bool,
+) -> None:  # fmt: skip
+    """Run study NAME into DIRECTORY (default studies/NAME); --list shows the studies.
+
+    Each study reproduces a source paper's headline experiment at laptop scale,
+    with learning rates tuned per cell on the validation split, and writes
+    DIRECTORY/report.html with the paper's numbers next to ours. Re-running continues.
+    """
+    if show_list:
+        _list_studies()
+        return
+    if name is None:
+        raise click.UsageError("Give a study name (see `largebatch study --list`).")
+    _run(name, directory, quick, jobs, progress)
+
+
+@click.command("demo")
+@click.option(
+    "--out",
+    "directory",
+    default=DEMO_DIR,
+    show_default=True,
+    type=click.Path(file_okay=False),
+    help="Study directory.",
+)
+@click.option("--quick", is_flag=True, help="A few small runs of every step (a smoke test).")
+@click.option(
+    "--jobs",
+    type=click.IntRange(min=1),
+    default=None,
+    help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
+)
+@click.option("--progress/--no-progress", default=True, help="Progress bar.")
+def demo(directory: str, quick: bool, jobs: int | None, progress: bool) -> None:
+    """The default study: which optimizer keeps accuracy as the batch grows (= `study demo`).
+
+    MNIST-1D, batch 64 to 4,096, SGD, AdamW, LARS, LAMB and ALTO with learning rates
+    tuned per batch size; about 10 minutes on 2 CPU cores; writes DIRECTORY/report.html.
+    """
+    _run("demo", directory, quick, jobs, progress)
