@@ -21,7 +21,6 @@ def _default_jobs() -> int:
 
 def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progress: bool) -> None:
     """Run a study, print its summary, warn about flagged runs, name the report."""
-    from largebatch.cli.sweep import warn_problems
     from largebatch.experiments.results_store import ResultsStoreError
     from largebatch.experiments.studies import StudyError, get_study, run_study
     from largebatch.experiments.studies.base import results
@@ -53,8 +52,25 @@ def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progre
         if table is not None:
             click.echo(text_table(table, sections[0].title))
     for part in context.parts.values():
-        warn_problems(part.wanted, part.directory)
+        _warn(part)
     click.echo(f"report: {html_path}  {md_path}")
+
+
+def _warn(part) -> None:
+    """Name the flagged runs the results rest on; count those the tuning discarded."""
+    from largebatch.cli.sweep import warn_problems
+
+    chosen = {row["cell_id"] for point in part.report.points for row in point.runs}
+    bad = [r for r in part.wanted if r["status"] != "done"]
+    warn_problems([r for r in bad if r["cell_id"] in chosen], part.directory)
+    discarded = [r for r in bad if r["cell_id"] not in chosen]
+    if discarded:
+        click.echo(
+            f"note: {len(discarded)} run(s) of the learning-rate search in {part.directory} "
+            "diverged, stayed at chance level or failed; they lost the tuning "
+            f"(see `largebatch results {part.directory}`)",
+            err=True,
+        )
 
 
 def _list_studies() -> None:

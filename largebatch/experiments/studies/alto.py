@@ -11,15 +11,14 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import scipy.stats
 
-from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
     TUNING_TEXT,
-    accuracy_text,
-    flag,
+    accuracy_table,
+    difference,
+    signed,
     train_test_figure,
     tuning_table,
 )
@@ -46,40 +45,6 @@ QUICK = {
     "evals_per_run": 2,
     "lr_factors": [0.5, 1.0, 2.0],
 }
-
-
-def difference(a: Point | None, b: Point | None, key: str = "final_test_accuracy") -> dict:
-    """``a - b`` of the mean of ``key`` in points, its standard error and Welch's p-value."""
-    if a is None or b is None or flag(a) is not None or flag(b) is not None:
-        return {"diff": math.nan, "se": math.nan, "p": math.nan}
-    x, y = a.values(key) * 100, b.values(key) * 100
-    diff = float(x.mean() - y.mean())
-    if x.size < 2 or y.size < 2:
-        return {"diff": diff, "se": math.nan, "p": math.nan}
-    se = float(np.sqrt(x.var(ddof=1) / x.size + y.var(ddof=1) / y.size))
-    p = float(scipy.stats.ttest_ind(x, y, equal_var=False).pvalue) if se > 0 else math.nan
-    return {"diff": diff, "se": se, "p": p}
-
-
-def signed(d: dict) -> str:
-    if math.isnan(d["diff"]):
-        return "-"
-    text = f"{d['diff']:+.2f}"
-    if not math.isnan(d["se"]):
-        text += f" ± {d['se']:.2f}"
-    if not math.isnan(d["p"]):
-        text += f" (p = {d['p']:.2g})"
-    return text
-
-
-def accuracy_table(part, columns_label: str = "optimizer") -> Table:
-    """Series x batch sizes: mean ± std test accuracy over seeds (or the flag)."""
-    ctx = part.report
-    rows = []
-    for series, pts in ctx.series.items():
-        by_batch = {p.batch_size: p for p in pts}
-        rows.append([series, *(accuracy_text(by_batch.get(b)) for b in ctx.batch_sizes)])
-    return Table([columns_label, *(f"{b:,}" for b in ctx.batch_sizes)], rows)
 
 
 def alto_sections(context: StudyContext) -> list[Section]:

@@ -6,6 +6,7 @@ import math
 from collections.abc import Sequence
 
 import numpy as np
+import scipy.stats
 from matplotlib.figure import Figure
 
 from largebatch.experiments.analysis import Point
@@ -147,3 +148,37 @@ def train_test_figure(part: PartResults, title: str) -> Figure:
 
 def finite(values: Sequence[float]) -> list[float]:
     return [v for v in values if v is not None and math.isfinite(v)]
+
+
+def difference(a: Point | None, b: Point | None, key: str = "final_test_accuracy") -> dict:
+    """``a - b`` of the mean of ``key`` in points, its standard error and Welch's p-value."""
+    if a is None or b is None or flag(a) is not None or flag(b) is not None:
+        return {"diff": math.nan, "se": math.nan, "p": math.nan}
+    x, y = a.values(key) * 100, b.values(key) * 100
+    diff = float(x.mean() - y.mean())
+    if x.size < 2 or y.size < 2:
+        return {"diff": diff, "se": math.nan, "p": math.nan}
+    se = float(np.sqrt(x.var(ddof=1) / x.size + y.var(ddof=1) / y.size))
+    p = float(scipy.stats.ttest_ind(x, y, equal_var=False).pvalue) if se > 0 else math.nan
+    return {"diff": diff, "se": se, "p": p}
+
+
+def signed(d: dict) -> str:
+    if math.isnan(d["diff"]):
+        return "-"
+    text = f"{d['diff']:+.2f}"
+    if not math.isnan(d["se"]):
+        text += f" ± {d['se']:.2f}"
+    if not math.isnan(d["p"]):
+        text += f" (p = {d['p']:.2g})"
+    return text
+
+
+def accuracy_table(part: PartResults, columns_label: str = "optimizer") -> Table:
+    """Series x batch sizes: mean ± std test accuracy over seeds (or the flag)."""
+    ctx = part.report
+    rows = []
+    for series, pts in ctx.series.items():
+        by_batch = {p.batch_size: p for p in pts}
+        rows.append([series, *(accuracy_text(by_batch.get(b)) for b in ctx.batch_sizes)])
+    return Table([columns_label, *(f"{b:,}" for b in ctx.batch_sizes)], rows)

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table
-from largebatch.experiments.studies.alto import accuracy_table
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
     TUNING_TEXT,
+    accuracy_table,
     flag,
     train_test_figure,
     tuning_table,

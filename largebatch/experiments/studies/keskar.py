@@ -30,7 +30,6 @@ from largebatch.diagnostics.suite import DiagnosticsSettings, load_run
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.diagnose import INTERPOLATION_FILE, diagnose_sweep
 from largebatch.experiments.report import Plot, Section, Table, fmt
-from largebatch.experiments.studies.alto import difference, signed
 from largebatch.experiments.studies.base import (
     CellFactory,
     Part,
@@ -40,7 +39,7 @@ from largebatch.experiments.studies.base import (
     StudyContext,
     register,
 )
-from largebatch.experiments.studies.common import mean_std
+from largebatch.experiments.studies.common import difference, mean_std, signed
 from largebatch.experiments.sweep_config import Cell
 from largebatch.tasks import Task
 
