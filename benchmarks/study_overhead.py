@@ -6,9 +6,11 @@ matters. For ``--runs`` identical small cells (mnist1d-cnn, ``--batch-size``,
 
 A. training only: ``train(config, task)`` with the task built once, one
    evaluation at the end and no checkpoint: the work itself;
-B. a cell's run: ``train(config)`` as a sweep runs it (the task rebuilt from its
-   name, ``--evals`` evaluations with a checkpoint at each, the run directory's
-   files);
+S. start-up: ``train(config)`` with the task rebuilt from its name and the run
+   directory's files, still one evaluation and no checkpoint (S - A: what a run
+   pays before and after training);
+B. a cell's run: ``train(config)`` as a sweep runs it (S plus ``--evals``
+   evaluations with a checkpoint at each);
 C. a cell: :func:`largebatch.experiments.sweep.run_cell` (B plus opening the
    results database, locking the run directory and recording the row);
 D. cells through :func:`largebatch.experiments.scheduler.run_cells` with 2 jobs:
@@ -18,7 +20,7 @@ D. cells through :func:`largebatch.experiments.scheduler.run_cells` with 2 jobs:
 
 A, B and C are this process's CPU time (``time.process_time``) and D its
 children's (``resource.getrusage``), which other processes on a shared machine
-disturb far less than wall time; the rounds are interleaved (A, B, C, D, A, ...)
+disturb far less than wall time; the rounds are interleaved (A, S, B, C, D, A, ...)
 and the median over ``--repeats`` is printed, with ratios to A.
 
 Run: ``python benchmarks/study_overhead.py [--runs 6] [--repeats 3] [--batch-size 256]
@@ -63,11 +65,14 @@ def training_only(todo: list, task) -> float:
     return time.process_time() - start
 
 
-def cell_runs(todo: list) -> float:
+def cell_runs(todo: list, evaluations: bool = True) -> float:
     start = time.process_time()
     for cell in todo:
         with tempfile.TemporaryDirectory() as out:
-            train(replace(cell.config, out_dir=out))
+            config = replace(cell.config, out_dir=out)
+            if not evaluations:
+                config = replace(config, eval_every=10**9, checkpoint_every=None)
+            train(config)
     return time.process_time() - start
 
 
@@ -109,12 +114,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = get_task("mnist1d-cnn")
-    times: dict[str, list[float]] = {"A": [], "B": [], "C": [], "D": [], "D wall": []}
+    times: dict[str, list[float]] = {"A": [], "S": [], "B": [], "C": [], "D": [], "D wall": []}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as root:
             root = Path(root)
             todo = cells(root / "c", args.runs, args.batch_size, args.epochs, args.evals)
             times["A"].append(training_only(todo, task) / args.runs)
+            times["S"].append(cell_runs(todo, evaluations=False) / args.runs)
             times["B"].append(cell_runs(todo) / args.runs)
             times["C"].append(recorded_cells(todo, root / "c") / args.runs)
             todo = cells(root / "d", args.runs, args.batch_size, args.epochs, args.evals)
@@ -125,7 +131,8 @@ def main() -> None:
     a = statistics.median(times["A"])
     labels = {
         "A": "training only (CPU s per run)",
-        "B": "a cell's run: task build, evaluations, checkpoints, files (CPU s)",
+        "S": "start-up: task build, run directory files (CPU s)",
+        "B": "a cell's run: S + evaluations and checkpoints (CPU s)",
         "C": "a recorded cell: B + results database, lock (CPU s)",
         "D": "cells through run_cells, 2 jobs: workers' CPU s per cell",
         "D wall": "the same, wall s per cell (2 cores, shared machine)",
@@ -135,7 +142,11 @@ def main() -> None:
     for key, label in labels.items():
         value = statistics.median(times[key])
         print(f"{key:<6} {label:<66} {value:7.3f}  {value / a:5.2f}x A")
-    print(f"per-run overhead of a cell (C - A): {statistics.median(times['C']) - a:.3f} CPU s")
+    s, b, c = (statistics.median(times[k]) for k in "SBC")
+    print(
+        f"per-run overhead of a cell (C - A): {c - a:.3f} CPU s = start-up {s - a:.3f} "
+        f"+ evaluations and checkpoints {b - s:.3f} + database and lock {c - b:.3f}"
+    )
 
 
 if __name__ == "__main__":

@@ -405,26 +405,30 @@ def run_study(
 
 
 def write_study_report(context: StudyContext) -> tuple[Path, Path]:
-    """``DIR/report.{html,md}``: the study's sections, then links to each part's report."""
+    """``DIR/report.{html,md}``: the study's sections, then links to each part's report
+    (written here, except with ``--quick``)."""
     from largebatch.experiments.report import report
 
     study = context.study
     links = []
     for part in context.parts.values():
         if part.part.report and part.rows:
-            report(part.directory)
+            if not context.quick:  # a smoke test skips them: `largebatch report` writes them
+                report(part.directory)
             links.append(f"[{part.part.name}]({part.part.name}/report.html)")
     sections = study.sections(context)
     if links:
-        sections.append(
-            Section(
-                "Full sweep reports",
-                "Every part of the study is a sweep directory with its own report "
-                "(accuracy, generalization gap, steps to target, loss curves, every run): "
-                + ", ".join(links)
-                + ".",
-            )
+        text = (
+            "Every part of the study is a sweep directory with its own report "
+            "(accuracy, generalization gap, steps to target, loss curves, every run): "
         )
+        if context.quick:
+            text += "`largebatch report DIR/<part>` writes it for " + ", ".join(
+                f"`{part.part.name}`" for part in context.parts.values() if part.part.report
+            )
+        else:
+            text += ", ".join(links)
+        sections.append(Section("Full sweep reports", text + "."))
     variant = " (--quick: a smoke test, not a result)" if context.quick else ""
     return write_report(
         context.directory, f"Study {study.name}: {study.title}{variant}", sections, study.question

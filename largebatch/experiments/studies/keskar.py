@@ -24,6 +24,7 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 
 from largebatch.diagnostics.plots import interpolation_figure, log_axis
 from largebatch.diagnostics.suite import DiagnosticsSettings, load_run
@@ -241,6 +242,9 @@ def warm_start_figure(rows: list[dict[str, Any]], sb: Point | None, lb: Point | 
             sharp_ax.axhline(point.mean("sharpness"), color=color, linestyle="--", label=label)
     for ax in (acc_ax, sharp_ax):
         ax.set_xscale("log")
+        ax.xaxis.set_major_locator(FixedLocator(starts))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value:g}"))
+        ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xlabel("small-batch epochs k before switching")
         ax.grid(True, which="both", alpha=0.3)
     acc_ax.set_ylabel("final test accuracy (%)")
