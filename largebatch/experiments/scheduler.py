@@ -98,3 +98,17 @@ def run_cells(
         return ran
     finally:
         bar.close()
+
+
+def map_in_workers(function: Callable, items: list, jobs: int = 1) -> list:
+    """``[function(item) for item in items]``, in ``jobs`` spawned workers if ``jobs > 1``.
+
+    For a study's post-processing (e.g. the diagnostics of each part), with one
+    torch thread per worker as for its runs. ``function`` must be picklable.
+    """
+    if jobs <= 1 or len(items) <= 1:
+        return [function(item) for item in items]
+    context = multiprocessing.get_context("spawn")
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    with ProcessPoolExecutor(min(jobs, len(items)), context, _set_threads, (threads,)) as pool:
+        return list(pool.map(function, items))

@@ -280,7 +280,8 @@ class Study:
         parts: its sweeps.
         sections: builds the study's report sections (paper's numbers next to ours).
         minutes: expected wall time in minutes on 2 CPU cores, full and ``--quick``.
-        finish: post-processing after every run is recorded (e.g. sharpness), or ``None``.
+        finish: post-processing after every run is recorded (e.g. sharpness), called
+            as ``finish(context, jobs, progress)``, or ``None``.
         summary: the text printed at the end of ``largebatch study`` (default: the
             first table of the first section).
     """
@@ -291,7 +292,7 @@ class Study:
     parts: tuple[Part, ...]
     sections: Callable[[StudyContext], list[Section]]
     minutes: tuple[float, float]
-    finish: Callable[[StudyContext, bool], None] | None = None
+    finish: Callable[[StudyContext, int, bool], None] | None = None
     summary: Callable[[StudyContext], str] | None = None
 
 
@@ -399,7 +400,7 @@ def run_study(
     run_cells(plan, jobs=jobs, progress=progress, desc=study.name)
     context = results(study, directory, quick)
     if study.finish is not None:
-        study.finish(context, progress)
+        study.finish(context, jobs, progress)
         context = results(study, directory, quick)
     return write_study_report(context)
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass, replace
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from largebatch.diagnostics.suite import DiagnosticsSettings, load_run
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.diagnose import INTERPOLATION_FILE, diagnose_sweep
 from largebatch.experiments.report import Plot, Section, Table, fmt
+from largebatch.experiments.scheduler import map_in_workers
 from largebatch.experiments.studies.base import (
     CellFactory,
     Part,
@@ -131,12 +133,15 @@ class WarmStart:
         return wanted
 
 
-def finish(context: StudyContext, progress: bool) -> None:
-    """Sharpness (and top Hessian eigenvalue) of every finished run; the SB-LB interpolation."""
+def finish(context: StudyContext, jobs: int, progress: bool) -> None:
+    """Sharpness (and top Hessian eigenvalue) of every finished run; the SB-LB interpolation.
+
+    One resumable ``diagnose_sweep`` pass per part, ``jobs`` parts at a time.
+    """
     settings = QUICK_SETTINGS if context.quick else SETTINGS
-    for part in context.parts.values():
-        if part.rows:
-            diagnose_sweep(part.directory, settings, progress=progress)
+    directories = [part.directory for part in context.parts.values() if part.rows]
+    work = partial(diagnose_sweep, settings=settings, progress=progress and jobs == 1)
+    map_in_workers(work, directories, jobs)
 
 
 # --- the report -----------------------------------------------------------------------------
