@@ -7,6 +7,7 @@ directory per part and, once reported, ``report.html``, ``report.md`` and
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -23,7 +24,7 @@ def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progre
     """Run a study, print its summary, warn about flagged runs, name the report."""
     from largebatch.experiments.results_store import ResultsStoreError
     from largebatch.experiments.studies import StudyError, get_study, run_study
-    from largebatch.experiments.studies.base import results
+    from largebatch.experiments.studies.base import MARKER, results
     from largebatch.experiments.studies.common import text_table
 
     try:
@@ -53,6 +54,8 @@ def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progre
             click.echo(text_table(table, sections[0].title))
     for part in context.parts.values():
         _warn(part)
+    cpu = json.loads((path / MARKER).read_text()).get("cpu_seconds", 0.0)
+    click.echo(f"CPU time of the runs: {cpu:.0f} s ({cpu / 60:.1f} min) in all")
     click.echo(f"report: {html_path}  {md_path}")
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -45,21 +46,37 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def _run_cell_timed(cell: Cell, where: Path) -> float:
+    """Run one cell (``run_cell``); return the CPU seconds this process spent on it."""
+    start = time.process_time()
+    run_cell(cell, where)
+    return time.process_time() - start
+
+
+@dataclass
+class Ran:
+    """What :func:`run_cells` did: cells run, and the CPU seconds they took (all workers)."""
+
+    cells: int = 0
+    cpu_seconds: float = 0.0
+
+
 def run_cells(
     plan: Callable[[], Plan], *, jobs: int = 1, progress: bool = True, desc: str = "study"
-) -> int:
-    """Run what ``plan()`` asks for until it asks for nothing; return the number of cells run.
+) -> Ran:
+    """Run what ``plan()`` asks for until it asks for nothing; return what was run.
 
     With ``jobs > 1`` cells run in ``jobs`` spawned worker processes (started once,
     each with ``cpu_count // jobs`` torch threads); with 1, in this process.
     ``plan()`` is called again after every finished cell and must return only
-    cells not yet recorded.
+    cells not yet recorded. The CPU time of each cell (in the process that ran it)
+    is summed: on a shared machine it says more about a study's cost than wall time.
     """
     if jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
     bar = tqdm(desc=desc, unit="run", dynamic_ncols=True, disable=not progress)
     running: dict[Future, Cell] = {}
-    ran = 0
+    ran = Ran()
 
     def refresh() -> list[tuple[Cell, Path]]:
         current = plan()
@@ -69,13 +86,16 @@ def run_cells(
         busy = {cell.cell_id for cell in running.values()}
         return [(cell, where) for cell, where in current.pending if cell.cell_id not in busy]
 
+    def finished(cell: Cell, cpu_seconds: float) -> None:
+        bar.set_postfix_str(cell.cell_id, refresh=False)
+        ran.cells += 1
+        ran.cpu_seconds += cpu_seconds
+
     try:
         if jobs == 1:
             while todo := refresh():
                 cell, where = todo[0]
-                bar.set_postfix_str(cell.cell_id, refresh=False)
-                run_cell(cell, where)
-                ran += 1
+                finished(cell, _run_cell_timed(cell, where))
             return ran
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
@@ -84,13 +104,11 @@ def run_cells(
                 todo = refresh()
                 while todo or running:
                     for cell, where in todo[: jobs - len(running)]:
-                        running[pool.submit(run_cell, cell, where)] = cell
-                    finished, _ = wait(list(running), return_when=FIRST_COMPLETED)
-                    for future in finished:
-                        cell = running.pop(future)
-                        future.result()  # a worker's exception (not a failed run) stops the study
-                        bar.set_postfix_str(cell.cell_id, refresh=False)
-                        ran += 1
+                        running[pool.submit(_run_cell_timed, cell, where)] = cell
+                    done, _ = wait(list(running), return_when=FIRST_COMPLETED)
+                    for future in done:
+                        # a worker's exception (not a failed run) stops the study
+                        finished(running.pop(future), future.result())
                     todo = refresh()
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)

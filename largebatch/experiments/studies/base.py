@@ -326,11 +326,16 @@ def get_study(name: str) -> Study:
 # --- running ------------------------------------------------------------------------------
 
 
-def _check_marker(directory: Path, study: Study, quick: bool) -> None:
-    """Refuse a directory that holds another study, or the other variant of this one."""
+def _check_marker(directory: Path, study: Study, quick: bool) -> dict[str, Any]:
+    """Refuse a directory that holds another study, or the other variant of this one.
+
+    Returns the directory's ``study.json`` (new if there is none): the study, whether
+    ``--quick``, and ``cpu_seconds``, the CPU time its runs have taken so far (all
+    workers, summed over every start).
+    """
     path = directory / MARKER
     if not path.exists():
-        return
+        return {"study": study.name, "quick": quick, "cpu_seconds": 0.0}
     saved = json.loads(path.read_text())
     if saved.get("study") != study.name or saved.get("quick") != quick:
         variant = "the --quick variant of " if saved.get("quick") else ""
@@ -338,6 +343,7 @@ def _check_marker(directory: Path, study: Study, quick: bool) -> None:
             f"{directory} holds {variant}study {saved.get('study')!r}; "
             f"choose another directory for {'--quick ' if quick else ''}{study.name!r}"
         )
+    return saved
 
 
 def _cost(cell: Cell, train_size: int) -> float:
@@ -377,10 +383,10 @@ def run_study(
     killed study stopped.
     """
     directory = Path(directory)
-    _check_marker(directory, study, quick)
+    marker = _check_marker(directory, study, quick)
     context = results(study, directory, quick)  # checks every part's sweep
     directory.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(directory / MARKER, {"study": study.name, "quick": quick})
+    write_json_atomic(directory / MARKER, marker)
     for part in context.parts.values():
         part.directory.mkdir(parents=True, exist_ok=True)
         write_json_atomic(part.directory / SWEEP_FILE, part.factory.spec.to_dict())
@@ -397,7 +403,9 @@ def run_study(
         current.pending.sort(key=lambda item: -costs[item[0].cell_id])
         return current
 
-    run_cells(plan, jobs=jobs, progress=progress, desc=study.name)
+    ran = run_cells(plan, jobs=jobs, progress=progress, desc=study.name)
+    marker["cpu_seconds"] = marker.get("cpu_seconds", 0.0) + ran.cpu_seconds
+    write_json_atomic(directory / MARKER, marker)
     context = results(study, directory, quick)
     if study.finish is not None:
         study.finish(context, jobs, progress)
