@@ -222,7 +222,8 @@ def test_demo_verdict_splits_the_loss_of_accuracy_exactly():
     under = verdict(_point(train=0.90, test=0.88, batch=4096), ref)
     assert under.deficit == pytest.approx(9.0)
     assert under.under_training + under.generalization == pytest.approx(under.deficit)
-    assert under.words.startswith("under-training") and not under.keeps
+    assert under.cause == "under-training" and not under.keeps
+    assert under.words.startswith("under-training: loses 9.0 points")
     gap = verdict(_point(train=0.995, test=0.93, batch=4096), ref)
-    assert gap.words.startswith("generalization gap") and gap.generalization > gap.under_training
+    assert gap.cause == "generalization gap" and gap.generalization > gap.under_training
     assert verdict(_point(train=0.99, test=0.965), ref).keeps  # within one point

@@ -27,9 +27,11 @@ from largebatch.experiments.studies.base import (
     register,
 )
 from largebatch.experiments.studies.common import (
+    FLAGS,
     TUNING_TEXT,
     accuracy_text,
     flag,
+    mean_std,
     text_table,
     train_test_figure,
     tuning_table,
@@ -48,7 +50,18 @@ class Verdict:
     deficit: float  # points of test accuracy lost against the reference
     under_training: float  # points of it from fitting the training set less well
     generalization: float  # points of it from a wider train-test gap
-    words: str
+    cause: str  # "keeps accuracy", "under-training", "generalization gap" or the flag
+
+    @property
+    def words(self) -> str:
+        """The verdict as a sentence, for the printed summary."""
+        if self.keeps or math.isnan(self.deficit):
+            return self.cause
+        return (
+            f"{self.cause}: loses {self.deficit:.1f} points, {self.under_training:.1f} from "
+            f"fitting the training set less well, {self.generalization:.1f} from a wider "
+            "train-test gap"
+        )
 
 
 def reference(part: PartResults) -> Point | None:
@@ -77,11 +90,7 @@ def verdict(point: Point, ref: Point) -> Verdict:
     if deficit <= KEEP_POINTS:
         return Verdict(point, True, deficit, under, gap, "keeps accuracy")
     cause = "under-training" if under >= gap else "generalization gap"
-    words = (
-        f"{cause}: loses {deficit:.1f} points, {under:.1f} from fitting the training set "
-        f"less well (train {train:.1f}%), {gap:.1f} from a wider train-test gap"
-    )
-    return Verdict(point, False, deficit, under, gap, words)
+    return Verdict(point, False, deficit, under, gap, cause)
 
 
 def keeps_up_to(verdicts: list[Verdict]) -> str:
@@ -111,10 +120,14 @@ def main_table(part: PartResults) -> tuple[Table, Point | None, dict[str, list[V
         cells = []
         for b in batch_sizes:
             p = by_batch.get(b)
-            text = accuracy_text(p)
-            if p is not None and flag(p) is None:
-                text += f" ({100 * p.mean('final_train_accuracy'):.1f})"
-            cells.append(text)
+            if p is None or flag(p) is not None:
+                cells.append(accuracy_text(p))
+                continue
+            notes = [f"{100 * p.mean('final_train_accuracy'):.1f}"]
+            bad = [status for status in p.statuses if status != "done"]
+            if bad:
+                notes.append(f"{len(bad)} of {len(p.statuses)} {FLAGS[bad[0]]}")
+            cells.append(f"{mean_std(p.values('final_test_accuracy'))} ({'; '.join(notes)})")
         rows.append([series, *cells, keeps_up_to(verdicts.get(series, []))])
     columns = ["optimizer", *(f"{b:,}" for b in batch_sizes), "keeps accuracy up to"]
     return Table(columns, rows), ref, verdicts
@@ -134,7 +147,8 @@ def demo_sections(context: StudyContext) -> list[Section]:
         else "no cell finished"
     )
     text = (
-        "Final **test accuracy** in % (mean ± std over seeds; training accuracy in brackets) "
+        "Final **test accuracy** in % (mean ± std over seeds; training accuracy and flagged "
+        "seeds in brackets) "
         f"on `{budget.task}`, each optimizer with its learning rate tuned per batch size on "
         "the validation split and its recommended warm-up and schedule. Budget: "
         f"{budget.epochs:g} epochs, and at least {part.protocol.min_steps} steps for the "
@@ -164,8 +178,8 @@ def demo_sections(context: StudyContext) -> list[Section]:
             f"{v.deficit:.1f}",
             f"{v.under_training:.1f}",
             f"{v.generalization:.1f}",
-            v.words,
-        ]  # fmt: skip
+            v.cause,
+        ]
         for vs in verdicts.values()
         for v in vs
         if not v.keeps
