@@ -82,7 +82,7 @@ def _list_studies() -> None:
     for study in list_studies():
         full, quick = study.minutes
         click.echo(f"{study.name:<10} {study.title}")
-        click.echo(f"{'':<10} about {full:g} min on 2 CPU cores (--quick: {quick:g} min)")
+        click.echo(f"{'':<10} about {full:g} min on 2 idle CPU cores (--quick: {quick:g} min)")
 
 
 @click.command("study")
@@ -136,6 +136,6 @@ def demo(directory: str, quick: bool, jobs: int | None, progress: bool) -> None:
     """The default study: which optimizer keeps accuracy as the batch grows (= `study demo`).
 
     MNIST-1D, batch 64 to 4,096, SGD, AdamW, LARS, LAMB and ALTO with learning rates
-    tuned per batch size; about 10 minutes on 2 CPU cores; writes DIRECTORY/report.html.
+    tuned per batch size; about 8 minutes on 2 idle CPU cores; writes DIRECTORY/report.html.
     """
     _run("demo", directory, quick, jobs, progress)

@@ -63,7 +63,7 @@ def test_list_prints_every_study_with_its_run_time():
     assert result.exit_code == 0, result.output
     for study in list_studies():
         assert study.name in result.output
-    assert result.output.count("min on 2 CPU cores") == len(STUDIES)
+    assert result.output.count("min on 2 idle CPU cores") == len(STUDIES)
 
 
 def test_unknown_study_and_a_directory_of_another_study_are_refused(tmp_path):

@@ -121,6 +121,6 @@ ALTO = register(
             ),
         ),
         sections=alto_sections,
-        minutes=(25, 0.5),
+        minutes=(10, 0.3),
     )
 )

@@ -279,7 +279,8 @@ class Study:
         question: what the study answers (the report's first paragraph).
         parts: its sweeps.
         sections: builds the study's report sections (paper's numbers next to ours).
-        minutes: expected wall time in minutes on 2 CPU cores, full and ``--quick``.
+        minutes: expected wall time in minutes on 2 idle CPU cores, full and ``--quick``
+            (measured as CPU time / 2: see docs/RESULTS.md).
         finish: post-processing after every run is recorded (e.g. sharpness), called
             as ``finish(context, jobs, progress)``, or ``None``.
         summary: the text printed at the end of ``largebatch study`` (default: the

@@ -255,6 +255,6 @@ DEMO = register(
         ),
         sections=demo_sections,
         summary=demo_summary,
-        minutes=(10, 0.5),
+        minutes=(8, 0.2),
     )
 )

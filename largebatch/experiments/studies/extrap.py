@@ -152,6 +152,6 @@ EXTRAP = register(
             ),
         ),
         sections=extrap_sections,
-        minutes=(30, 1),
+        minutes=(8, 0.5),
     )
 )

@@ -400,6 +400,6 @@ KESKAR = register(
         ),
         sections=keskar_sections,
         finish=finish,
-        minutes=(25, 1),
+        minutes=(10, 0.5),
     )
 )

@@ -117,6 +117,6 @@ SCALING = register(
             ),
         ),
         sections=scaling_sections,
-        minutes=(30, 0.5),
+        minutes=(12, 0.3),
     )
 )

@@ -173,6 +173,6 @@ SHAMPOO = register(
             ),
         ),
         sections=shampoo_sections,
-        minutes=(30, 1),
+        minutes=(5, 0.3),
     )
 )
