@@ -12,9 +12,10 @@ from __future__ import annotations
 import math
 
 import numpy as np
+from matplotlib.figure import Figure
 
 from largebatch.experiments.analysis import Point
-from largebatch.experiments.report import Section, Table, fmt
+from largebatch.experiments.report import Plot, Section, Table, fmt
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import TUNING_TEXT, flag, mean_std, tuning_table
 
@@ -61,6 +62,34 @@ def target_text(target: tuple[str, float] | None) -> str:
     if split not in ("train", "val", "test") or not metric:
         split, metric = "val", target[0]
     return f"{split} {metric} {'≤' if metric == 'loss' else '≥'} {target[1]:g}"
+
+
+def curves_figure(context: StudyContext) -> Figure | None:
+    """The target metric over steps at the chosen learning rates, one panel per task."""
+    parts = [part for part in context.parts.values() if part.rows]
+    if not parts:
+        return None
+    fig = Figure(figsize=(5.2 * len(parts), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(parts), squeeze=False)[0]
+    for ax, part in zip(axes, parts):
+        target = part.factory.spec.target
+        split, _, metric = target[0].partition("_")
+        column = target[0] if metric else f"val_{target[0]}"
+        for point in part.report.points:
+            color = part.report.colors[point.series]
+            for i, row in enumerate(point.runs):
+                curves = part.report.curves(row)
+                if column in curves:
+                    label = f"{point.series} (lr {fmt(point.lr)})" if i == 0 else None
+                    ax.plot(curves["step"], 100 * curves[column], color=color, alpha=0.8,
+                            linewidth=1.2, label=label)  # fmt: skip
+        ax.axhline(100 * target[1], color="0.4", linestyle=":", linewidth=1)
+        ax.set_title(f"{part.factory.spec.task}: {target_text(target)}", fontsize=10)
+        ax.set_xlabel("step")
+        ax.set_ylabel(f"{column.replace('_', ' ')} (%)")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=9, loc="lower right")
+    return fig
 
 
 def shampoo_sections(context: StudyContext) -> list[Section]:
@@ -121,7 +150,10 @@ def shampoo_sections(context: StudyContext) -> list[Section]:
         f"**Steps ratio AdamW / Shampoo: {ours}**; Anil et al. report about 1.95x on a "
         "Transformer."
     )
-    sections = [Section("How many fewer steps does Shampoo need?", text, tables=[table, paper])]
+    figure = curves_figure(context)
+    plots = [Plot("shampoo_curves", figure, "The target metric over steps, every seed at the "
+                  "chosen learning rate (dotted: the target)")] if figure else []  # fmt: skip
+    sections = [Section("How many fewer steps does Shampoo need?", text, plots, [table, paper])]
     for part in context.parts.values():
         tuning = tuning_table(part)
         if tuning is not None and part.rows:
