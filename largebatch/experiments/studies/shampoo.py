@@ -205,6 +205,6 @@ SHAMPOO = register(
             ),
         ),
         sections=shampoo_sections,
-        minutes=(5, 0.3),
+        minutes=(4, 0.3),
     )
 )
