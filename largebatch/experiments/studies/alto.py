@@ -121,6 +121,6 @@ ALTO = register(
             ),
         ),
         sections=alto_sections,
-        minutes=(10, 0.3),
+        minutes=(7, 0.3),
     )
 )
