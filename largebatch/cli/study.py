@@ -55,7 +55,7 @@ def _run(name: str, directory: str | None, quick: bool, jobs: int | None, progre
     for part in context.parts.values():
         _warn(part)
     cpu = json.loads((path / MARKER).read_text()).get("cpu_seconds", 0.0)
-    click.echo(f"CPU time of the runs: {cpu:.0f} s ({cpu / 60:.1f} min) in all")
+    click.echo(f"CPU time of the study: {cpu:.0f} s ({cpu / 60:.1f} min) in all")
     click.echo(f"report: {html_path}  {md_path}")
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import multiprocessing
 import os
-import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -46,37 +45,21 @@ def _set_threads(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
-def _run_cell_timed(cell: Cell, where: Path) -> float:
-    """Run one cell (``run_cell``); return the CPU seconds this process spent on it."""
-    start = time.process_time()
-    run_cell(cell, where)
-    return time.process_time() - start
-
-
-@dataclass
-class Ran:
-    """What :func:`run_cells` did: cells run, and the CPU seconds they took (all workers)."""
-
-    cells: int = 0
-    cpu_seconds: float = 0.0
-
-
 def run_cells(
     plan: Callable[[], Plan], *, jobs: int = 1, progress: bool = True, desc: str = "study"
-) -> Ran:
-    """Run what ``plan()`` asks for until it asks for nothing; return what was run.
+) -> int:
+    """Run what ``plan()`` asks for until it asks for nothing; return the number of cells run.
 
     With ``jobs > 1`` cells run in ``jobs`` spawned worker processes (started once,
     each with ``cpu_count // jobs`` torch threads); with 1, in this process.
     ``plan()`` is called again after every finished cell and must return only
-    cells not yet recorded. The CPU time of each cell (in the process that ran it)
-    is summed: on a shared machine it says more about a study's cost than wall time.
+    cells not yet recorded.
     """
     if jobs < 1:
         raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
     bar = tqdm(desc=desc, unit="run", dynamic_ncols=True, disable=not progress)
     running: dict[Future, Cell] = {}
-    ran = Ran()
+    ran = 0
 
     def refresh() -> list[tuple[Cell, Path]]:
         current = plan()
@@ -86,16 +69,17 @@ def run_cells(
         busy = {cell.cell_id for cell in running.values()}
         return [(cell, where) for cell, where in current.pending if cell.cell_id not in busy]
 
-    def finished(cell: Cell, cpu_seconds: float) -> None:
+    def finished(cell: Cell) -> None:
+        nonlocal ran
         bar.set_postfix_str(cell.cell_id, refresh=False)
-        ran.cells += 1
-        ran.cpu_seconds += cpu_seconds
+        ran += 1
 
     try:
         if jobs == 1:
             while todo := refresh():
                 cell, where = todo[0]
-                finished(cell, _run_cell_timed(cell, where))
+                run_cell(cell, where)
+                finished(cell)
             return ran
         threads = max(1, (os.cpu_count() or 1) // jobs)
         context = multiprocessing.get_context("spawn")
@@ -104,11 +88,11 @@ def run_cells(
                 todo = refresh()
                 while todo or running:
                     for cell, where in todo[: jobs - len(running)]:
-                        running[pool.submit(_run_cell_timed, cell, where)] = cell
+                        running[pool.submit(run_cell, cell, where)] = cell
                     done, _ = wait(list(running), return_when=FIRST_COMPLETED)
                     for future in done:
-                        # a worker's exception (not a failed run) stops the study
-                        finished(running.pop(future), future.result())
+                        future.result()  # a worker's exception (not a failed run) stops the study
+                        finished(running.pop(future))
                     todo = refresh()
             except BaseException:
                 pool.shutdown(wait=False, cancel_futures=True)

@@ -17,6 +17,7 @@ for the built-in ones); ``largebatch study --list`` shows the registry.
 from __future__ import annotations
 
 import json
+import resource
 import typing
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
@@ -331,8 +332,9 @@ def _check_marker(directory: Path, study: Study, quick: bool) -> dict[str, Any]:
     """Refuse a directory that holds another study, or the other variant of this one.
 
     Returns the directory's ``study.json`` (new if there is none): the study, whether
-    ``--quick``, and ``cpu_seconds``, the CPU time its runs have taken so far (all
-    workers, summed over every start).
+    ``--quick``, and ``cpu_seconds``, the CPU time the study has taken so far (this
+    process and its workers: runs, post-processing, reports; summed over every start
+    that finished).
     """
     path = directory / MARKER
     if not path.exists():
@@ -384,6 +386,7 @@ def run_study(
     killed study stopped.
     """
     directory = Path(directory)
+    started = _cpu_seconds()
     marker = _check_marker(directory, study, quick)
     context = results(study, directory, quick)  # checks every part's sweep
     directory.mkdir(parents=True, exist_ok=True)
@@ -404,14 +407,22 @@ def run_study(
         current.pending.sort(key=lambda item: -costs[item[0].cell_id])
         return current
 
-    ran = run_cells(plan, jobs=jobs, progress=progress, desc=study.name)
-    marker["cpu_seconds"] = marker.get("cpu_seconds", 0.0) + ran.cpu_seconds
-    write_json_atomic(directory / MARKER, marker)
+    run_cells(plan, jobs=jobs, progress=progress, desc=study.name)
     context = results(study, directory, quick)
     if study.finish is not None:
         study.finish(context, jobs, progress)
         context = results(study, directory, quick)
-    return write_study_report(context)
+    paths = write_study_report(context)
+    marker["cpu_seconds"] = marker.get("cpu_seconds", 0.0) + _cpu_seconds() - started
+    write_json_atomic(directory / MARKER, marker)
+    return paths
+
+
+def _cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the workers), in seconds."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def write_study_report(context: StudyContext) -> tuple[Path, Path]:
