@@ -18,7 +18,7 @@ CORE_TITLES = [
     "Steps to target and the critical batch size",
     "Loss curves",
     "Results by optimizer and batch size",
-    "Diverged and failed runs",
+    "Diverged, chance-level and failed runs",
 ]
 FIGURES = ["accuracy", "generalization_gap", "steps_to_target", "loss_curves"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
