@@ -18,7 +18,8 @@ COMMANDS = {
     "sweep": "largebatch.cli.sweep:sweep",
     "results": "largebatch.cli.sweep:results",
     "report": "largebatch.cli.sweep:report_cmd",
-    "demo": "largebatch.cli.sweep:demo",
+    "demo": "largebatch.cli.study:demo",
+    "study": "largebatch.cli.study:study",
     "diagnose": "largebatch.cli.diagnose:diagnose",
     "lr-find": "largebatch.cli.lr_find:lr_find",
 }
@@ -26,13 +27,14 @@ COMMANDS = {
 #: command name -> the first paragraph of its help, which ``largebatch --help`` lists
 #: without importing the command (tests/cli keeps the two the same)
 SUMMARIES = {
-    "demo": "The default study: mnist1d-cnn, batch 64 to full batch, SGD, AdamW, LAMB and ALTO.",
+    "demo": "The default study: which optimizer keeps accuracy as the batch grows (= `study demo`).",
     "diagnose": "Sharpness, Hessian eigenvalues and trace of the model saved in CHECKPOINT.",
     "list": "List the registered tasks, optimizers, topologies or recipes (presets).",
     "lr-find": "Sweep the learning rate exponentially at one batch size and suggest one.",
     "report": "Write DIRECTORY/report.html and report.md from the sweep's results.",
     "results": "Print the runs recorded in DIRECTORY/results.sqlite.",
     "run": "Train one model and write its run directory (config, metrics, checkpoints, result).",
+    "study": "Run study NAME into DIRECTORY (default studies/NAME); --list shows the studies.",
     "sweep": "Run a batch-size x optimizer x seed grid into DIRECTORY (default studies/sweep).",
 }
 

@@ -12,10 +12,12 @@ default of the config they fill in, read from the config class itself.
 from __future__ import annotations
 
 import ast
+import os
 import re
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import MISSING, fields
+from pathlib import Path
 from typing import Any
 
 import click
@@ -210,4 +212,56 @@ def progress_option(default: bool | None) -> Callable:
         "--progress/--no-progress",
         default=default,
         help="Progress bar." + shown("on"),
+    )
+
+
+def jobs_option(default: int | None) -> Callable:
+    """``--jobs``: runs in parallel, in separate processes; ``None``: :func:`default_jobs`."""
+    return click.option(
+        "--jobs",
+        type=click.IntRange(min=1),
+        default=default,
+        help="Runs in parallel (separate processes)."
+        + shown(default if default is not None else "the number of CPU cores, at most 4"),
+    )
+
+
+def default_jobs() -> int:
+    """Runs in parallel when ``--jobs`` is left to the command: the cores, at most 4."""
+    return max(1, min(os.cpu_count() or 1, 4))
+
+
+# --- outcomes of many runs ----------------------------------------------------------------
+
+#: the statuses of runs that give no result, as a warning names their runs
+PROBLEMS = {"diverged": "diverged", "chance": "stayed at chance level", "failed": "failed"}
+
+
+def _problems(rows: Sequence[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    return {s: [r for r in rows if r["status"] == s] for s in PROBLEMS}
+
+
+def warn_problems(rows: Sequence[dict[str, Any]], directory: str | Path) -> None:
+    """A warning on stderr counting the runs that diverged, stayed at chance level or failed.
+
+    Chance-level runs finished without an error, so each is named with its reason.
+    """
+    bad = _problems(rows)
+    if not any(bad.values()):
+        return
+    counts = ", ".join(f"{len(v)} {PROBLEMS[s]}" for s, v in bad.items() if v)
+    click.echo(f"warning: {counts} (see `largebatch results {directory}`)", err=True)
+    for row in bad["chance"]:
+        click.echo(f"  {row['cell_id']}: {row['error']}", err=True)
+
+
+def fail_without_results(rows: Sequence[dict[str, Any]], directory: str | Path) -> None:
+    """Exit with status 1 if there are runs and none of them finished normally ("done")."""
+    if not rows or any(row["status"] == "done" for row in rows):
+        return
+    bad = _problems(rows)
+    counts = ", ".join(f"{len(v)} {PROBLEMS[s]}" for s, v in bad.items() if v)
+    raise click.ClickException(
+        f"No run has a result: every run failed, diverged or stayed at chance level ({counts}); "
+        f"the reasons: `largebatch results {directory} --columns cell_id,status,error`"
     )

@@ -259,8 +259,9 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
 def run(config_file: str | None, **options: Any) -> None:
     """Train one model and write its run directory (config, metrics, checkpoints, result).
 
-    Exits with status 0 when the run is done, 1 when it failed or diverged (the
-    reason is printed and kept in result.json), 2 for a bad option.
+    Exits with status 0 when the run is done, 1 when it failed, diverged or ended
+    at chance level (the reason is printed and kept in result.json), 2 for a bad
+    option.
     """
     from largebatch.train import launch, train
     from largebatch.train.run_dir import read_result

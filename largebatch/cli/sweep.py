@@ -1,4 +1,4 @@
-"""``largebatch sweep``, ``results``, ``report`` and ``demo``: batch-size studies from the shell.
+"""``largebatch sweep``, ``results`` and ``report``: batch-size sweeps from the shell.
 
 A sweep directory holds ``sweep.json`` (the sweep), ``results.sqlite`` (one row
 per finished run), ``runs/<cell-id>/`` (each run's files) and, once reported,
@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import csv
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,8 @@ from largebatch.cli.common import (
     Command,
     budget_options,
     defaults_of,
+    fail_without_results,
+    jobs_option,
     nproc_option,
     parse_list,
     parse_pairs,
@@ -28,11 +29,11 @@ from largebatch.cli.common import (
     shown,
     target_option,
     task_options,
+    warn_problems,
 )
 from largebatch.experiments.sweep_config import SweepSpec
 
 DEFAULT_SWEEP_DIR = "studies/sweep"
-DEMO_DIR = "studies/demo"
 SPEC_DEFAULTS = defaults_of(SweepSpec)
 
 
@@ -85,20 +86,11 @@ def _run_and_report(
             "Run the same command again to continue."
         ) from None
     click.echo(summary(rows))
-    problems = {s: sum(v == s for v in statuses.values()) for s in ("diverged", "failed")}
-    if any(problems.values()):
-        click.echo(
-            f"{problems['diverged']} diverged, {problems['failed']} failed (see `largebatch results {directory}`)"
-        )
+    warn_problems(rows, directory)
     if report:
         html_path, md_path = write_report(directory)
         click.echo(f"report: {html_path}  {md_path}")
-    if statuses and sum(problems.values()) == len(statuses):
-        raise click.ClickException(
-            f"Every run failed or diverged ({problems['failed']} failed, "
-            f"{problems['diverged']} diverged); the reasons: `largebatch results {directory} "
-            "--columns cell_id,status,error`"
-        )
+    fail_without_results(rows, directory)
 
 
 @click.command("sweep", cls=Command)
@@ -168,13 +160,7 @@ def _run_and_report(
     "--evals-per-run", type=int, help="Evaluations per run." + shown(SPEC_DEFAULTS["evals_per_run"])
 )
 @nproc_option(SPEC_DEFAULTS["nproc"])
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Runs in parallel (separate processes).",
-)
+@jobs_option(1)
 @click.option("--retry-failed", is_flag=True, help="Run again the cells recorded as failed.")
 @click.option(
     "--diagnose",
@@ -201,43 +187,11 @@ def sweep(
 
     Re-running continues: finished runs are skipped, interrupted ones resume. Without
     --file, the sweep saved in DIRECTORY (if any) is the starting point for the flags.
-    Exits with status 1 if every run failed or diverged.
+    Exits with status 1 if every run failed, diverged or stayed at chance level.
     """
     directory_path = Path(directory)
     spec = _load(file, directory_path, flags)
     _run_and_report(spec, directory_path, jobs, retry_failed, report, progress, diagnose)
-
-
-@click.command("demo", cls=Command)
-@click.option(
-    "--out",
-    "directory",
-    default=DEMO_DIR,
-    show_default=True,
-    type=click.Path(file_okay=False),
-    help="Sweep directory.",
-)
-@click.option(
-    "--jobs",
-    type=click.IntRange(min=1),
-    default=None,
-    help="Runs in parallel.  [default: the number of CPU cores, at most 4]",
-)
-@click.option("--diagnose", is_flag=True, help="Also measure sharpness and curvature (as sweep).")
-@progress_option(True)
-def demo(directory: str, jobs: int | None, diagnose: bool, progress: bool) -> None:
-    """The default study: mnist1d-cnn, batch 64 to full batch, SGD, AdamW, LAMB and ALTO.
-
-    About 10 minutes on 2 CPU cores; writes DIRECTORY/report.html. Re-running continues.
-    """
-    from largebatch.experiments.sweep_config import demo_spec
-
-    spec = demo_spec()
-    jobs = jobs or max(1, min(os.cpu_count() or 1, 4))
-    _run_and_report(
-        spec, Path(directory), jobs, retry_failed=False, report=True, progress=progress,
-        diagnose=diagnose,
-    )  # fmt: skip
 
 
 @click.command("report", cls=Command)

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,14 +39,23 @@ _CELL_FIELDS = {"batch_size", "seed", "lr", "optimizer", "eval_every", *RESUMABL
 
 
 def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """cell_id -> series label: the optimizer, plus config fields that vary within it."""
+    """cell_id -> series label: the optimizer, plus config fields that vary within it.
+
+    A field varies within an optimizer's runs when it takes several values at one
+    batch size; a field set per batch size (e.g. a study's budget with a floor on
+    the number of steps) is part of the cell, not a separate series.
+    """
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
         by_optimizer[row["optimizer"]].append(row)
     labels = {}
     for optimizer, group in by_optimizer.items():
         keys = sorted({k for row in group for k in row["config"]} - _CELL_FIELDS)
-        varying = [k for k in keys if len({repr(row["config"].get(k)) for row in group}) > 1]
+        values = defaultdict(set)
+        for row in group:
+            for k in keys:
+                values[k, row["batch_size"]].add(repr(row["config"].get(k)))
+        varying = [k for k in keys if any(len(values[k, row["batch_size"]]) > 1 for row in group)]
         for row in group:
             detail = ", ".join(f"{k}={row['config'].get(k)}" for k in varying)
             labels[row["cell_id"]] = f"{optimizer} ({detail})" if detail else optimizer
@@ -105,13 +114,23 @@ class Point:
         return float(np.median(vals)) if vals else math.inf
 
 
-def _selection_score(runs: Sequence[dict[str, Any]]) -> tuple[tuple[int, float], str]:
-    """Score of one learning rate on the validation split (higher is better) and its name.
+Score = tuple[int, float]
 
-    Runs that diverged or failed count as worst. Validation accuracy if recorded,
-    else validation loss; the test split is never looked at.
+
+def selection_score(runs: Sequence[dict[str, Any]]) -> tuple[Score, str]:
+    """Score of one learning rate (higher is better) and the name of the criterion.
+
+    The first entry counts the runs that succeeded: finished normally ("done";
+    diverged, chance-level and failed runs count as worst) and, for runs that
+    stop at their target, reached it. The second breaks ties: if every run stops
+    at its target, fewer steps to it (Shallue et al.'s criterion); otherwise
+    validation accuracy if recorded, else validation loss. The test split is
+    never looked at.
     """
     done = [r for r in runs if r["status"] == "done"]
+    if runs and all(r["config"].get("stop_at_target") for r in runs):
+        reached = [r["steps_to_target"] for r in done if r.get("steps_to_target") is not None]
+        return (len(reached), -float(np.mean(reached)) if reached else -math.inf), "steps to target"
     for key, sign, name in (
         ("final_val_accuracy", 1.0, "val accuracy"),
         ("final_val_loss", -1.0, "val loss"),
@@ -122,13 +141,27 @@ def _selection_score(runs: Sequence[dict[str, Any]]) -> tuple[tuple[int, float],
     return (len(done), -math.inf), "val (not recorded)"
 
 
+def choose(scores: Mapping[float | None, Score]) -> float | None:
+    """The learning rate with the best score; ties go to the one nearest the middle of the grid.
+
+    The tie rule keeps a plateau of equally good values (e.g. validation accuracy
+    saturated at 100%) from counting as a best value at the edge of the grid.
+    """
+    lrs = sorted(scores, key=lambda lr: -1.0 if lr is None else lr)
+    best = max(scores.values())
+    middle = (len(lrs) - 1) / 2
+    tied = [i for i, lr in enumerate(lrs) if scores[lr] == best]
+    return lrs[min(tied, key=lambda i: (abs(i - middle), i))]
+
+
 def points(rows: Iterable[dict[str, Any]]) -> list[Point]:
     """One :class:`Point` per (series, batch size), learning rate chosen on validation.
 
     With one learning rate per point there is nothing to choose. Otherwise the
-    learning rate with the most successful seeds wins, ties broken by mean final
-    validation accuracy (or, if the task records none, validation loss).
-    Sorted by series, then batch size.
+    learning rate with the best :func:`selection_score` wins (most successful
+    seeds, then mean final validation accuracy, validation loss or, for runs
+    that stop at their target, fewest steps to it), ties resolved by
+    :func:`choose`. Sorted by series, then batch size.
     """
     rows = list(rows)
     labels = _series_labels(rows)
@@ -146,8 +179,8 @@ def points(rows: Iterable[dict[str, Any]]) -> list[Point]:
         if len(lrs) == 1:
             chosen, selected_by = lrs[0], "only one"
         else:
-            scored = {lr: _selection_score(runs) for lr, runs in by_lr.items()}
-            chosen = max(lrs, key=lambda lr: scored[lr][0])
+            scored = {lr: selection_score(runs) for lr, runs in by_lr.items()}
+            chosen = choose({lr: score for lr, (score, _) in scored.items()})
             selected_by = scored[chosen][1]
         runs = sorted(by_lr[chosen], key=lambda r: r["seed"])
         result.append(Point(series, optimizers[series], batch_size, chosen, lrs, selected_by, runs))

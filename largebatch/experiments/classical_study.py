@@ -145,7 +145,11 @@ class Curve:
 
 def study_curves(directory: str | Path, quick: bool = False) -> dict[str, Curve]:
     """Each arm's finished run with the lowest final training loss, as a :class:`Curve`
-    (among the arm's current cells: runs of an earlier grid stay in its database)."""
+    (among the arm's current cells: runs of an earlier grid stay in its database).
+
+    A run at chance level counts as finished here: its training loss against passes
+    is the comparison this study makes (an arm whose best run learned nothing shows so).
+    """
     curves = {}
     for label, spec in arm_specs(quick).items():
         arm_dir = Path(directory) / slug(label)
@@ -153,7 +157,7 @@ def study_curves(directory: str | Path, quick: bool = False) -> dict[str, Curve]
         rows = [
             r
             for r in ResultsStore(arm_dir).rows()
-            if r["status"] == "done" and r["cell_id"] in cells
+            if r["status"] in ("done", "chance") and r["cell_id"] in cells
         ]
         if not rows:
             continue

@@ -44,6 +44,8 @@ SECTION_MODULES = (
     "largebatch.experiments.schedule_sections",
     "largebatch.experiments.classical_sections",
 )
+#: run statuses, in the order tables list them ("chance": training loss stayed at chance level)
+STATUSES = ("done", "diverged", "chance", "failed")
 
 
 @dataclass
@@ -65,7 +67,7 @@ class Plot:
 
 @dataclass
 class Section:
-    """One part of the report. ``text`` is Markdown paragraphs (``**bold**``, `` `code` ``)."""
+    """One part of the report. ``text`` is Markdown paragraphs (``**bold**``, `` `code` ``, links)."""
 
     title: str
     text: str = ""
@@ -196,9 +198,7 @@ def add_legend(ax: Any, **kwargs: Any) -> None:
 def overview_section(ctx: ReportContext) -> Section:
     """What was run: task, grid, budget, and how many runs ended how."""
     configs = [row["config"] for row in ctx.rows]
-    counts = {
-        s: sum(row["status"] == s for row in ctx.rows) for s in ("done", "diverged", "failed")
-    }
+    counts = {s: sum(row["status"] == s for row in ctx.rows) for s in STATUSES}
     budgets = sorted(
         {
             f"{c['epochs']:g} epochs" if c.get("epochs") else f"{c.get('steps')} steps"
@@ -221,8 +221,9 @@ def overview_section(ctx: ReportContext) -> Section:
         f"**Grid:** batch sizes {', '.join(f'{b:,}' for b in ctx.batch_sizes)}; "
         f"optimizers {', '.join(ctx.series)}; seeds {', '.join(map(str, seeds))}.",
         f"**Runs:** {len(ctx.rows)} recorded: {counts['done']} done, {counts['diverged']} diverged, "
-        f"{counts['failed']} failed. Where several learning rates were tried, each point uses the "
-        "one with the best final validation accuracy (never the test split).",
+        f"{counts['chance']} at chance level, {counts['failed']} failed. Where several learning "
+        "rates were tried, each point uses the one with the best final validation accuracy "
+        "(never the test split).",
     ]
     return Section("Overview", "\n\n".join(lines))
 
@@ -260,7 +261,8 @@ def accuracy_section(ctx: ReportContext) -> Section:
     add_legend(ax, loc="lower left")
     text = (
         "Mean over seeds (shaded: min-max over seeds when there are several); "
-        "× on the bottom axis: every run at that point diverged or failed."
+        "× on the bottom axis: every run at that point diverged, stayed at chance level "
+        "(training loss no better than predicting the class frequencies) or failed."
     )
     return Section(
         "Test accuracy vs batch size",
@@ -471,11 +473,7 @@ def table_section(ctx: ReportContext) -> Section:
     rows = []
     for series, pts in ctx.series.items():
         for p in pts:
-            statuses = ", ".join(
-                f"{p.statuses.count(s)} {s}"
-                for s in ("done", "diverged", "failed")
-                if s in p.statuses
-            )
+            statuses = ", ".join(f"{p.statuses.count(s)} {s}" for s in STATUSES if s in p.statuses)
             plan = ctx.run_config(p.runs[0]).get("plan", {})
             lr = fmt(p.lr) if p.lr is not None else f"{fmt(plan.get('base_lr'))} (default)"
             if len(p.lrs) > 1:
@@ -505,7 +503,7 @@ def table_section(ctx: ReportContext) -> Section:
 
 @register_section("problems", order=90)
 def problems_section(ctx: ReportContext) -> Section | None:
-    """Runs that diverged or failed, with their reason."""
+    """Runs that diverged, stayed at chance level or failed, with their reason."""
     bad = [row for row in ctx.rows if row["status"] != "done"]
     if not bad:
         return None
@@ -520,7 +518,7 @@ def problems_section(ctx: ReportContext) -> Section | None:
         for row in bad
     ]
     columns = ["run", "status", "steps", "reason", "traceback"]
-    return Section("Diverged and failed runs", tables=[Table(columns, rows)])
+    return Section("Diverged, chance-level and failed runs", tables=[Table(columns, rows)])
 
 
 # --- rendering ------------------------------------------------------------------------
@@ -536,6 +534,7 @@ def png_bytes(fig: Figure) -> bytes:
 def _inline_html(text: str) -> str:
     escaped = html.escape(text)
     escaped = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", escaped)
+    escaped = re.sub(r"\[([^\]]+)\]\(([^)\s]+)\)", r"<a href='\2'>\1</a>", escaped)
     return re.sub(r"`(.+?)`", r"<code>\1</code>", escaped)
 
 
@@ -564,18 +563,30 @@ def report(sweep_dir: str | Path) -> tuple[Path, Path]:
         raise ValueError(f"No runs recorded in {sweep_dir}; run the sweep first")
     _import_section_plugins()
     ctx = ReportContext(sweep_dir, rows)
-    title = f"Batch-size study: {sweep_dir.name}"
+    sections = [section for _, _, build in _SECTIONS if (section := build(ctx)) is not None]
+    return write_report(sweep_dir, f"Batch-size study: {sweep_dir.name}", sections)
+
+
+def write_report(
+    directory: str | Path, title: str, sections: list[Section], intro: str = ""
+) -> tuple[Path, Path]:
+    """Render ``sections`` as ``directory/report.html`` (self-contained) and ``report.md``.
+
+    Figures are written to ``directory/figures/<stem>.png``; ``intro`` is a
+    Markdown paragraph under the title. Every file is written atomically.
+    """
+    directory = Path(directory)
     html_parts = [
         f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
         f"<style>{_CSS}</style></head><body><h1>{html.escape(title)}</h1>"
     ]
     md_parts = [f"# {title}\n"]
-    figures_dir = sweep_dir / FIGURES_DIR
-    figures_dir.mkdir(exist_ok=True)
-    for _, _name, build in _SECTIONS:
-        section = build(ctx)
-        if section is None:
-            continue
+    if intro:
+        html_parts.append(f"<p>{_inline_html(intro)}</p>")
+        md_parts.append(intro + "\n")
+    figures_dir = directory / FIGURES_DIR
+    figures_dir.mkdir(parents=True, exist_ok=True)
+    for section in sections:
         html_parts.append(f"<h2>{html.escape(section.title)}</h2>")
         md_parts.append(f"## {section.title}\n")
         for paragraph in filter(None, section.text.split("\n\n")):
@@ -603,7 +614,7 @@ def report(sweep_dir: str | Path) -> tuple[Path, Path]:
             md_parts.extend("| " + " | ".join(map(_md_cell, row)) + " |" for row in table.rows)
             md_parts.append("")
     html_parts.append("</body></html>")
-    html_path, md_path = sweep_dir / "report.html", sweep_dir / "report.md"
+    html_path, md_path = directory / "report.html", directory / "report.md"
     write_text_atomic(html_path, "\n".join(html_parts))
     write_text_atomic(md_path, "\n".join(md_parts))
     return html_path, md_path

@@ -146,6 +146,13 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
 
 
+def worker_pool(jobs: int) -> ProcessPoolExecutor:
+    """``jobs`` spawned worker processes that die with this one, each with
+    ``cpu_count // jobs`` torch threads (so that the pool shares the cores)."""
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    return ProcessPoolExecutor(jobs, multiprocessing.get_context("spawn"), _init_worker, (threads,))
+
+
 # --- the sweep ------------------------------------------------------------------------
 
 
@@ -197,9 +204,7 @@ def run_sweep(
             for cell in todo:
                 done(cell, run_cell(cell, store.path, retry_failed))
         else:
-            threads = max(1, (os.cpu_count() or 1) // jobs)
-            context = multiprocessing.get_context("spawn")
-            with ProcessPoolExecutor(jobs, context, _init_worker, (threads,)) as pool:
+            with worker_pool(jobs) as pool:
                 futures = {
                     pool.submit(run_cell, cell, store.path, retry_failed): cell for cell in todo
                 }

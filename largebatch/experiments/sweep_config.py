@@ -750,23 +750,3 @@ def _variants(spec: SweepSpec, optimizer: str) -> list[tuple[dict[str, Any], flo
             }
             cells.extend((fixed, lr) for lr in _learning_rates(spec, optimizer))
     return cells
-
-
-#: The default study, ``largebatch demo``, as the keys of a sweep file. About 10
-#: minutes on 2 CPU cores (see docs/experiments.md for the measurement).
-DEMO_SWEEP: dict[str, Any] = {
-    "task": "mnist1d-cnn",
-    "batch_sizes": [64, 256, 512, 1024, 2048, 4096, FULL_BATCH],
-    "optimizers": ["sgd", "adamw", "lamb", "alto"],
-    "seeds": [0],
-    "epochs": 30,
-    "target": ["accuracy", 0.9],
-    # AdamW's registry learning rate (1e-3) suits larger models: on MNIST-1D it reaches
-    # only ~76% test accuracy in 30 epochs at batch 64, where 1e-2 reaches ~97%.
-    "optimizer": {"adamw": {"lr": 0.01}},
-}
-
-
-def demo_spec() -> SweepSpec:
-    """The checked :data:`DEMO_SWEEP`."""
-    return load_sweep(overrides=DEMO_SWEEP, origins={(key,): "demo" for key in DEMO_SWEEP})

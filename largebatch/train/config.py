@@ -29,7 +29,7 @@ from largebatch.utils.values import check_like, is_number
 
 Scaling = Literal["none", "linear", "sqrt", "adascale"]
 Schedule = Literal["constant", "cosine", "poly", "step", "autowu"]
-Status = Literal["done", "diverged", "failed"]
+Status = Literal["done", "diverged", "chance", "failed"]
 
 #: the budget of a run that sets none of epochs, steps and examples
 DEFAULT_EPOCHS = 10.0
@@ -512,10 +512,12 @@ def _check_batch_growth(config: RunConfig) -> None:
 class RunResult:
     """Outcome of a run; every field is JSON-serialisable.
 
-    ``status`` is "done", "diverged" (non-finite loss) or "failed" (an exception,
-    whose message is in ``error`` and whose full traceback is in the file
-    ``error_log``, inside the run directory). ``*_to_target`` are ``None`` if the target was
-    never reached or none was set.
+    ``status`` is "done", "diverged" (non-finite loss), "chance" (finished with
+    the training loss at chance level, see :mod:`largebatch.diagnostics.chance`;
+    ``error`` says why) or "failed" (an exception, whose message is in ``error``
+    and whose full traceback is in the file ``error_log``, inside the run
+    directory). ``*_to_target`` are ``None`` if the target was never reached or
+    none was set.
     """
 
     status: Status

@@ -61,8 +61,8 @@ def launch(config: RunConfig) -> int:
 
     0 means every worker finished (the run's outcome is in its ``result.json``);
     otherwise the status of the first worker that failed (``128 + N`` for one
-    killed by signal N): 1 for a failed or diverged run, 2 for a run its
-    worker rejected. Raises before starting anything if :func:`check` does, or
+    killed by signal N): 1 for a failed, diverged or chance-level run, 2 for a
+    run its worker rejected. Raises before starting anything if :func:`check` does, or
     if the run directory is in use (the lock is taken here, or re-entered if
     the caller holds it).
     """

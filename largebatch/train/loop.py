@@ -38,6 +38,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler
 from tqdm import tqdm
 
+from largebatch.diagnostics.chance import chance_level
 from largebatch.diagnostics.evaluation import evaluate
 from largebatch.tasks import get_task
 from largebatch.tasks.base import Task
@@ -92,7 +93,9 @@ def train(config: RunConfig, task: Task | None = None) -> RunResult:
     checkpoints) raises before anything is written: the errors of
     :mod:`largebatch.utils.errors`, or the optimizer's own ``ValueError`` /
     ``TypeError``. Once training runs, a non-finite loss ends it as "diverged" and
-    an exception as "failed", both returned rather than raised.
+    an exception as "failed", and a run that ends no better on the training set
+    than predicting the class frequencies (:mod:`largebatch.diagnostics.chance`)
+    as "chance"; all three are returned rather than raised.
     """
     ddp = distributed.setup(config.device)
     try:
@@ -280,6 +283,9 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         finally:
             bar.close()
         progress.elapsed = time.perf_counter() - clock_start
+        chance = chance_level(task) if status == "done" else None
+        if chance is not None and chance.reached_by(progress.last_eval["train"]):
+            status, error = "chance", chance.describe(progress.last_eval["train"])
 
         if divergence is not None:
             error = divergence.describe() + (f"; then {error}" if error else "")

@@ -9,8 +9,9 @@ several machines, start it with torchrun on each::
     torchrun --nnodes 2 --nproc-per-node 8 --rdzv-endpoint HOST:29500 \\
         -m largebatch.train.worker config.json
 
-Exit status: 0 done, 1 failed or diverged (the reason is in ``result.json``),
-2 rejected before training (one line on standard error), 130 interrupted.
+Exit status: 0 done, 1 failed, diverged or at chance level (the reason is in
+``result.json``), 2 rejected before training (one line on standard error), 130
+interrupted.
 """
 
 from __future__ import annotations

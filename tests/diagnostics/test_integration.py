@@ -38,7 +38,7 @@ def runs(tmp_path_factory):
             ("other", 16, {**TASK_OPTIONS, "num_train": 300}),
         ]:
             config = RunConfig(
-                task="teacher-student", task_options=options, optimizer="sgd", lr=0.1,
+                task="teacher-student", task_options=options, optimizer="sgd", lr=0.3,
                 batch_size=batch_size, steps=12, warmup_steps=0, out_dir=str(root / name),
             )  # fmt: skip
             assert train(config).status == "done"

@@ -18,7 +18,7 @@ CORE_TITLES = [
     "Steps to target and the critical batch size",
     "Loss curves",
     "Results by optimizer and batch size",
-    "Diverged and failed runs",
+    "Diverged, chance-level and failed runs",
 ]
 FIGURES = ["accuracy", "generalization_gap", "steps_to_target", "loss_curves"]
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -120,7 +120,7 @@ def test_batch_growth_and_averaging_sections_from_a_real_sweep(tmp_path):
 
     spec = tiny_spec(
         batch_sizes=[16], optimizers=["sgd"], schedule="constant", batch_growths=["none", "norm-test"],
-        batch_growth_theta=0.3, averagings=["none", "polyak"], averaging_start=4,
+        batch_growth_theta=0.6, averagings=["none", "polyak"], averaging_start=4,
     )  # fmt: skip
     statuses = run_sweep(prepare(spec, tmp_path), progress=False)
     assert len(statuses) == 4 and set(statuses.values()) == {"done"}
@@ -128,7 +128,7 @@ def test_batch_growth_and_averaging_sections_from_a_real_sweep(tmp_path):
     html = html_path.read_text()
     growth = html.split("<h2>Batch growth</h2>")[1].split("<h2>")[0]
     assert growth.count("<tr>") == 1 + 2  # the two growing runs (with and without an average)
-    assert "<td>norm-test</td><td>0.3</td><td>16</td>" in growth
+    assert "<td>norm-test</td><td>0.6</td><td>16</td>" in growth
     averaging = html.split("<h2>Iterate averaging</h2>")[1].split("<h2>")[0]
     assert averaging.count("<tr>") == 1 + 2 and "<td>polyak</td><td>4</td><td>-</td>" in averaging
     stored = ResultsStore(tmp_path).rows()

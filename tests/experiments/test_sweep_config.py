@@ -15,7 +15,6 @@ from largebatch.experiments.sweep_config import (
     SweepConfigError,
     SweepSpec,
     cell_id,
-    demo_spec,
     expand,
     load_sweep,
     toml_key_lines,
@@ -340,11 +339,3 @@ def test_cell_ids_are_stable_hashes(tmp_path):
 def test_default_spec_round_trips():
     spec = SweepSpec()
     assert SweepSpec.from_dict(spec.to_dict()) == spec
-
-
-def test_demo_spec_is_valid():
-    spec = demo_spec()
-    assert spec.optimizers == ("sgd", "adamw", "lamb", "alto")
-    assert spec.batch_sizes[0] == 64 and spec.batch_sizes[-1] == "full"
-    assert spec.settings_for("adamw")["lr"] == 0.01 and spec.settings_for("sgd")["lr"] is None
-    assert SweepSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec

@@ -204,7 +204,8 @@ def test_resume_killed_during_warmup_switches_where_the_uninterrupted_run_does(m
     """A run that dies at step 22 (mid-epoch, in the warm-up) and is resumed from its step-20
     checkpoint ends bitwise where the uninterrupted run ends: same switch, same rates."""
     reference = train(_autowu_config(make_config, "uninterrupted"))
-    assert reference.status == "done"
+    # the warm-up overshoots on purpose (max_lr 100), so the tiny model may end at chance level
+    assert reference.status in ("done", "chance")
     assert reference.extra["autowu_switch_reason"] == "test"
     assert 22 < reference.extra["autowu_switch_step"] < 120 // 2
 
@@ -215,7 +216,7 @@ def test_resume_killed_during_warmup_switches_where_the_uninterrupted_run_does(m
     assert "step-000000020.pt" in {p.name for p in checkpoints.iterdir()}
     resumed = train(_autowu_config(make_config, "resumed", resume=True), task=build())
 
-    assert resumed.status == "done"
+    assert resumed.status == reference.status
     for key in ("autowu_switch_step", "autowu_peak_lr", "autowu_tests"):
         assert resumed.extra[key] == reference.extra[key], key
     rows = read_metrics(interrupted.out_dir)

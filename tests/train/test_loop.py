@@ -234,7 +234,8 @@ def test_every_registered_optimizer_trains_through_the_loop(make_config, name):
     """Contract with the registry: each optimizer, closures included, runs under ``train``
     (the decentralized ones, which need processes, in ``test_decentralized_training.py``)."""
     result = train(make_config(optimizer=name, lr=None, steps=3, accumulation_steps=2))
-    assert result.status == "done", result.error
+    # three steps at the registry's rate test the loop, not learning: chance level is allowed
+    assert result.status in ("done", "chance"), result.error
     assert result.extra["gradient_evaluations"] >= 3
     assert math.isfinite(result.final_train_loss)
 
