@@ -432,6 +432,7 @@ class BatchGrowth:
         self._request = request
         self.changes: list[tuple[int, int]] = []
         """``(step, batch size)`` at the start and wherever the size changed."""
+        self._pending: list[dict[str, float | str]] = []
 
     @classmethod
     def for_run(
@@ -488,6 +489,10 @@ class BatchGrowth:
         self.controller.update(statistics)
         if self.controller.batch_size != before:
             self.changes.append((step + 1, self.controller.batch_size))
+        row = {"step": step + 1, **self.row(), "batch_size": before}
+        if statistics is None:  # an untested step: no ratio of its own
+            row["test_ratio"] = ""
+        self._pending.append(row)
         if self.controller.lr_scale != 1.0:
             for group in optimizer.param_groups:
                 group["lr"] *= self.controller.lr_scale
@@ -508,6 +513,18 @@ class BatchGrowth:
         record = self.controller.record()
         return {key: "" if math.isnan(value) else value for key, value in record.items()}
 
+    @property
+    def step_columns(self) -> list[str]:
+        """The ``batch_sizes.csv`` columns (none without a controller): per optimizer step
+        (1-based), the batch it used, the size the rule proposed next, the test's ratio
+        (empty on untested steps) and the learning-rate factor."""
+        return ["step", *self.COLUMNS] if self.controller is not None else []
+
+    def step_rows(self) -> list[dict[str, float | str]]:
+        """The per-step rows since the last call (for ``batch_sizes.csv``)."""
+        rows, self._pending = self._pending, []
+        return rows
+
     def result(self) -> dict[str, Any]:
         """For ``RunResult.extra``: the final batch size and the steps where it changed."""
         if self.controller is None:
@@ -517,9 +534,14 @@ class BatchGrowth:
     def state_dict(self) -> dict[str, Any]:
         if self.controller is None:
             return {}
-        return {"controller": self.controller.state_dict(), "changes": list(self.changes)}
+        return {
+            "controller": self.controller.state_dict(),
+            "changes": list(self.changes),
+            "pending": list(self._pending),  # rows not yet written: a resumed run writes them
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if self.controller is not None:
             self.controller.load_state_dict(state["controller"])
             self.changes = [tuple(change) for change in state["changes"]]
+            self._pending = list(state.get("pending", []))

@@ -173,7 +173,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
         columns = metric_columns(task)
         columns += averaging.columns(columns) + growth.columns + statistics_columns(optimizer)
         columns += noise.columns + decentralized.columns + list(scheduler.columns)
-        run_dir.open_metrics(columns, resume_step=saved_step)
+        run_dir.open_metrics(columns, resume_step=saved_step, step_columns=growth.step_columns)
         clock_start = time.perf_counter() - progress.elapsed  # wall time continues across resumes
 
         def save() -> None:
@@ -203,7 +203,7 @@ def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
             record_evaluation(progress, metrics, plan)
             row = metrics_row(progress, metrics, scheduler.get_last_lr()[0] * growth.lr_scale, plan)
             row |= averaged | growth.row() | statistics_row(optimizer) | noise.row()
-            run_dir.log(row | decentralized.row() | scheduler.row())
+            run_dir.log(row | decentralized.row() | scheduler.row(), steps=growth.step_rows())
             progress.loss_sum, progress.loss_count = 0.0, 0
             return math.isfinite(metrics["train"]["loss"])
 

@@ -1,7 +1,8 @@
 """The files of one run directory, and who may write them.
 
 ``config.json`` (the config, the resolved plan, versions, git hash),
-``metrics.csv`` (one row per evaluation), ``result.json`` (the
+``metrics.csv`` (one row per evaluation), ``batch_sizes.csv`` (one row per
+step, for a run whose batch grows), ``result.json`` (the
 :class:`RunResult`), ``checkpoints/``, ``error.log`` after a failure and, when
 ``tensorboard`` is installed, TensorBoard event files. Only rank 0 writes; on
 other ranks every method is a no-op. On resume, rows logged after the
@@ -105,8 +106,8 @@ class RunDirectory:
         self.checkpoints = self.path / "checkpoints"
         self.lock = DirectoryLock(self.path)
         self._claimed = False
-        self._metrics_file = None
-        self._writer: csv.DictWriter | None = None
+        self._metrics: _CsvLog | None = None
+        self._steps: _CsvLog | None = None
         self._tensorboard = None
 
     def claim(self, config: RunConfig) -> None:
@@ -184,36 +185,27 @@ class RunDirectory:
         }
         write_json_atomic(file, content)
 
-    def open_metrics(self, columns: list[str], resume_step: int | None) -> None:
-        """Start ``metrics.csv``; when resuming, keep only rows up to ``resume_step``."""
+    def open_metrics(
+        self, columns: list[str], resume_step: int | None, step_columns: list[str] | None = None
+    ) -> None:
+        """Start ``metrics.csv`` and, given ``step_columns``, ``batch_sizes.csv``; when
+        resuming, keep only rows up to ``resume_step``."""
         if not self.enabled:
             return
-        file = self.path / "metrics.csv"
-        kept: list[dict[str, str]] = []
-        if resume_step is not None and file.exists():
-            with open(file, newline="") as old:
-                # a row cut short by a kill has missing (None) fields: drop it
-                kept = [
-                    row
-                    for row in csv.DictReader(old)
-                    if None not in row.values() and int(row["step"]) <= resume_step
-                ]
-        content = io.StringIO()
-        writer = csv.DictWriter(content, columns, extrasaction="ignore")
-        writer.writeheader()
-        writer.writerows(kept)
-        write_text_atomic(file, content.getvalue())
-        self._metrics_file = open(file, "a", newline="")  # noqa: SIM115 (closed in close())
-        self._writer = csv.DictWriter(self._metrics_file, columns, extrasaction="ignore")
+        self._metrics = _CsvLog(self.path / "metrics.csv", columns, resume_step)
+        if step_columns:
+            self._steps = _CsvLog(self.path / "batch_sizes.csv", step_columns, resume_step)
         purge = None if resume_step is None else resume_step + 1
         self._tensorboard = _tensorboard_writer(self.path / "tensorboard", purge)
 
-    def log(self, row: dict[str, float]) -> None:
-        """Append one row of metrics (and the same scalars to TensorBoard)."""
+    def log(self, row: dict[str, float], steps: list[dict[str, Any]] = ()) -> None:
+        """Append one row of metrics (and the same scalars to TensorBoard), and the
+        per-step rows since the last one to ``batch_sizes.csv``."""
         if not self.enabled:
             return
-        self._writer.writerow(row)
-        self._metrics_file.flush()
+        self._metrics.write([row])
+        if self._steps is not None:
+            self._steps.write(steps)
         if self._tensorboard is not None:
             for key, value in scalar_items(row):
                 self._tensorboard.add_scalar(key, value, row["step"])
@@ -236,7 +228,38 @@ class RunDirectory:
             write_json_atomic(self.path / "result.json", result.to_dict())
 
     def close(self) -> None:
-        if self._metrics_file is not None:
-            self._metrics_file.close()
+        for log in (self._metrics, self._steps):
+            if log is not None:
+                log.close()
         if self._tensorboard is not None:
             self._tensorboard.close()
+
+
+class _CsvLog:
+    """An appended CSV file whose rows carry a ``step``; reopened on resume with only
+    the rows up to ``resume_step`` (a row cut short by a kill is dropped), rewritten
+    atomically, so that no step is ever logged twice."""
+
+    def __init__(self, path: Path, columns: list[str], resume_step: int | None) -> None:
+        kept: list[dict[str, str]] = []
+        if resume_step is not None and path.exists():
+            with open(path, newline="") as old:
+                kept = [
+                    row
+                    for row in csv.DictReader(old)
+                    if None not in row.values() and int(row["step"]) <= resume_step
+                ]
+        content = io.StringIO()
+        writer = csv.DictWriter(content, columns, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(kept)
+        write_text_atomic(path, content.getvalue())
+        self._file = open(path, "a", newline="")  # noqa: SIM115 (closed in close())
+        self._writer = csv.DictWriter(self._file, columns, extrasaction="ignore")
+
+    def write(self, rows: list[dict[str, Any]]) -> None:
+        self._writer.writerows(rows)
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()

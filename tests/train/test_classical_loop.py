@@ -3,6 +3,7 @@ SAGA's indices, the cost in example gradients, and the settings that are refused
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -26,6 +27,11 @@ HERE = Path(__file__).parent
 
 def _extra(config) -> dict:
     return json.loads((Path(config.out_dir) / "result.json").read_text())["extra"]
+
+
+def read_csv(path: Path) -> list[dict[str, str]]:
+    with open(path, newline="") as file:
+        return list(csv.DictReader(file))
 
 
 def _size_after(changes: list[list[int]], step: int) -> int:
@@ -115,6 +121,29 @@ def test_an_epochs_budget_with_batch_growth_counts_examples(make_config):
         if sum(sizes[: s + 1]) // 32 > sum(sizes[:s]) // 32
     ]
     assert read == crossed  # one row per 32 examples passed, and the last step's
+
+
+def test_batch_sizes_csv_has_every_step_and_a_resumed_run_writes_the_same(make_config):
+    """One row per optimizer step: the batch it used (as the change points say), the test's
+    ratio on tested steps only (every 2nd), and after a kill between an evaluation and the
+    next checkpoint, the resumed run's file equals the uninterrupted one's."""
+    settings = dict(
+        steps=9, eval_every=4, checkpoint_every=3, schedule="constant", batch_growth="norm-test",
+        batch_growth_theta=0.3, batch_growth_options={"every": 2}, max_batch_size=64,
+    )  # fmt: skip
+    reference = make_config("reference", **settings)
+    assert train(reference).status == "done"
+    rows = read_csv(Path(reference.out_dir) / "batch_sizes.csv")
+    assert [int(r["step"]) for r in rows] == list(range(1, 10))
+    changes = _extra(reference)["batch_size_changes"]
+    assert [int(r["batch_size"]) for r in rows] == [_size_after(changes, s) for s in range(9)]
+    assert [r["test_ratio"] != "" for r in rows] == [s % 2 == 0 for s in range(9)]
+
+    killed = make_config("killed", **settings)
+    assert train(killed, task=build(fail_after=7)).status == "failed"
+    resumed = dataclasses.replace(killed, resume=True)
+    assert train(resumed, task=build()).status == "done"
+    assert read_csv(Path(killed.out_dir) / "batch_sizes.csv") == rows
 
 
 # --- iterate averaging ------------------------------------------------------------------------
