@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -32,5 +33,11 @@ def _entry(rank: int, worker: Callable[[int, str], None], store: str, out: str, 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=world)
     worker(rank, out)
+    leave_group()
+
+
+def leave_group() -> NoReturn:
+    """End a gloo worker process that succeeded: wait for every rank, then exit without
+    destroying the group (see the module docstring). For workers started any other way too."""
     dist.barrier()
     os._exit(0)

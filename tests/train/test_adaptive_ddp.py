@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from gloo_group import leave_group
 from tiny_train_task import TINY_TASK
 
 from largebatch.train import RunConfig, distributed, train
@@ -65,22 +66,20 @@ def _worker(rank: int, port: int, out_root: Path) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    try:
-        if rank == 1:  # this rank's own test would switch at once: it must follow rank 0
-            autowu_module.minimum_test = lambda *args: MinimumTest(True, (1.0,) * 5, (0.0,) * 5)
-        ddp = Distributed(True, rank, 2, torch.device("cpu"), False)
-        optimizer, scheduler = _scheduler(ddp)
-        rng = np.random.default_rng(rank)  # each rank its own loss, averaged across ranks
-        rates = _feed(
-            scheduler,
-            optimizer,
-            lambda rate: distributed.all_reduce_mean(_local_loss(rate, rng), ddp),
-        )
-        record = {"rates": rates, "switch": scheduler.switch_step, "peak": scheduler.peak_lr}
-        record["runs"] = [train(config).to_dict() for config in _runs(out_root)]
-        (out_root / f"rank{rank}.json").write_text(json.dumps(record))
-    finally:
-        dist.destroy_process_group()
+    if rank == 1:  # this rank's own test would switch at once: it must follow rank 0
+        autowu_module.minimum_test = lambda *args: MinimumTest(True, (1.0,) * 5, (0.0,) * 5)
+    ddp = Distributed(True, rank, 2, torch.device("cpu"), False)
+    optimizer, scheduler = _scheduler(ddp)
+    rng = np.random.default_rng(rank)  # each rank its own loss, averaged across ranks
+    rates = _feed(
+        scheduler,
+        optimizer,
+        lambda rate: distributed.all_reduce_mean(_local_loss(rate, rng), ddp),
+    )
+    record = {"rates": rates, "switch": scheduler.switch_step, "peak": scheduler.peak_lr}
+    record["runs"] = [train(config).to_dict() for config in _runs(out_root)]
+    (out_root / f"rank{rank}.json").write_text(json.dumps(record))
+    leave_group()  # no destroy_process_group: see tests/gloo_group.py
 
 
 def _free_port() -> int:

@@ -15,6 +15,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from click.testing import CliRunner
+from gloo_group import leave_group
 from tiny_train_task import TINY_TASK, build, final_checkpoint, read_metrics
 
 from largebatch.cli import main
@@ -46,30 +47,28 @@ def _worker(rank: int, port: int, out_root: Path) -> None:
     )  # fmt: skip
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
-    try:
-        for name in ("uninterrupted", "resumed"):
-            result = train(_config(out_root, name, "decentlam", "exp"))
-            assert result.status == "done", result.error
-        assert train(_config(out_root, "ring", "dmsgd", "ring")).status == "done"
-        growing = _config(
-            out_root, "growing", "decentlam", "exp", batch_growth="norm-test",
-            batch_growth_theta=0.3, max_batch_size=64, schedule="constant",
-        )  # fmt: skip
-        assert train(growing).status == "done"
-        dist.barrier()
-        if rank == 0:  # as if killed after the step-6 checkpoint
-            (out_root / "resumed" / "checkpoints" / f"step-{KILLED_AT:09d}.pt").unlink()
-            (out_root / "resumed" / "result.json").unlink()
-        dist.barrier()
-        resumed = _config(out_root, "resumed", "decentlam", "exp", resume=True)
-        steps = []  # the steps the resumed run takes: those after its step-6 checkpoint
-        with patch.object(
-            DecentLaM, "step", lambda self: steps.append(DecentralizedOptimizer.step(self))
-        ):
-            assert train(resumed).status == "done"
-        (out_root / f"resumed-steps-{rank}.json").write_text(json.dumps(len(steps)))
-    finally:
-        dist.destroy_process_group()
+    for name in ("uninterrupted", "resumed"):
+        result = train(_config(out_root, name, "decentlam", "exp"))
+        assert result.status == "done", result.error
+    assert train(_config(out_root, "ring", "dmsgd", "ring")).status == "done"
+    growing = _config(
+        out_root, "growing", "decentlam", "exp", batch_growth="norm-test",
+        batch_growth_theta=0.3, max_batch_size=64, schedule="constant",
+    )  # fmt: skip
+    assert train(growing).status == "done"
+    dist.barrier()
+    if rank == 0:  # as if killed after the step-6 checkpoint
+        (out_root / "resumed" / "checkpoints" / f"step-{KILLED_AT:09d}.pt").unlink()
+        (out_root / "resumed" / "result.json").unlink()
+    dist.barrier()
+    resumed = _config(out_root, "resumed", "decentlam", "exp", resume=True)
+    steps = []  # the steps the resumed run takes: those after its step-6 checkpoint
+    with patch.object(
+        DecentLaM, "step", lambda self: steps.append(DecentralizedOptimizer.step(self))
+    ):
+        assert train(resumed).status == "done"
+    (out_root / f"resumed-steps-{rank}.json").write_text(json.dumps(len(steps)))
+    leave_group()  # no destroy_process_group: see tests/gloo_group.py
 
 
 @pytest.fixture(scope="module")
