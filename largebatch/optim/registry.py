@@ -481,3 +481,15 @@ register(
         reference="Yuan et al., ICCV 2021 (arXiv 2104.11981)",
     )
 )
+register(
+    OptimizerSpec(
+        name="slowmo",
+        target="largebatch.optim.decentralized:SlowMo",
+        description="SlowMo: every slow_every steps of a decentralized base (default DmSGD), an exact average and a slow momentum step.",
+        defaults={"slow_every": 12, "slow_momentum": 0.5, "slow_lr": 1.0},
+        wraps="dmsgd",
+        scaling_rule="linear",
+        warmup=0.05,
+        reference="Wang, Tantia, Ballas & Rabbat, ICLR 2020 (arXiv 1910.00643)",
+    )
+)

@@ -297,10 +297,13 @@ def _check_topology(config: RunConfig) -> None:
             f"Invalid optimizer option topology={options['topology']!r}. Set the topology "
             "with topology (--topology), not as an optimizer option"
         )
-    if decentralized and get_spec(config.optimizer).wraps is not None:
+    wraps = get_spec(config.optimizer).wraps
+    # a wrapper whose default base is decentralized (slowmo) takes only such bases; the
+    # others (e, the extrapolation family) only bases that all-reduce
+    if wraps is not None and decentralized != is_decentralized(wraps):
+        kind = "an all-reduce" if decentralized else "a decentralized"
         raise ConfigError(
-            f"Invalid base: {options.get('base')!r} (a decentralized optimizer cannot be wrapped "
-            f"by {config.optimizer!r})"
+            f"Invalid base: {options.get('base')!r} ({config.optimizer!r} wraps {kind} optimizer)"
         )
     if config.topology is not None and not isinstance(config.topology, str):
         raise _invalid("topology", config.topology, f"one of {', '.join(TOPOLOGIES)}")

@@ -56,6 +56,8 @@ def _worker(rank: int, port: int, out_root: Path) -> None:
         batch_growth_theta=0.3, max_batch_size=64, schedule="constant",
     )  # fmt: skip
     assert train(growing).status == "done"
+    slow = _config(out_root, "slowmo", "slowmo", "ring", optimizer_options={"slow_every": 4})
+    assert train(slow).status == "done"
     dist.barrier()
     if rank == 0:  # as if killed after the step-6 checkpoint
         (out_root / "resumed" / "checkpoints" / f"step-{KILLED_AT:09d}.pt").unlink()
@@ -134,6 +136,20 @@ def test_a_growing_batch_leaves_the_gradients_local(runs):
     assert extra["final_batch_size"] > 32
 
 
+def test_slowmo_averages_every_fourth_step_and_logs_what_it_sends(runs):
+    """Evaluated every 4 steps, right after each exact average: the ranks agree there
+    (distance 0); per step 2 neighbours on the ring, plus every 4 steps one all-reduce of the
+    parameters and the momentum (the nominal 2 (n-1)/n of 2 x the model), amortized."""
+    rows = read_metrics(str(runs / "slowmo"))
+    numel = sum(t.numel() for t in build().build_model().parameters())
+    assert [float(row["consensus_distance"]) for row in rows] == [0.0] * 4
+    amortized = 2 * numel * 4 + (2 * (N - 1) * 2 * numel * 4 // N) / 4
+    assert all(float(row["gossip_bytes_per_step"]) == amortized for row in rows[1:])
+    checkpoint = final_checkpoint(str(runs / "slowmo"))
+    first, second = (rank["model"] for rank in checkpoint["ranks"][:2])
+    assert all(torch.equal(first[name], second[name]) for name in first)
+
+
 def test_consensus_distance_and_bytes_per_step_are_logged(runs):
     """Distance 0 at the start (every rank starts from rank 0's parameters), then > 0; each
     step every rank sends its parameters (float32) to log2(4) = 2 neighbours."""
@@ -165,7 +181,9 @@ def test_consensus_distance_and_bytes_per_step_are_logged(runs):
         ({"optimizer": "dmsgd", "nproc": 2, "optimizer_options": {"topology": "ring"}},
          ConfigError, "Invalid optimizer option topology='ring'"),
         ({"optimizer": "e", "nproc": 2, "optimizer_options": {"base": "decentlam"}}, ConfigError,
-         "Invalid base: 'decentlam' (a decentralized optimizer cannot be wrapped"),
+         "Invalid base: 'decentlam' ('e' wraps an all-reduce optimizer)"),
+        ({"optimizer": "slowmo", "nproc": 2, "optimizer_options": {"base": "sgd"}}, ConfigError,
+         "Invalid base: 'sgd' ('slowmo' wraps a decentralized optimizer)"),
     ],
 )  # fmt: skip
 def test_a_bad_decentralized_config_is_refused_naming_the_value(fields, error, message):

@@ -96,6 +96,11 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
             self._gossip = Gossip(topology, process_group)  # rejects a world of one process
 
     @property
+    def process_group(self) -> Any:
+        """The ranks that gossip (``None``: all processes)."""
+        return self._process_group
+
+    @property
     def gossip(self) -> Gossip:
         """The neighbour exchange (set up on first use; ``ConfigError`` below 2 processes)."""
         if self._gossip is None:

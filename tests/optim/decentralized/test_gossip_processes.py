@@ -17,9 +17,16 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from quadratics import BETA, DECAY, LR, Quadratics, simulate
+from quadratics import BETA, DECAY, LR, Quadratics, phases, simulate
 
-from largebatch.optim.decentralized import TOPOLOGIES, DecentLaM, DmSGD, Gossip, make_topology
+from largebatch.optim.decentralized import (
+    TOPOLOGIES,
+    DecentLaM,
+    DmSGD,
+    Gossip,
+    SlowMo,
+    make_topology,
+)
 
 N = 4
 #: (optimizer, variant, topology, steps): runs recorded step by step
@@ -31,6 +38,9 @@ RUNS = [
     ("decentlam", None, "one-peer-exp", 20),
     ("dmsgd", "atc", "complete", 20),
 ]
+#: (topology, slow_every, slow_momentum, slow_lr): SlowMo over DmSGD (atc), 12 steps
+SLOWMO_RUNS = [("ring", 4, 0.5, 0.7), ("complete", 3, 0.0, 1.0)]
+SLOWMO_STEPS = 12
 #: the runs long enough to converge (> 100 steps) take these settings, without weight decay
 FIXED_POINT = dict(lr=0.05, beta=0.7, decay=0.0)
 
@@ -54,6 +64,41 @@ def _run_optimizer(problem, rank, optimizer_name, variant, topology, steps):
         optimizer.step()
         trajectory.append(x.detach().clone())
     return torch.stack(trajectory), optimizer
+
+
+def _run_slowmo(problem, rank, topology, every, beta, alpha):
+    """This rank's iterate after each step of SlowMo over DmSGD, and the bytes it sent; then
+    the same run again, saved after 6 steps and continued from a reloaded copy."""
+
+    def run(x, optimizer, steps):
+        trajectory = []
+        for _ in range(steps):
+            x.grad = problem.hessians[rank] @ x.detach() - problem.linear[rank]
+            optimizer.step()
+            trajectory.append(x.detach().clone())
+        return trajectory
+
+    def build(x):
+        base = DmSGD([x], lr=LR, momentum=BETA, weight_decay=DECAY, topology=topology)
+        return SlowMo(base, slow_every=every, slow_momentum=beta, slow_lr=alpha)
+
+    x = torch.zeros(problem.d, dtype=torch.float64, requires_grad=True)
+    optimizer = build(x)
+    trajectory = run(x, optimizer, SLOWMO_STEPS)
+    traffic = optimizer.gossip
+    y = torch.zeros(problem.d, dtype=torch.float64, requires_grad=True)
+    first = build(y)
+    run(y, first, 6)
+    z = y.detach().clone().requires_grad_()
+    resumed = build(z)
+    resumed.load_state_dict(copy.deepcopy(first.state_dict()))
+    continued = run(z, resumed, SLOWMO_STEPS - 6)
+    return {
+        "trajectory": torch.stack(trajectory),
+        "bytes": traffic.bytes_sent,
+        "rounds": traffic.rounds,
+        "resumed": torch.equal(torch.stack(continued), torch.stack(trajectory[6:])),
+    }
 
 
 def _all_reduce_sgd(problem, rank, steps):
@@ -121,6 +166,7 @@ def _worker(rank: int, port: int, out: Path) -> None:
             record["runs"][optimizer, variant, topology] = trajectory
             record["runs"][optimizer, variant, topology, "bytes"] = built.gossip.bytes_sent
         record["all-reduce"] = _all_reduce_sgd(problem, rank, 20)
+        record["slowmo"] = {run: _run_slowmo(problem, rank, *run) for run in SLOWMO_RUNS}
         record["resumed"] = _resumed_matches(problem, rank)
         try:
             Gossip(make_topology("ring", 8))
@@ -252,3 +298,57 @@ def test_a_topology_for_another_world_size_is_refused_naming_it(ranks):
         "Invalid topology: Ring(world_size=8) for a process group of 4 process(es)"
         in ranks[0]["mismatch"]
     )
+
+
+def _simulate_slowmo(problem, mixing, steps, every, beta, alpha):
+    """SlowMo on the stacked ranks, float64, from Wang et al.'s equations: DmSGD (its
+    ``prepare``/``finish``, checked in test_algorithms.py) with ``W @`` as the gossip; every
+    ``every`` steps the rows averaged (iterates and momentum), then u <- beta u + (x0 -
+    xbar) / lr, x0 <- x0 - alpha lr u, and every row set to x0."""
+    prepare, finish = phases("atc")
+    x = torch.zeros(problem.n, problem.d, dtype=torch.float64)
+    m, anchor, u = torch.zeros_like(x), torch.zeros(problem.d, dtype=torch.float64), 0.0
+    settings = dict(lr=LR, momentum=BETA, weight_decay=DECAY, nesterov=False, foreach=None)
+    trajectory = []
+    for step in range(steps):
+        outgoing = prepare([x], [problem.gradients(x)], [m], **settings)
+        outgoing[0].copy_(mixing @ outgoing[0])
+        finish([x], None, [m], outgoing, **settings)
+        if (step + 1) % every == 0:
+            m[:] = m.mean(0)
+            u = beta * u + (anchor - x.mean(0)) / LR
+            anchor = anchor - alpha * LR * u
+            x[:] = anchor
+        trajectory.append(x.clone())
+    return torch.stack(trajectory)
+
+
+def test_slowmo_follows_the_papers_equations_on_four_ranks(ranks):
+    """Ring, tau = 4, beta = 0.5, alpha = 0.7: every rank's iterate equals the float64
+    re-derivation step by step, the ranks agree after each exact average and differ between
+    (the comparison can fail), and a state saved mid-round continues bit for bit."""
+    problem = Quadratics.make(N)
+    run = ("ring", 4, 0.5, 0.7)
+    got = torch.stack([r["slowmo"][run]["trajectory"] for r in ranks], dim=1)
+    expected = _simulate_slowmo(problem, make_topology("ring", N).mixing_matrix(), 12, *run[1:])
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    assert all(torch.equal(got[k, 0], got[k, 3]) for k in (3, 7, 11))
+    assert not torch.equal(got[5, 0], got[5, 3])
+    assert all(r["slowmo"][run]["resumed"] for r in ranks)
+
+
+def test_slowmo_without_slow_momentum_over_the_complete_graph_is_its_base(ranks):
+    """beta = 0, alpha = 1 is an exact average every tau steps, which the complete graph's
+    gossip already is: the run equals DmSGD's on the complete graph (itself PmSGD)."""
+    got = torch.stack([r["slowmo"][("complete", 3, 0.0, 1.0)]["trajectory"] for r in ranks], 1)
+    base = _stacked(ranks, ("dmsgd", "atc", "complete"))[:SLOWMO_STEPS]
+    torch.testing.assert_close(got, base, rtol=1e-13, atol=1e-13)
+
+
+def test_slowmo_counts_the_gossip_and_the_exact_averages(ranks):
+    """Per step 2 neighbours x 4 float64 (ring); at steps 4, 8 and 12 one all-reduce of the
+    iterate and the momentum (8 float64: the nominal 2 (n-1)/n of 64 bytes, 96)."""
+    for record in ranks:
+        run = record["slowmo"][("ring", 4, 0.5, 0.7)]
+        assert run["rounds"] == 12
+        assert run["bytes"] == 12 * 2 * 32 + 3 * 96
