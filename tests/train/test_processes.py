@@ -14,8 +14,9 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from click.testing import CliRunner
-from tiny_train_task import TINY_TASK
+from tiny_train_task import TINY_TASK, final_checkpoint, read_metrics
 
 from largebatch.cli import main
 from largebatch.utils.errors import RunDirectoryError
@@ -204,3 +205,46 @@ def test_a_killed_sweep_takes_its_workers_along(tmp_path):
     for run_dir in runs.iterdir():
         with locked(run_dir):
             pass
+
+
+@pytest.mark.slow
+def test_a_decentralized_run_killed_outright_resumes_bit_for_bit(tmp_path):
+    """``largebatch run --nproc 4 --optimizer decentlam``, its process group killed with
+    SIGKILL after a checkpoint, then ``--resume``: every rank's parameters and optimizer
+    state and the logged rows end as those of the same run uninterrupted."""
+    run = [
+        *_slow_run(tmp_path / "killed", "--nproc", "4", "--optimizer", "decentlam", "--topology",
+                   "exp", "--steps", "40", "--eval-every", "10", "--checkpoint-every", "3"),
+    ]  # fmt: skip
+    killed = tmp_path / "killed"
+    launcher = subprocess.Popen(
+        run, env=_env(tmp_path), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (killed / "checkpoints" / "step-000000006.pt").exists(), 180, "step 6")
+        os.killpg(launcher.pid, signal.SIGKILL)
+        launcher.wait(30)
+    finally:
+        if launcher.poll() is None:
+            os.killpg(launcher.pid, signal.SIGKILL)
+    assert not (killed / "result.json").exists()  # it died mid-run
+    resume = [sys.executable, "-m", "largebatch", "run", "--out", str(killed), "--resume"]
+    subprocess.run(resume, env=_env(tmp_path), check=True, capture_output=True, timeout=300)
+    whole = [
+        *run[: run.index("--out") + 1],
+        str(tmp_path / "whole"),
+        *run[run.index("--out") + 2 :],
+    ]
+    subprocess.run(whole, env=_env(tmp_path), check=True, capture_output=True, timeout=300)
+
+    ours, theirs = (final_checkpoint(str(tmp_path / name)) for name in ("killed", "whole"))
+    assert len(ours["ranks"]) == 4
+    for mine, reference in zip(ours["ranks"], theirs["ranks"]):
+        for name in reference["model"]:
+            assert torch.equal(mine["model"][name], reference["model"][name]), name
+        assert str(mine["optimizer"]) == str(reference["optimizer"])
+    columns = lambda name: [  # noqa: E731
+        {k: v for k, v in row.items() if k != "time"} for row in read_metrics(str(tmp_path / name))
+    ]
+    assert columns("killed") == columns("whole")
