@@ -8,6 +8,7 @@ explicitly, never discovered): ``largebatch study --list`` shows them. See
 # each import registers a study; the order is that of `largebatch study --list`
 from largebatch.experiments.studies import demo  # noqa: F401, I001
 from largebatch.experiments.studies import keskar, alto, extrap, shampoo, scaling  # noqa: F401
+from largebatch.experiments.studies import decentralized  # noqa: F401
 from largebatch.experiments.studies.base import (
     Grid,
     Part,
