@@ -88,10 +88,12 @@ def _warn(part) -> None:
 def _list_studies() -> None:
     from largebatch.experiments.studies import list_studies
 
-    for study in list_studies():
+    studies = list_studies()
+    width = max(len(study.name) for study in studies)
+    for study in studies:
         full, quick = study.minutes
-        click.echo(f"{study.name:<10} {study.title}")
-        click.echo(f"{'':<10} about {full:g} min on 2 idle CPU cores (--quick: {quick:g} min)")
+        click.echo(f"{study.name:<{width}} {study.title}")
+        click.echo(f"{'':<{width}} about {full:g} min on 2 idle CPU cores (--quick: {quick:g} min)")
 
 
 @click.command("study", cls=Command)

@@ -1,10 +1,11 @@
 """From result rows to the numbers of a batch-size study.
 
 Pure functions over the rows of :class:`~largebatch.experiments.results_store.ResultsStore`
-(dicts): group runs into one :class:`Point` per series (optimizer) and batch
-size, pick the learning rate on the validation split (never the test split),
-aggregate seeds, and locate the critical batch size. The report, the printed
-summary and the tests all use these, so there is one definition of each number.
+(dicts): group runs into one :class:`Point` per series (optimizer, and topology for
+a decentralized one) and batch size, pick the learning rate on the validation split
+(never the test split), aggregate seeds, and locate the critical batch size. The
+report, the printed summary and the tests all use these, so there is one definition
+of each number.
 
 Critical batch size (``critical_batch_size``): with ``S(B)`` the steps to reach
 the target at batch size ``B`` and ``B0`` the smallest batch size that reached
@@ -31,23 +32,27 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
+from largebatch.experiments.sweep_config import series_name
 from largebatch.train.config import RESUMABLE_CHANGES
 
-#: config fields that differ between the cells of one series by design, or that
-#: do not change a run's outcome
-_CELL_FIELDS = {"batch_size", "seed", "lr", "optimizer", "eval_every", *RESUMABLE_CHANGES}
+#: config fields that differ between the cells of one series by design, that name
+#: the series, or that do not change a run's outcome
+_CELL_FIELDS = {
+    "batch_size", "seed", "lr", "optimizer", "topology", "eval_every", *RESUMABLE_CHANGES
+}  # fmt: skip
 
 
 def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
-    """cell_id -> series label: the optimizer, plus config fields that vary within it.
+    """cell_id -> series label: the optimizer and its topology (:func:`series_name`),
+    plus config fields that vary within them.
 
-    A field varies within an optimizer's runs when it takes several values at one
+    A field varies within a series' runs when it takes several values at one
     batch size; a field set per batch size (e.g. a study's budget with a floor on
     the number of steps) is part of the cell, not a separate series.
     """
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_optimizer[row["optimizer"]].append(row)
+        by_optimizer[series_name(row["optimizer"], row["config"].get("topology"))].append(row)
     labels = {}
     for optimizer, group in by_optimizer.items():
         keys = sorted({k for row in group for k in row["config"]} - _CELL_FIELDS)
@@ -67,7 +72,7 @@ class Point:
     """One series at one batch size: the runs (seeds) of the selected learning rate.
 
     Attributes:
-        series: the optimizer, plus any config field that varies within its runs.
+        series: the optimizer (and topology), plus any config field that varies within its runs.
         lr: the selected base learning rate (``None``: the registry default).
         lrs: every base learning rate tried.
         selected_by: how ``lr`` was chosen (validation metric, or "only one").

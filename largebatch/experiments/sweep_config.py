@@ -635,9 +635,14 @@ def _name(
     extras: tuple[str, ...] = (),
 ) -> str:
     lr_part = f"-lr{lr:g}" if lr is not None else ""
-    topology_part = f"-{topology}" if topology is not None else ""
     tail = "".join(f"-{part}" for part in extras if part != NONE)
-    return f"{optimizer}{topology_part}-b{batch_size}-s{seed}{lr_part}{tail}"
+    return f"{series_name(optimizer, topology)}-b{batch_size}-s{seed}{lr_part}{tail}"
+
+
+def series_name(optimizer: str, topology: str | None) -> str:
+    """A series of runs: the optimizer, and the graph a decentralized one gossips over
+    (``dmsgd-ring``); the start of its cells' names, and its label in reports."""
+    return optimizer if topology is None else f"{optimizer}-{topology}"
 
 
 def _optimizers_and_topologies(spec: SweepSpec) -> list[tuple[str, str | None]]:

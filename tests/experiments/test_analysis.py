@@ -62,6 +62,30 @@ def test_series_split_by_varying_config_fields():
     assert sorted(p.series for p in analysis.points(rows)) == ["sgd (epochs=10)", "sgd (epochs=20)"]
 
 
+def test_each_topology_of_a_decentralized_optimizer_is_a_series():
+    """A decentralized optimizer's series carries its topology, also when the sweep has one
+    topology only; the learning rate is chosen per series, so a better rate on one graph
+    does not decide the other's."""
+    rows = [
+        {"cell_id": f"{opt}-{topo}-{lr}", "optimizer": opt, "batch_size": 64, "lr": lr,
+         "seed": 0, "status": "done", "final_val_accuracy": val,
+         "config": {"optimizer": opt, "topology": topo, "lr": lr}}
+        for opt, topo, lr, val in (
+            ("dmsgd", "ring", 0.1, 0.9), ("dmsgd", "ring", 0.2, 0.8),
+            ("dmsgd", "exp", 0.1, 0.7), ("dmsgd", "exp", 0.2, 0.95),
+            ("sgd", None, 0.1, 0.5),
+        )
+    ]  # fmt: skip
+    chosen = {(p.series, p.optimizer): p.lr for p in analysis.points(rows)}
+    assert chosen == {
+        ("dmsgd-exp", "dmsgd"): 0.2,
+        ("dmsgd-ring", "dmsgd"): 0.1,
+        ("sgd", "sgd"): 0.1,
+    }
+    one_topology = [row for row in rows if row["config"]["topology"] != "exp"]
+    assert {p.series for p in analysis.points(one_topology)} == {"dmsgd-ring", "sgd"}
+
+
 def mccandlish_steps(batch_sizes, s_min, b_crit):
     return [s_min * (1 + b_crit / b) for b in batch_sizes]
 

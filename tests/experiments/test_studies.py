@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
-from study_helpers import SWEEP_TOML, tiny_study
+from study_helpers import SWEEP_TOML, TINY_OPTIONS, tiny_study
 
 from largebatch.cli import main
 from largebatch.experiments.results_store import ResultsStore
@@ -27,6 +27,7 @@ from largebatch.experiments.studies.base import MARKER, CellFactory, preset_path
 from largebatch.experiments.studies.demo import verdict
 from largebatch.experiments.studies.keskar import WARM_TASK, WarmStart
 from largebatch.experiments.sweep import SWEEP_FILE
+from largebatch.experiments.sweep_config import load_sweep
 from largebatch.experiments.tuning import grid_ratio
 
 HERE = Path(__file__).parent
@@ -37,10 +38,15 @@ def test_the_source_papers_studies_and_the_demo_are_registered():
     assert {"demo", "keskar", "alto", "extrap", "shampoo", "scaling"} <= set(STUDIES)
 
 
+#: studies whose tuned grids have three values: the demo (the issue allows it a small grid)
+#: and the decentralized study (each of its cells is four processes)
+SMALL_GRIDS = ("demo", "decentralized")
+
+
 @pytest.mark.parametrize("name", STUDIES)
 def test_presets_are_shipped_sweep_files_with_the_protocols_grids(name):
     """Each part's file is package data and a valid sweep file; tuned grids are log-spaced,
-    with at least five values (three for the demo, which the issue allows a small grid)."""
+    with at least five values (three for :data:`SMALL_GRIDS`)."""
     pyproject = tomllib.loads((HERE.parents[1] / "pyproject.toml").read_text())
     patterns = pyproject["tool"]["setuptools"]["package-data"]["largebatch.experiments.studies"]
     assert "presets/*.toml" in patterns
@@ -53,7 +59,7 @@ def test_presets_are_shipped_sweep_files_with_the_protocols_grids(name):
         for optimizer in spec.optimizers:
             settings = spec.settings_for(optimizer)
             grid = settings["lrs"] or settings["lr_factors"]
-            assert len(grid) >= (3 if name == "demo" else 5), (name, optimizer)
+            assert len(grid) >= (3 if name in SMALL_GRIDS else 5), (name, optimizer)
             ratios = [b / a for a, b in zip(grid, grid[1:])]
             assert ratios == pytest.approx([grid_ratio(grid)] * len(ratios))
 
@@ -92,6 +98,43 @@ def test_factory_cells_are_the_plain_sweeps_cells(tmp_path, monkeypatch):
     for cell in factory.grid:
         c = cell.config
         assert factory.cell(c.optimizer, c.batch_size, c.seed, c.lr).cell_id == cell.cell_id
+
+
+def test_tuning_keeps_each_topology_a_series_of_its_own(tmp_path):
+    """With a topologies axis, the groups, cells and tuning are per (optimizer, topology):
+    rows that favour another rate on each graph give each graph its own choice."""
+    spec = load_sweep(
+        overrides={
+            "task": "teacher-student", "task_options": TINY_OPTIONS, "nproc": 4,
+            "optimizers": ["sgd", "dmsgd"], "topologies": ["ring", "exp"],
+            "batch_sizes": [16], "seeds": [0, 1], "epochs": 1, "lr_factors": [0.5, 1.0, 2.0],
+        }
+    )  # fmt: skip
+    factory = CellFactory(spec, tmp_path)
+    groups = factory.groups()
+    assert list(groups) == [("sgd", None, 16), ("dmsgd", "ring", 16), ("dmsgd", "exp", 16)]
+    for cell in factory.grid:
+        c = cell.config
+        same = factory.cell(c.optimizer, c.batch_size, c.seed, c.lr, c.topology)
+        assert same.cell_id == cell.cell_id and same.config.topology == c.topology
+    low, middle, high = groups["dmsgd", "ring", 16]
+    best = {None: middle, "ring": low, "exp": high}  # at an edge on both graphs
+    rows = {}
+    for (optimizer, topology, _), lrs in groups.items():
+        for lr in lrs:
+            cell = factory.cell(optimizer, 16, 0, lr, topology)
+            rows[cell.cell_id] = {
+                "cell_id": cell.cell_id, "status": "done", "config": cell.config.to_dict(),
+                "final_val_accuracy": 1.0 if lr == best[topology] else 0.5,
+            }  # fmt: skip
+    states = Tuned(max_extensions=0).states(factory, rows)
+    assert {key: state.chosen for key, state in states.items()} == {
+        ("sgd", None, 16): middle, ("dmsgd", "ring", 16): low, ("dmsgd", "exp", 16): high
+    }  # fmt: skip
+    seeds = [c for c in Tuned(max_extensions=0).cells(factory, rows) if c.config.seed == 1]
+    assert {(c.config.topology, c.config.lr) for c in seeds} == {
+        (None, middle), ("ring", low), ("exp", high)
+    }  # fmt: skip
 
 
 def _database(directory: Path) -> dict[str, tuple]:
@@ -159,11 +202,12 @@ def _check_study(name: str, directory: Path) -> None:
             assert f"`{part.part.name}`" in md  # how to write its full report
         if isinstance(part.protocol, Tuned):
             spec = part.factory.spec
-            for (optimizer, batch), state in part.tuning().items():
+            for (optimizer, topology, batch), state in part.tuning().items():
                 assert state.settled and len(state.grid) >= 3
                 chosen = [
                     r for r in part.rows
-                    if (r["optimizer"], r["batch_size"], r["lr"]) == (optimizer, batch, state.chosen)
+                    if (r["optimizer"], r["config"].get("topology"), r["batch_size"], r["lr"])
+                    == (optimizer, topology, batch, state.chosen)
                 ]  # fmt: skip
                 seeds_from = part.protocol.seeds_from or 0
                 expected = len(spec.seeds) if batch >= seeds_from else 1

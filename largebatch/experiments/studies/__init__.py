@@ -9,6 +9,7 @@ explicitly, never discovered): ``largebatch study --list`` shows them. See
 from largebatch.experiments.studies import demo  # noqa: F401, I001
 from largebatch.experiments.studies import keskar, alto, extrap, shampoo, scaling  # noqa: F401
 from largebatch.experiments.studies import classical  # noqa: F401
+from largebatch.experiments.studies import decentralized  # noqa: F401
 from largebatch.experiments.studies.base import (
     Grid,
     Part,

@@ -41,6 +41,8 @@ PRESETS = "presets"
 MARKER = "study.json"
 
 Row = dict[str, Any]
+#: a tuned series at one batch size: (optimizer, topology or ``None``, batch size)
+Group = tuple[str, str | None, int]
 
 
 class StudyError(ConfigError):
@@ -80,19 +82,31 @@ class CellFactory:
     def train_size(self) -> int:
         return len(get_task(self.spec.task, **self.spec.task_options).train)
 
-    def groups(self) -> dict[tuple[str, int], tuple[float | None, ...]]:
-        """(optimizer, batch size) -> the base learning rates of the grid, in grid order."""
-        groups: dict[tuple[str, int], list[float | None]] = {}
+    def groups(self) -> dict[Group, tuple[float | None, ...]]:
+        """(optimizer, topology, batch size) -> the base learning rates of the grid, in grid
+        order (``topology`` is ``None`` but for a decentralized optimizer on a ``topologies``
+        axis: each of its topologies is a series of its own)."""
+        groups: dict[Group, list[float | None]] = {}
         for cell in self.grid:
-            lrs = groups.setdefault((cell.config.optimizer, cell.config.batch_size), [])
-            if cell.config.lr not in lrs:
-                lrs.append(cell.config.lr)
+            config = cell.config
+            lrs = groups.setdefault((config.optimizer, config.topology, config.batch_size), [])
+            if config.lr not in lrs:
+                lrs.append(config.lr)
         return {key: tuple(lrs) for key, lrs in groups.items()}
 
     def cell(
-        self, optimizer: str, batch_size: int, seed: int, lr: float | None, **keys: Any
+        self,
+        optimizer: str,
+        batch_size: int,
+        seed: int,
+        lr: float | None,
+        topology: str | None = None,
+        **keys: Any,
     ) -> Cell:
-        """The cell of ``optimizer`` at ``batch_size``, ``seed`` and base learning rate ``lr``."""
+        """The cell of ``optimizer`` (on ``topology``, one of the sweep's ``topologies``) at
+        ``batch_size``, ``seed`` and base learning rate ``lr``."""
+        if topology is not None:
+            keys["topologies"] = (topology,)
         key = (optimizer, batch_size, seed, lr, json.dumps(keys, sort_keys=True))
         if key not in self._cells:
             section = {
@@ -157,41 +171,45 @@ class Tuned:
 
     def states(
         self, factory: CellFactory, rows: Mapping[str, Row]
-    ) -> dict[tuple[str, int], TuningState | None]:
-        """(optimizer, batch size) -> the tuning replayed from ``rows`` (``None``: one lr, no tuning)."""
+    ) -> dict[Group, TuningState | None]:
+        """(optimizer, topology, batch size) -> the tuning replayed from ``rows`` (``None``:
+        one lr, no tuning)."""
         states = {}
         seed = factory.spec.seeds[0]
-        for (optimizer, batch_size), lrs in factory.groups().items():
+        for (optimizer, topology, batch_size), lrs in factory.groups().items():
             if len(lrs) < 2:
-                states[optimizer, batch_size] = None
+                states[optimizer, topology, batch_size] = None
                 continue
             budget = factory.steps_budget(batch_size, self.min_steps)
+
+            def cell(lr: float | None) -> Cell:
+                return factory.cell(optimizer, batch_size, seed, lr, topology, **budget)  # noqa: B023
+
             scores: dict[float, Any] = {}
             while True:
                 state = settle(lrs, scores, self.max_extensions)
                 found = {
-                    lr: selection_score([rows[cell.cell_id]])[0]
+                    lr: selection_score([rows[cell(lr).cell_id]])[0]
                     for lr in state.missing
-                    if (cell := factory.cell(optimizer, batch_size, seed, lr, **budget)).cell_id
-                    in rows
+                    if cell(lr).cell_id in rows
                 }
                 if not found:
                     break
                 scores.update(found)
-            states[optimizer, batch_size] = state
+            states[optimizer, topology, batch_size] = state
         return states
 
     def cells(self, factory: CellFactory, rows: Mapping[str, Row]) -> list[Cell]:
         wanted = []
         seeds = factory.spec.seeds
-        for (optimizer, batch_size), state in self.states(factory, rows).items():
+        for (optimizer, topology, batch_size), state in self.states(factory, rows).items():
             budget = factory.steps_budget(batch_size, self.min_steps)
 
             def cell(seed: int, lr: float | None) -> Cell:
-                return factory.cell(optimizer, batch_size, seed, lr, **budget)  # noqa: B023
+                return factory.cell(optimizer, batch_size, seed, lr, topology, **budget)  # noqa: B023
 
             if state is None:
-                (lr,) = factory.groups()[optimizer, batch_size]
+                (lr,) = factory.groups()[optimizer, topology, batch_size]
                 wanted += [cell(seed, lr) for seed in seeds]
                 continue
             wanted += [cell(seeds[0], lr) for lr in state.grid]
@@ -255,7 +273,7 @@ class PartResults:
         """Points, series and curves of the wanted rows (learning rate chosen on validation)."""
         return ReportContext(self.directory, self.wanted)
 
-    def tuning(self) -> dict[tuple[str, int], TuningState | None]:
+    def tuning(self) -> dict[Group, TuningState | None]:
         if not isinstance(self.protocol, Tuned):
             return {}
         return self.protocol.states(self.factory, self.by_id)

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import STATUSES, Table, add_legend, batch_size_axis, fmt
 from largebatch.experiments.studies.base import PartResults
+from largebatch.experiments.sweep_config import series_name
 
 #: how a point none of whose runs finished normally is shown
 FLAGS = {"diverged": "diverged", "chance": "at chance", "failed": "failed"}
@@ -71,14 +72,16 @@ def text_table(table: Table, title: str = "") -> str:
 
 
 def tuning_table(part: PartResults) -> Table | None:
-    """Per optimizer and batch size: the learning rates tried, the one chosen, how it ended."""
+    """Per series (optimizer, topology) and batch size: the learning rates tried, the one
+    chosen, how it ended."""
     states = part.tuning()
     if not states:
         return None
-    points = {(p.optimizer, p.batch_size): p for p in part.report.points}
+    points = {(p.series, p.batch_size): p for p in part.report.points}
     rows = []
-    for (optimizer, batch_size), state in states.items():
-        point = points.get((optimizer, batch_size))
+    for (optimizer, topology, batch_size), state in states.items():
+        series = series_name(optimizer, topology)
+        point = points.get((series, batch_size))
         if state is None:
             tried, chosen, note = "-", fmt(point.lr) if point else "-", "one learning rate"
         elif not state.settled:
@@ -91,7 +94,7 @@ def tuning_table(part: PartResults) -> Table | None:
                 note = f"at the {state.at_edge} edge after {state.extensions} added"
         used = point.runs[0]["extra"].get("lr") if point and point.runs else None
         seeds = str(len(point.runs)) if point else "0"
-        rows.append([optimizer, f"{batch_size:,}", tried, chosen, fmt(used), note, seeds])
+        rows.append([series, f"{batch_size:,}", tried, chosen, fmt(used), note, seeds])
     columns = [
         "optimizer", "batch", "base lrs tried", "chosen (on val)", "lr used at this batch",
         "grid", "seeds",
@@ -144,6 +147,12 @@ def train_test_figure(part: PartResults, title: str) -> Figure:
     ax.grid(True, alpha=0.3)
     add_legend(ax, loc="lower left")
     return fig
+
+
+def seconds_per_step(point: Point) -> float:
+    """Median over seeds of a run's wall time over its steps (evaluations included)."""
+    times = [r["wall_time"] / r["steps"] for r in point.runs if r["steps"] and r["wall_time"]]
+    return float(np.median(times)) if times else math.nan
 
 
 def finite(values: Sequence[float]) -> list[float]:

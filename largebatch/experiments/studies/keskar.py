@@ -112,7 +112,7 @@ class WarmStart:
     large_batch: int
 
     def prefix(self, factory: CellFactory, seed: int, start: float) -> Cell:
-        ((optimizer, small), (lr,)), *_ = factory.groups().items()
+        ((optimizer, _, small), (lr,)), *_ = factory.groups().items()
         return factory.cell(optimizer, small, seed, lr, epochs=start)
 
     def continuation(self, factory: CellFactory, prefix: Cell) -> Cell:

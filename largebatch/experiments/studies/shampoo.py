@@ -17,7 +17,13 @@ from matplotlib.figure import Figure
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table, fmt
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
-from largebatch.experiments.studies.common import TUNING_TEXT, flag, mean_std, tuning_table
+from largebatch.experiments.studies.common import (
+    TUNING_TEXT,
+    flag,
+    mean_std,
+    seconds_per_step,
+    tuning_table,
+)
 
 #: Anil et al.'s steps-to-result ratios, baseline / Shampoo
 PAPER = [
@@ -35,11 +41,6 @@ def reached(point: Point) -> np.ndarray:
          if r["status"] == "done" and r.get("steps_to_target") is not None],
         dtype=float,
     )  # fmt: skip
-
-
-def seconds_per_step(point: Point) -> float:
-    times = [r["wall_time"] / r["steps"] for r in point.runs if r["steps"] and r["wall_time"]]
-    return float(np.median(times)) if times else math.nan
 
 
 def steps_text(point: Point | None) -> str:

@@ -194,3 +194,45 @@ def test_the_gap_appears_as_the_batch_grows():
 
     ratios = [error("atc", noise) / error("decentlam", noise) for noise in (30.0, 3.0, 0.01)]
     assert ratios[0] < 1.5 and ratios[0] < ratios[1] < ratios[2] and ratios[2] > 50
+
+
+def heavy_ball_rate(mixing, beta):
+    """Largest |z| with z^2 - (lambda + beta) z + beta = 0 over the eigenvalues lambda of W
+    but its 1: the per-step rate at which DecentLaM's heavy-ball form
+    x^{k+1} = W x^k + beta (x^k - x^{k-1}) (no gradient) moves the ranks apart or together."""
+    eigenvalues = torch.linalg.eigvals(mixing.to(torch.complex128))
+    rates = []
+    for lam in eigenvalues[(eigenvalues - 1).abs() > 1e-9]:
+        root = torch.sqrt((lam + beta) ** 2 - 4 * beta)
+        rates += [abs((lam + beta + root) / 2), abs((lam + beta - root) / 2)]
+    return max(float(r) for r in rates)
+
+
+def consensus(x):
+    return float((x - x.mean(0)).square().sum(1).mean())
+
+
+@pytest.mark.parametrize(
+    "topology, algorithm, beta, grows",
+    [("exp", "decentlam", 0.9, True), ("ring", "decentlam", 0.9, False),
+     ("exp", "decentlam", 0.5, False), ("exp", "atc", 0.9, False)],
+)  # fmt: skip
+def test_decentlam_drifts_apart_on_the_directed_exponential_graph(topology, algorithm, beta, grows):
+    """On the exponential graph W is not symmetric: at n = 4 its eigenvalues ±i/3 make
+    DecentLaM's heavy-ball recursion grow by 1.155 per step at beta = 0.9, whatever the
+    learning rate, so gradient noise drives the ranks apart (the decentralized study's
+    `decentlam-exp` runs diverge). The measured growth equals the closed form; the
+    symmetric ring, a smaller beta and DmSGD (whose momentum stays out of the gossip) keep
+    the ranks together (negative controls)."""
+    zero = torch.zeros(4, 3, dtype=torch.float64)
+    problem = Quadratics(torch.zeros(4, 3, 3, dtype=torch.float64), zero)  # noise only
+    mixing = make_topology(topology, 4).mixing_matrix()
+    xs = simulate(algorithm, problem, mixing, 200, beta=beta, decay=0.0, noise=1.0)
+    if algorithm == "decentlam":
+        assert (heavy_ball_rate(mixing, beta) > 1) == grows
+    if grows:
+        assert heavy_ball_rate(mixing, beta) == pytest.approx(1.1555, abs=1e-3)
+        measured = (consensus(xs[199]) / consensus(xs[149])) ** (1 / 100)  # squared: 2 x 50
+        assert measured == pytest.approx(heavy_ball_rate(mixing, beta), rel=0.01)
+    else:
+        assert max(consensus(x) for x in xs[100:]) < 1e-2
