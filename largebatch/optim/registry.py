@@ -475,7 +475,9 @@ register(
         name="decentlam",
         target="largebatch.optim.decentralized:DecentLaM",
         description="DecentLaM: decentralized momentum SGD without the momentum-incurred inconsistency bias of DmSGD at large batch.",
-        defaults={"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "topology": "exp"},
+        # ring, not exp: on the directed exponential graph its heavy-ball form is unstable
+        # at momentum 0.9 whatever the rate (docs/decentralized.md, "DecentLaM needs a graph...")
+        defaults={"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "topology": "ring"},
         scaling_rule="linear",
         warmup=0.05,
         reference="Yuan et al., ICCV 2021 (arXiv 2104.11981)",

@@ -112,7 +112,7 @@ class DecentLaM(DecentralizedOptimizer):
         weight_decay: float = 0.0,
         nesterov: bool = False,
         *,
-        topology: str | Topology = "exp",
+        topology: str | Topology = "ring",
         process_group: Any = None,
         foreach: bool | None = None,
     ) -> None:
