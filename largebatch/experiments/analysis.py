@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from largebatch.experiments.sweep_config import series_name
+from largebatch.experiments.sweep_config import LATER_FIELDS, series_name
 from largebatch.train.config import RESUMABLE_CHANGES
 
 #: config fields that differ between the cells of one series by design, that name
@@ -48,7 +48,9 @@ def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
 
     A field varies within a series' runs when it takes several values at one
     batch size; a field set per batch size (e.g. a study's budget with a floor on
-    the number of steps) is part of the cell, not a separate series.
+    the number of steps) is part of the cell, not a separate series. A field added
+    after a row was recorded (:data:`LATER_FIELDS`) counts at its default there, so a
+    resumed study's old and new runs stay one series.
     """
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
@@ -59,12 +61,17 @@ def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
         values = defaultdict(set)
         for row in group:
             for k in keys:
-                values[k, row["batch_size"]].add(repr(row["config"].get(k)))
+                values[k, row["batch_size"]].add(repr(_field(row, k)))
         varying = [k for k in keys if any(len(values[k, row["batch_size"]]) > 1 for row in group)]
         for row in group:
-            detail = ", ".join(f"{k}={row['config'].get(k)}" for k in varying)
+            detail = ", ".join(f"{k}={_field(row, k)}" for k in varying)
             labels[row["cell_id"]] = f"{optimizer} ({detail})" if detail else optimizer
     return labels
+
+
+def _field(row: dict[str, Any], key: str) -> Any:
+    """``key`` of the row's config, or its :data:`LATER_FIELDS` default if recorded before it."""
+    return row["config"].get(key, LATER_FIELDS.get(key))
 
 
 @dataclass

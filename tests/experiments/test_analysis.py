@@ -17,6 +17,7 @@ from sweep_helpers import (
 
 from largebatch.experiments import analysis
 from largebatch.experiments.results_store import ResultsStore
+from largebatch.experiments.sweep_config import LATER_FIELDS
 
 
 def test_learning_rate_is_chosen_on_validation_never_test(synthetic_sweep):
@@ -84,6 +85,22 @@ def test_each_topology_of_a_decentralized_optimizer_is_a_series():
     }
     one_topology = [row for row in rows if row["config"]["topology"] != "exp"]
     assert {p.series for p in analysis.points(one_topology)} == {"dmsgd-ring", "sgd"}
+
+
+def test_a_field_added_later_counts_at_its_default_in_older_rows():
+    """A resumed study's rows recorded before ``decay_floor`` existed and its new rows at the
+    default stay one series; a new row off the default is a series of its own."""
+    config = {"optimizer": "sgd", "epochs": 10}
+    rows = [
+        {"cell_id": f"c{i}", "optimizer": "sgd", "batch_size": 64, "lr": lr, "seed": 0,
+         "status": "done", "config": {**config, **extra}}
+        for i, (lr, extra) in enumerate(
+            ((0.1, {}), (0.2, {"decay_floor": LATER_FIELDS["decay_floor"]}), (0.3, {"decay_floor": 0.1}))
+        )
+    ]  # fmt: skip
+    series = sorted({p.series for p in analysis.points(rows)})
+    assert series == ["sgd (decay_floor=0.0)", "sgd (decay_floor=0.1)"]
+    assert len(analysis.points(rows[:2])) == 1 and analysis.points(rows[:2])[0].series == "sgd"
 
 
 def mccandlish_steps(batch_sizes, s_min, b_crit):

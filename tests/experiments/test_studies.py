@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import tomllib
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -23,7 +24,13 @@ from study_helpers import SWEEP_TOML, TINY_OPTIONS, tiny_study
 from largebatch.cli import main
 from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.studies import StudyError, Tuned, get_study, list_studies, run_study
-from largebatch.experiments.studies.base import MARKER, CellFactory, preset_path, results
+from largebatch.experiments.studies.base import (
+    MARKER,
+    Adaptive,
+    CellFactory,
+    preset_path,
+    results,
+)
 from largebatch.experiments.studies.demo import verdict
 from largebatch.experiments.studies.keskar import WARM_TASK, WarmStart
 from largebatch.experiments.sweep import SWEEP_FILE
@@ -137,6 +144,34 @@ def test_tuning_keeps_each_topology_a_series_of_its_own(tmp_path):
     }  # fmt: skip
 
 
+def test_adaptive_cells_join_a_finished_study_without_rerunning_it(tmp_path, monkeypatch):
+    """A study run without the adaptive cells, then with them: every recorded run keeps its
+    id and result, and only AutoWU (every batch size) and AdaScale (above the base batch)
+    run, once per seed."""
+    monkeypatch.syspath_prepend(str(HERE))
+    plain = tiny_study(str(_tiny_file(tmp_path)))
+    run_study(plain, tmp_path / "s", quick=True, progress=False)
+    before = _database(tmp_path / "s" / "part")
+    (part,) = plain.parts
+    protocol = replace(part.protocol, adaptive=Adaptive(optimizers=("sgd",)))
+    run_study(replace(plain, parts=(replace(part, protocol=protocol),)), tmp_path / "s",
+              quick=True, progress=False)  # fmt: skip
+    after = _database(tmp_path / "s" / "part")
+    assert {cell: after[cell] for cell in before} == before
+    new = sorted(re.sub(r"-[0-9a-f]{10}$", "", cell) for cell in set(after) - set(before))
+    autowu = [name for name in new if name.endswith("-autowu")]
+    assert autowu == [f"sgd-b{b}-s{s}-autowu" for b in (16, 64) for s in (0, 1)]
+    adascale = [name for name in new if name not in autowu]
+    assert [re.sub(r"-lr[0-9.e-]+-", "-", name) for name in adascale] == [
+        "sgd-b64-s0-adascale", "sgd-b64-s1-adascale"
+    ]  # fmt: skip
+
+
+def test_adaptive_methods_are_checked():
+    with pytest.raises(ValueError, match=r"Invalid adaptive methods: \['autowu', 'lars'\]"):
+        Adaptive(methods=("autowu", "lars"))
+
+
 def _database(directory: Path) -> dict[str, tuple]:
     return {
         row["cell_id"]: (row["status"], row["final_val_accuracy"], row["steps"])
@@ -202,10 +237,10 @@ def _check_study(name: str, directory: Path) -> None:
             assert f"`{part.part.name}`" in md  # how to write its full report
         if isinstance(part.protocol, Tuned):
             spec = part.factory.spec
-            for (optimizer, topology, batch), state in part.tuning().items():
+            for (optimizer, topology, batch), state in part.states.items():
                 assert state.settled and len(state.grid) >= 3
                 chosen = [
-                    r for r in part.rows
+                    r for r in part.wanted
                     if (r["optimizer"], r["config"].get("topology"), r["batch_size"], r["lr"])
                     == (optimizer, topology, batch, state.chosen)
                 ]  # fmt: skip
@@ -228,6 +263,54 @@ def test_quick_study_runs_and_reports(name, tmp_path):
     _check_study(name, directory)
     if name == "keskar":
         _check_keskar(directory)
+    if name in ("alto", "scaling"):
+        _check_adaptive(name, directory)
+
+
+def _check_adaptive(name: str, directory: Path) -> None:
+    """AutoWU at every batch size and AdaScale above the base batch, once per seed, for the
+    protocol's optimizers; AdaScale at the rate the tuned run at the base batch used; the
+    report's section with the tuned and adaptive columns and the cost."""
+    context = results(get_study(name), directory, quick=True)
+    (part,) = context.parts.values()
+    adaptive = part.protocol.adaptive
+    spec = part.factory.spec
+    optimizers = [o for o in spec.optimizers if o in adaptive.optimizers]
+    batches = sorted({b for *_, b in part.states})
+    base = batches[0]
+    assert optimizers and part.adaptive
+    found = {}
+    for row in part.adaptive:
+        method = "autowu" if row["config"]["schedule"] == "autowu" else "adascale"
+        found[method, row["optimizer"], row["batch_size"], row["seed"]] = row
+    expected = {("autowu", o, b, s) for o in optimizers for b in batches for s in spec.seeds}
+    expected |= {("adascale", o, b, s) for o in optimizers for b in batches[1:] for s in spec.seeds}
+    assert set(found) == expected
+    for (method, optimizer, _, _), row in found.items():
+        if method == "autowu":
+            assert row["lr"] is None and row["config"]["scaling"] is None
+            continue
+        config = row["config"]
+        assert (config["scaling"], config["base_batch_size"]) == ("adascale", base)
+        assert config["accumulation_steps"] >= 2
+        tuned = next(r for r in part.wanted if (r["optimizer"], r["batch_size"]) == (optimizer, base)
+                     and r["lr"] == part.states[optimizer, None, base].chosen)  # fmt: skip
+        assert row["lr"] == pytest.approx(tuned["extra"]["lr"])  # the rate it ran at
+    assert not {r["cell_id"] for r in part.wanted} & {r["cell_id"] for r in part.adaptive}
+    md = (directory / "report.md").read_text()
+    section = md[md.index("## Adaptive schedules (AutoWU, AdaScale)") :]
+    header = "tuned: median steps to target" if name == "scaling" else "tuned: test accuracy (%)"
+    for column in (header, "| AutoWU | AdaScale |", "AutoWU: peak lr", "tuned: runs (run-seconds)"):
+        assert column in section, column
+    assert "**Cost against the tuning**" in section
+    assert (
+        directory / "figures" / f"adaptive_{'steps' if name == 'scaling' else 'accuracy'}.png"
+    ).exists()
+    total = next(line for line in section.splitlines() if line.startswith("| all |"))
+    runs = [int(cell.split()[0]) for cell in total.strip("| ").split(" | ")[2:]]
+    tuned = sum(r["optimizer"] in optimizers for r in part.wanted)
+    assert runs == [tuned, len(expected) - len(optimizers) * (len(batches) - 1) * len(spec.seeds),
+                    len(optimizers) * (len(batches) - 1) * len(spec.seeds)]  # fmt: skip
 
 
 def _check_keskar(directory: Path) -> None:

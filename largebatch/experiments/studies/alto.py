@@ -13,6 +13,12 @@ import math
 import numpy as np
 
 from largebatch.experiments.report import Plot, Section, Table
+from largebatch.experiments.studies.adaptive import (
+    ACCURACY,
+    ADAPTIVE,
+    QUICK_ADAPTIVE,
+    adaptive_section,
+)
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
     TUNING_TEXT,
@@ -34,6 +40,8 @@ PAPER_LARGE_BATCH = [
 #: the abstract's average gain, and ours recomputed from the paper's 16 accuracy entries
 PAPER_AVERAGE_CLAIM = 2.5
 PAPER_AVERAGE_RECOMPUTED = 1.15
+#: the large batch sizes the verdicts average over
+LARGE = 1024
 
 QUICK = {
     "task": "mnist1d-mlp",
@@ -57,7 +65,7 @@ def alto_sections(context: StudyContext) -> list[Section]:
     diffs = {
         b: difference(points.get(("alto", b)), points.get(("lamb", b))) for b in ctx.batch_sizes
     }
-    large = [b for b in ctx.batch_sizes if b >= 1024]
+    large = [b for b in ctx.batch_sizes if b >= LARGE]
     gains = [diffs[b]["diff"] for b in large if not math.isnan(diffs[b]["diff"])]
     ours = f"{np.mean(gains):+.2f} points" if gains else "undefined (no large batch finished)"
     significant = [b for b in large if diffs[b]["p"] < 0.05]
@@ -97,6 +105,9 @@ def alto_sections(context: StudyContext) -> list[Section]:
             [accuracy_table(part), diff_table, paper],
         )
     ]
+    adaptive = adaptive_section(part, ACCURACY, LARGE)
+    if adaptive is not None:
+        sections.append(adaptive)
     tuning = tuning_table(part)
     if tuning is not None:
         sections.append(Section("Learning rates", TUNING_TEXT, tables=[tuning]))
@@ -109,15 +120,17 @@ ALTO = register(
         title="ALTO against LAMB, SGD, AdamW and LARS as the batch grows (Zhao et al. 2025)",
         question=(
             "Does ALTO beat LAMB at large batch on MNIST-1D, and by how much, when every "
-            "optimizer's learning rate is tuned per batch size?"
+            "optimizer's learning rate is tuned per batch size? And do the adaptive schedules "
+            "AutoWU and AdaScale, untuned, reach the tuned accuracy, at what fraction of the "
+            "tuning's cost?"
         ),
         parts=(
             Part(
                 "mnist1d-cnn",
                 "alto.toml",
-                Tuned(),
+                Tuned(adaptive=ADAPTIVE),
                 quick=QUICK,
-                quick_protocol=Tuned(max_extensions=1),
+                quick_protocol=Tuned(max_extensions=1, adaptive=QUICK_ADAPTIVE),
             ),
         ),
         sections=alto_sections,

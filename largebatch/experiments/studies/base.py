@@ -33,7 +33,9 @@ from largebatch.experiments.scheduler import Plan, run_cells
 from largebatch.experiments.sweep import SWEEP_FILE, prepare
 from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, load_sweep
 from largebatch.experiments.tuning import TuningState, settle
+from largebatch.optim.registry import get_spec, optimizer_arguments
 from largebatch.tasks import get_task
+from largebatch.train.schedules import scale_lr
 from largebatch.utils.atomic import write_json_atomic
 from largebatch.utils.errors import ConfigError, UnknownNameError, unknown_name_message
 
@@ -153,6 +155,105 @@ class Grid:
         return factory.grid
 
 
+#: the adaptive schedules a study can run beside its tuned cells, and the sweep axis each sets
+ADAPTIVE_AXES = {"autowu": {"schedules": ("autowu",)}, "adascale": {"scalings": ("adascale",)}}
+
+
+def adaptive_method(config: Mapping[str, Any]) -> str | None:
+    """``"autowu"`` or ``"adascale"`` for a run config (dict) using one of them, else ``None``."""
+    if config.get("schedule") == "autowu":
+        return "autowu"
+    return "adascale" if config.get("scaling") == "adascale" else None
+
+
+@dataclass(frozen=True)
+class Adaptive:
+    """Adaptive schedules beside per-cell tuning: one run per optimizer, batch size and seed.
+
+    They are not tuned over the learning-rate grid, since each sets its own rate:
+    AutoWU (``schedule="autowu"``) finds its warm-up and peak during the run, in
+    the range the sweep file's ``autowu_*`` settings give; AdaScale
+    (``scaling="adascale"``) takes the rate tuned at the sweep's smallest batch
+    size B0 (the rate that cell ran at, with B0 as its base batch size, so it
+    waits for that tuning), keeps B0's epoch budget in scale-invariant steps and
+    scales the rate by the gain it measures. At B0 itself AdaScale would be the
+    tuned run, so it does not run there. AdaScale measures the gradient variance
+    across ``accumulation_steps`` micro-batches, so its cells get at least 2 (the
+    update is the same). ``optimizers``: those that get the adaptive cells (the
+    sweep's, in its order; ``None``: all).
+    """
+
+    methods: tuple[str, ...] = ("autowu", "adascale")
+    optimizers: tuple[str, ...] | None = None
+
+    def __post_init__(self) -> None:
+        unknown = [m for m in self.methods if m not in ADAPTIVE_AXES]
+        if unknown or not self.methods:
+            raise ValueError(
+                f"Invalid adaptive methods: {list(self.methods)} "
+                f"(choose one or more of {', '.join(ADAPTIVE_AXES)})"
+            )
+
+    def cells(
+        self,
+        factory: CellFactory,
+        states: Mapping[Group, TuningState | None],
+        budget: Callable[[int], dict[str, Any]],
+    ) -> list[Cell]:
+        """The adaptive cells known so far; ``budget(batch_size)``: a tuned cell's budget keys."""
+        spec = factory.spec
+        smallest = min(batch for *_, batch in states)
+        wanted = []
+        for optimizer, topology, batch_size in states:
+            if self.optimizers is not None and optimizer not in self.optimizers:
+                continue
+            for method in self.methods:
+                if method == "autowu":
+                    keys = {**ADAPTIVE_AXES[method], **budget(batch_size)}
+                    lr = None
+                else:
+                    base = self.base_rate(factory, optimizer, topology, smallest, states, budget)
+                    if batch_size == smallest or base is None:
+                        continue
+                    lr = base
+                    keys = {
+                        **ADAPTIVE_AXES[method],
+                        "base_batch_size": smallest,
+                        "accumulation_steps": max(2, spec.accumulation_steps),
+                    }
+                wanted += [
+                    factory.cell(optimizer, batch_size, s, lr, topology, **keys) for s in spec.seeds
+                ]
+        return wanted
+
+    @staticmethod
+    def base_rate(
+        factory: CellFactory,
+        optimizer: str,
+        topology: str | None,
+        base_batch: int,
+        states: Mapping[Group, TuningState | None],
+        budget: Callable[[int], dict[str, Any]],
+    ) -> float | None:
+        """The learning rate the tuned cell of ``optimizer`` ran at ``base_batch`` with (its
+        base rate scaled by its rule), ``None`` while that tuning is unsettled."""
+        state = states[optimizer, topology, base_batch]
+        if state is None:
+            (lr,) = factory.groups()[optimizer, topology, base_batch]
+        elif state.settled:
+            lr = state.chosen
+        else:
+            return None
+        seed = factory.spec.seeds[0]
+        config = factory.cell(
+            optimizer, base_batch, seed, lr, topology, **budget(base_batch)
+        ).config
+        if lr is None:
+            lr = optimizer_arguments(optimizer, config.optimizer_options.get("base")).lr
+        rule = config.scaling if config.scaling is not None else get_spec(optimizer).scaling_rule
+        return scale_lr(lr, base_batch, config.base_batch_size, rule)
+
+
 @dataclass(frozen=True)
 class Tuned:
     """Per-cell learning-rate tuning (:mod:`largebatch.experiments.tuning`), then seeds.
@@ -163,11 +264,13 @@ class Tuned:
     ``seeds_from`` on (all if ``None``). ``min_steps`` gives a batch size whose
     epoch budget is shorter at least that many steps, so that large batches are
     not stopped before they can fit the data (then the budget is in steps).
+    ``adaptive``: AutoWU and AdaScale cells beside the tuned ones (:class:`Adaptive`).
     """
 
     max_extensions: int = 3
     seeds_from: int | None = None
     min_steps: int | None = None
+    adaptive: Adaptive | None = None
 
     def states(
         self, factory: CellFactory, rows: Mapping[str, Row]
@@ -199,10 +302,27 @@ class Tuned:
             states[optimizer, topology, batch_size] = state
         return states
 
+    def budget(self, factory: CellFactory) -> Callable[[int], dict[str, Any]]:
+        """batch size -> the budget keys of its tuned cells."""
+        return lambda batch_size: factory.steps_budget(batch_size, self.min_steps)
+
     def cells(self, factory: CellFactory, rows: Mapping[str, Row]) -> list[Cell]:
+        states = self.states(factory, rows)
+        return self.tuned_cells(factory, states) + self.adaptive_cells(factory, states)
+
+    def adaptive_cells(
+        self, factory: CellFactory, states: Mapping[Group, TuningState | None]
+    ) -> list[Cell]:
+        if self.adaptive is None:
+            return []
+        return self.adaptive.cells(factory, states, self.budget(factory))
+
+    def tuned_cells(
+        self, factory: CellFactory, states: Mapping[Group, TuningState | None]
+    ) -> list[Cell]:
         wanted = []
         seeds = factory.spec.seeds
-        for (optimizer, topology, batch_size), state in self.states(factory, rows).items():
+        for (optimizer, topology, batch_size), state in states.items():
             budget = factory.steps_budget(batch_size, self.min_steps)
 
             def cell(seed: int, lr: float | None) -> Cell:
@@ -263,20 +383,36 @@ class PartResults:
         return {row["cell_id"]: row for row in self.rows}
 
     @cached_property
+    def states(self) -> dict[Group, TuningState | None]:
+        """Each tuned group's tuning state (empty for a protocol that does not tune)."""
+        if not isinstance(self.protocol, Tuned):
+            return {}
+        return self.protocol.states(self.factory, self.by_id)
+
+    @cached_property
+    def adaptive_ids(self) -> set[str]:
+        if not isinstance(self.protocol, Tuned):
+            return set()
+        return {c.cell_id for c in self.protocol.adaptive_cells(self.factory, self.states)}
+
+    @cached_property
     def wanted(self) -> list[Row]:
-        """The rows of the cells the protocol wants (not any other run of the directory)."""
+        """The rows of the cells the protocol wants (not any other run of the directory),
+        but for the adaptive cells (:attr:`adaptive`)."""
         ids = {cell.cell_id for cell in self.protocol.cells(self.factory, self.by_id)}
-        return [row for row in self.rows if row["cell_id"] in ids]
+        return [
+            r for r in self.rows if r["cell_id"] in ids and r["cell_id"] not in self.adaptive_ids
+        ]
+
+    @cached_property
+    def adaptive(self) -> list[Row]:
+        """The rows of the protocol's adaptive cells (AutoWU, AdaScale: :class:`Adaptive`)."""
+        return [row for row in self.rows if row["cell_id"] in self.adaptive_ids]
 
     @cached_property
     def report(self) -> ReportContext:
         """Points, series and curves of the wanted rows (learning rate chosen on validation)."""
         return ReportContext(self.directory, self.wanted)
-
-    def tuning(self) -> dict[Group, TuningState | None]:
-        if not isinstance(self.protocol, Tuned):
-            return {}
-        return self.protocol.states(self.factory, self.by_id)
 
 
 @dataclass

@@ -74,7 +74,7 @@ def text_table(table: Table, title: str = "") -> str:
 def tuning_table(part: PartResults) -> Table | None:
     """Per series (optimizer, topology) and batch size: the learning rates tried, the one
     chosen, how it ended."""
-    states = part.tuning()
+    states = part.states
     if not states:
         return None
     points = {(p.series, p.batch_size): p for p in part.report.points}

@@ -15,11 +15,19 @@ import math
 import numpy as np
 
 from largebatch.experiments.report import Section, Table, fmt, steps_section, steps_to_target_table
+from largebatch.experiments.studies.adaptive import (
+    ADAPTIVE,
+    QUICK_ADAPTIVE,
+    STEPS,
+    adaptive_section,
+)
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import TUNING_TEXT, finite, tuning_table
 
 #: McCandlish et al.: B_crit is predicted by B_simple to within this factor
 ORDER_OF_MAGNITUDE = 10.0
+#: the batch sizes the adaptive schedules' verdict averages over (as the alto study's)
+LARGE = 1024
 
 
 def scaling_sections(context: StudyContext) -> list[Section]:
@@ -83,6 +91,9 @@ def scaling_sections(context: StudyContext) -> list[Section]:
             [table, *steps.tables],
         )
     ]
+    adaptive = adaptive_section(part, STEPS, LARGE)
+    if adaptive is not None:
+        sections.append(adaptive)
     tuning = tuning_table(part)
     if tuning is not None:
         sections.append(Section("Learning rates", TUNING_TEXT, tables=[tuning]))
@@ -96,13 +107,14 @@ SCALING = register(
         question=(
             "How do the steps to a target fall as the batch grows for SGD, AdamW, LAMB and "
             "ALTO, where does perfect scaling end, and does the gradient noise scale B_simple "
-            "predict it?"
+            "predict it? And do the adaptive schedules AutoWU and AdaScale, untuned, reach the "
+            "target in the tuned rate's steps, at what fraction of the tuning's cost?"
         ),
         parts=(
             Part(
                 "mnist1d-cnn",
                 "scaling.toml",
-                Tuned(min_steps=600),
+                Tuned(min_steps=600, adaptive=ADAPTIVE),
                 quick={
                     "task": "mnist1d-mlp",
                     "task_options": {"num_samples": 1000, "hidden": 32},
@@ -113,7 +125,7 @@ SCALING = register(
                     "target": ["accuracy", 0.2],
                     "lr_factors": [0.5, 1.0, 2.0],
                 },
-                quick_protocol=Tuned(max_extensions=1, min_steps=10),
+                quick_protocol=Tuned(max_extensions=1, min_steps=10, adaptive=QUICK_ADAPTIVE),
             ),
         ),
         sections=scaling_sections,
