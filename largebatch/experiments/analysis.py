@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 from scipy.optimize import nnls
 
-from largebatch.experiments.sweep_config import LATER_FIELDS, series_name
+from largebatch.experiments.sweep_config import LATER_FIELDS, adaptive_method, series_name
 from largebatch.train.config import RESUMABLE_CHANGES
 
 #: config fields that differ between the cells of one series by design, that name
@@ -44,6 +44,7 @@ _CELL_FIELDS = {
 
 def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """cell_id -> series label: the optimizer and its topology (:func:`series_name`),
+    ``+ autowu`` or ``+ adascale`` for a run that sets its own rate (:func:`adaptive_method`),
     plus config fields that vary within them.
 
     A field varies within a series' runs when it takes several values at one
@@ -54,7 +55,9 @@ def _series_labels(rows: Sequence[dict[str, Any]]) -> dict[str, str]:
     """
     by_optimizer: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for row in rows:
-        by_optimizer[series_name(row["optimizer"], row["config"].get("topology"))].append(row)
+        name = series_name(row["optimizer"], row["config"].get("topology"))
+        method = adaptive_method(row["config"])
+        by_optimizer[name if method is None else f"{name} + {method}"].append(row)
     labels = {}
     for optimizer, group in by_optimizer.items():
         keys = sorted({k for row in group for k in row["config"]} - _CELL_FIELDS)

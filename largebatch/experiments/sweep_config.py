@@ -645,6 +645,14 @@ def series_name(optimizer: str, topology: str | None) -> str:
     return optimizer if topology is None else f"{optimizer}-{topology}"
 
 
+def adaptive_method(config: Mapping[str, Any]) -> str | None:
+    """``"autowu"`` or ``"adascale"`` for a run config (dict) using one of them, else ``None``:
+    such a run sets its own learning rate, so reports keep it a series of its own."""
+    if config.get("schedule") == "autowu":
+        return "autowu"
+    return "adascale" if config.get("scaling") == "adascale" else None
+
+
 def _optimizers_and_topologies(spec: SweepSpec) -> list[tuple[str, str | None]]:
     """``(optimizer, topology)`` of the cells: every topology for a decentralized optimizer."""
     pairs = []

@@ -166,3 +166,25 @@ def test_synthetic_sweep_critical_batch_sizes(synthetic_sweep):
     # lamb reaches the target up to 1024 still scaling well, then runs out of steps at 4096
     lamb = analysis.critical_batch_size(sgd_b, [p.median_to_target() for p in series["lamb"]])
     assert (lamb.estimate, lamb.low, lamb.high) == (None, 1024, 4096)
+
+
+def test_runs_that_set_their_own_rate_are_series_of_their_own():
+    """AutoWU and AdaScale runs beside tuned ones (a study's adaptive cells) are the series
+    ``lamb + autowu`` and ``lamb + adascale``: their own settings do not split the tuned
+    series, whose budget differs by batch size only."""
+    tuned = {"optimizer": "lamb", "schedule": "cosine", "scaling": None, "autowu_max_lr": 1.0}
+    configs = {
+        "tuned": tuned,
+        "autowu": {**tuned, "schedule": "autowu", "autowu_max_lr": 0.3},
+        "adascale": {**tuned, "scaling": "adascale", "base_batch_size": 32},
+    }
+    rows = [
+        {"cell_id": f"{kind}-{batch}", "optimizer": "lamb", "batch_size": batch, "lr": 0.01,
+         "seed": 0, "status": "done", "final_val_accuracy": 0.9,
+         "config": {**config, "steps": 600 if batch > 128 else None}}
+        for kind, config in configs.items()
+        for batch in (128, 512)
+    ]  # fmt: skip
+    points = analysis.points(rows)
+    assert sorted({p.series for p in points}) == ["lamb", "lamb + adascale", "lamb + autowu"]
+    assert all(len([p for p in points if p.series == s]) == 2 for s in {p.series for p in points})

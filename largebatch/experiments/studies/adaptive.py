@@ -21,8 +21,9 @@ from matplotlib.figure import Figure
 
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table, add_legend, batch_size_axis, fmt
-from largebatch.experiments.studies.base import Adaptive, PartResults, adaptive_method
+from largebatch.experiments.studies.base import Adaptive, PartResults
 from largebatch.experiments.studies.common import accuracy_text, difference, finite, flag, signed
+from largebatch.experiments.sweep_config import adaptive_method
 
 #: SGD and LAMB only: AdaScale was built for momentum SGD and AutoWU tested with LAMB, they
 #: are the two ends of the tuned studies, and every optimizer would take the studies past

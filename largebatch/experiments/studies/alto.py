@@ -134,6 +134,6 @@ ALTO = register(
             ),
         ),
         sections=alto_sections,
-        minutes=(7, 0.3),
+        minutes=(25, 0.3),
     )
 )

@@ -159,13 +159,6 @@ class Grid:
 ADAPTIVE_AXES = {"autowu": {"schedules": ("autowu",)}, "adascale": {"scalings": ("adascale",)}}
 
 
-def adaptive_method(config: Mapping[str, Any]) -> str | None:
-    """``"autowu"`` or ``"adascale"`` for a run config (dict) using one of them, else ``None``."""
-    if config.get("schedule") == "autowu":
-        return "autowu"
-    return "adascale" if config.get("scaling") == "adascale" else None
-
-
 @dataclass(frozen=True)
 class Adaptive:
     """Adaptive schedules beside per-cell tuning: one run per optimizer, batch size and seed.

@@ -129,6 +129,6 @@ SCALING = register(
             ),
         ),
         sections=scaling_sections,
-        minutes=(12, 0.3),
+        minutes=(29, 0.3),
     )
 )
