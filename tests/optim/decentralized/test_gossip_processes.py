@@ -27,6 +27,9 @@ from largebatch.optim.decentralized import (
     SlowMo,
     make_topology,
 )
+from largebatch.optim.decentralized.topology import Peers, Topology
+from largebatch.train.decentralized import DecentralizedRun
+from largebatch.train.distributed import Distributed
 
 N = 4
 #: (optimizer, variant, topology, steps): runs recorded step by step
@@ -43,6 +46,37 @@ SLOWMO_RUNS = [("ring", 4, 0.5, 0.7), ("complete", 3, 0.0, 1.0)]
 SLOWMO_STEPS = 12
 #: the runs long enough to converge (> 100 steps) take these settings, without weight decay
 FIXED_POINT = dict(lr=0.05, beta=0.7, decay=0.0)
+#: DmSGD from starts that differ per rank: a small rate, so the gossip sets the early decay
+TRANSIENT = dict(lr=1e-3, momentum=BETA, weight_decay=0.0)
+TRANSIENT_STEPS = 12
+#: the graphs whose transient is recorded; (lazy, rho) is :class:`LazyComplete`
+TRANSIENT_GRAPHS = ["ring", "exp", "one-peer-exp", "complete", ("lazy", 0.8), ("lazy", 1.0)]
+
+
+class LazyComplete(Topology):
+    """Test-only graph ``W = rho I + (1 - rho) 11^T/n``: every non-unit eigenvalue is ``rho``,
+    so it mixes as slowly as asked (``rho = 1``: no mixing at all, ``W = I``)."""
+
+    name = "lazy-complete"
+    description = "keeps rho of its own value, spreads the rest equally"
+
+    def __init__(self, world_size: int, rho: float) -> None:
+        super().__init__(world_size)
+        self.rho = rho
+
+    def peers(self, rank: int, step: int = 0) -> Peers:
+        share = (1 - self.rho) / self.world_size
+        others = tuple(j for j in range(self.world_size) if j != rank)
+        return Peers(self.rho + share, tuple((j, share) for j in others), others)
+
+
+def graph(name, world_size: int = N) -> Topology:
+    """A registry topology by name, or ``LazyComplete`` for ``("lazy", rho)``."""
+    return (
+        LazyComplete(world_size, name[1])
+        if isinstance(name, tuple)
+        else make_topology(name, world_size)
+    )
 
 
 def settings(steps: int) -> dict[str, float]:
@@ -115,6 +149,29 @@ def _all_reduce_sgd(problem, rank, steps):
     return torch.stack(trajectory)
 
 
+def _consensus_transient(problem, rank, topology):
+    """The consensus distance as the training loop measures it (``DecentralizedRun``), from
+    a start that differs per rank and after each of ``TRANSIENT_STEPS`` DmSGD steps on this
+    rank's share of the heterogeneous problem."""
+    generator = torch.Generator().manual_seed(100 + rank)
+    model = torch.nn.Module()
+    model.x = torch.nn.Parameter(
+        100 * torch.randn(problem.d, generator=generator, dtype=torch.float64)
+    )
+    optimizer = DmSGD(model.parameters(), topology=topology, **TRANSIENT)
+    run = DecentralizedRun(
+        True, optimizer, model, Distributed(True, rank, N, torch.device("cpu"), False)
+    )
+    distances = []
+    for step in range(TRANSIENT_STEPS + 1):
+        with run.averaged():
+            distances.append(run.result()["consensus_distance"])
+        if step < TRANSIENT_STEPS:
+            model.x.grad = problem.hessians[rank] @ model.x.detach() - problem.linear[rank]
+            optimizer.step()
+    return torch.tensor(distances, dtype=torch.float64)
+
+
 def _resumed_matches(problem, rank):
     """DecentLaM on the one-peer graph: 6 steps, state_dict, 4 more; against a copy that
     reloads the state, and one that does not (its round count starts over)."""
@@ -166,6 +223,9 @@ def _worker(rank: int, port: int, out: Path) -> None:
             record["runs"][optimizer, variant, topology] = trajectory
             record["runs"][optimizer, variant, topology, "bytes"] = built.gossip.bytes_sent
         record["all-reduce"] = _all_reduce_sgd(problem, rank, 20)
+        record["transient"] = {
+            name: _consensus_transient(problem, rank, graph(name)) for name in TRANSIENT_GRAPHS
+        }
         record["slowmo"] = {run: _run_slowmo(problem, rank, *run) for run in SLOWMO_RUNS}
         record["resumed"] = _resumed_matches(problem, rank)
         try:
@@ -238,6 +298,46 @@ def test_consensus_distance_shrinks_as_the_spectral_gap_says(ranks):
         else:
             rounds = 1 if name == "complete" else 2
             assert (distance[rounds:] < 1e-28 * distance[0]).all() and distance[rounds - 1] > 0.01
+
+
+@pytest.mark.parametrize(("name", "fitted"), [("ring", 4), ("exp", 4), (("lazy", 0.8), 10)])
+def test_in_training_the_consensus_distance_decays_by_rho_squared_per_step(ranks, name, fitted):
+    """DmSGD on the heterogeneous problem from starts 100 apart: over the early transient the
+    distance (the loop's measurement) falls by rho^2 of W per step, within 5%. The gradient
+    steps perturb that: each moves the ranks apart by up to lr L / (1 - beta) = 3% of their
+    distance (L = 3.2, the largest curvature), and the momentum's memory of the start and
+    the uneven data leave a floor (0.02 on the ring), so the rate is fitted over the first
+    steps only, while the distance is over 100 times that floor. At n = 4 the ring and the
+    exponential graph share rho = 1/3; the lazy complete graph (rho = 0.8) mixes slower, and
+    its rate is far from theirs (the comparison can fail)."""
+    distance = ranks[0]["transient"][name]
+    assert all(torch.equal(r["transient"][name], distance) for r in ranks)  # one all-reduce
+    rho = graph(name).mixing_rate()
+    assert rho == pytest.approx(0.8 if isinstance(name, tuple) else 1 / 3)
+    rate = (distance[fitted] / distance[0]).item() ** (1 / fitted)
+    assert rate == pytest.approx(rho**2, rel=0.05)
+    assert distance[fitted] > 100 * ranks[0]["transient"]["ring"][-1]
+    other = 1 / 9 if isinstance(name, tuple) else 0.64
+    assert abs(rate - other) > 0.5 * other
+
+
+def test_in_training_a_slower_mixing_graph_keeps_the_ranks_apart_longer(ranks):
+    """Same runs: one all-reduce (the complete graph, rho = 0) makes the ranks equal at once;
+    the one-peer graph's first round halves the distance at most (its W_0 has rho 1/sqrt 2) and
+    its second averages exactly, leaving only the gradient steps' disagreement; the ring (1/3)
+    and the lazy graph (0.8) follow, in that order, at every step. Without gossip (W = I,
+    the negative control) the same steps leave them over half as far apart as they began."""
+    got = ranks[0]["transient"]
+    start = got["ring"][0]
+    assert all(torch.equal(d[0], start) for d in got.values())  # the same starts
+    assert (got["complete"][1:] == 0).all()
+    one_peer = got["one-peer-exp"]
+    assert one_peer[1] <= 0.5 * start and (one_peer[2:] < 1e-5 * start).all()
+    steps = slice(1, TRANSIENT_STEPS + 1)
+    assert (one_peer[2:5] < got["ring"][2:5]).all()
+    assert (got["ring"][steps] < got["lazy", 0.8][steps]).all()
+    assert (got["lazy", 0.8][steps] < got["lazy", 1.0][steps]).all()
+    assert got["lazy", 1.0][TRANSIENT_STEPS] > 0.5 * start
 
 
 @pytest.mark.parametrize(("optimizer", "variant", "topology", "steps"), RUNS)
