@@ -475,8 +475,8 @@ register(
         name="decentlam",
         target="largebatch.optim.decentralized:DecentLaM",
         description="DecentLaM: decentralized momentum SGD without the momentum-incurred inconsistency bias of DmSGD at large batch.",
-        # ring, not exp: on the directed exponential graph its heavy-ball form is unstable
-        # at momentum 0.9 whatever the rate (docs/decentralized.md, "DecentLaM needs a graph...")
+        # ring, not exp: on the directed exponential graphs (exp, one-peer-exp) its heavy-ball
+        # form is unstable at momentum 0.9 whatever the rate (docs/decentralized.md)
         defaults={"lr": 0.025, "momentum": 0.9, "weight_decay": 5e-4, "topology": "ring"},
         scaling_rule="linear",
         warmup=0.05,

@@ -99,7 +99,8 @@ class DecentLaM(DecentralizedOptimizer):
         weight_decay: L2 factor added to the gradient before ``h`` is formed.
         nesterov: step along ``g^ + momentum * m`` instead of ``m``.
         topology: a name of :data:`~largebatch.optim.decentralized.topology.TOPOLOGIES`
-            or a :class:`Topology`.
+            or a :class:`Topology`; the ring by default, as on the directed exponential
+            graphs (``exp``, ``one-peer-exp``) the update is unstable at momentum 0.9.
         process_group: the ranks that gossip (default: all).
         foreach: ``torch.optim.SGD``'s switch for the local step (``None``: its default).
     """
