@@ -92,8 +92,10 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
         self._topology = topology
         self._process_group = process_group
         self._gossip: Gossip | None = None
+        if isinstance(topology, Topology):
+            self._check_topology(topology)
         if dist.is_available() and dist.is_initialized():
-            self._gossip = Gossip(topology, process_group)  # rejects a world of one process
+            self._gossip = self._start_gossip()  # rejects a world of one process
 
     @property
     def process_group(self) -> Any:
@@ -104,8 +106,17 @@ class DecentralizedOptimizer(torch.optim.Optimizer):
     def gossip(self) -> Gossip:
         """The neighbour exchange (set up on first use; ``ConfigError`` below 2 processes)."""
         if self._gossip is None:
-            self._gossip = Gossip(self._topology, self._process_group)
+            self._gossip = self._start_gossip()
         return self._gossip
+
+    def _start_gossip(self) -> Gossip:
+        gossip = Gossip(self._topology, self._process_group)
+        if isinstance(self._topology, str):  # its size is known only now
+            self._check_topology(gossip.topology)
+        return gossip
+
+    def _check_topology(self, topology: Topology) -> None:
+        """Called once the graph and its size are known: a warning for a bad pairing."""
 
     def __getstate__(self) -> dict[str, Any]:
         # torch keeps only defaults, state and groups; a copy sets its gossip up anew

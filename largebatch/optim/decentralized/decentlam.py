@@ -22,6 +22,7 @@ Nesterov is ``torch.optim.SGD``'s, applied to ``g^``.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -124,6 +125,22 @@ class DecentLaM(DecentralizedOptimizer):
 
     def _divides_by_lr(self, group: dict[str, Any]) -> bool:
         return True
+
+    def _check_topology(self, topology: Topology) -> None:
+        """Warn when a group's momentum makes the heavy-ball gossip unstable on ``topology``."""
+        for momentum in sorted({group["momentum"] for group in self.param_groups}):
+            rate = topology.heavy_ball_rate(momentum)
+            if rate > 1.0:
+                warnings.warn(
+                    f"DecentLaM with momentum {momentum} on topology {topology.name!r} "
+                    f"with {topology.world_size} processes is unstable: the ranks' "
+                    f"disagreement grows by {rate:.3f} per step whatever the learning rate "
+                    f"(momentum below {topology.largest_stable_momentum():.2f} is stable "
+                    "there); use topology 'ring' or a smaller momentum "
+                    "(docs/decentralized.md, 'DecentLaM needs a graph with real eigenvalues')",
+                    UserWarning,
+                    stacklevel=3,
+                )
 
     def _phases(self, group: dict[str, Any]) -> tuple[Prepare, Finish]:
         return decentlam_prepare, decentlam_finish

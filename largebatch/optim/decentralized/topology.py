@@ -99,6 +99,40 @@ class Topology(ABC):
         """``1 - rho``."""
         return 1.0 - self.mixing_rate()
 
+    def heavy_ball_rate(self, beta: float) -> float:
+        """Per-step factor by which gossip with heavy-ball momentum ``beta``,
+        ``x^{k+1} = W_k x^k + beta (x^k - x^{k-1})`` (DecentLaM's form), moves the ranks
+        apart (> 1: unstable whatever the learning rate) or together (< 1).
+
+        The spectral radius, on the ranks' disagreement, of the product of the companion
+        matrices ``[[W_k + beta I, -beta I], [I, 0]]`` over one period, to the power
+        ``1/period``. For a symmetric ``W`` (real eigenvalues) it is below 1 for every
+        ``beta`` in ``[0, 1)``; the directed exponential graphs' complex eigenvalues are not.
+        """
+        n = self.world_size
+        eye = torch.eye(n, dtype=torch.float64)
+        product = torch.eye(2 * n, dtype=torch.float64)
+        for step in range(self.period):
+            top = torch.cat([self.mixing_matrix(step) + beta * eye, -beta * eye], 1)
+            companion = torch.cat([top, torch.cat([eye, torch.zeros_like(eye)], 1)])
+            product = companion @ product
+        centre = eye - torch.full((n, n), 1.0 / n, dtype=torch.float64)
+        disagreement = torch.block_diag(centre, centre)
+        radius = torch.linalg.eigvals(disagreement @ product @ disagreement).abs().max().item()
+        return radius ** (1.0 / self.period)
+
+    def largest_stable_momentum(self, tolerance: float = 1e-3) -> float:
+        """The largest momentum whose :meth:`heavy_ball_rate` is below 1, to ``tolerance``
+        (bisection: the rate grows with the momentum)."""
+        stable, unstable = 0.0, 1.0
+        while unstable - stable > tolerance:
+            middle = (stable + unstable) / 2
+            if self.heavy_ball_rate(middle) < 1.0:
+                stable = middle
+            else:
+                unstable = middle
+        return stable
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}(world_size={self.world_size})"
 

@@ -11,11 +11,13 @@ DSGD's for step lr. The same algorithms in four gloo processes: ``test_gossip_pr
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 from quadratics import BETA, DECAY, LR, Quadratics, simulate
 
-from largebatch.optim.decentralized import decentlam, dmsgd, make_topology
+from largebatch.optim.decentralized import DecentLaM, decentlam, dmsgd, make_topology
 
 
 def reference(algorithm, problem, mixing, steps, *, nesterov=False):
@@ -196,25 +198,6 @@ def test_the_gap_appears_as_the_batch_grows():
     assert ratios[0] < 1.5 and ratios[0] < ratios[1] < ratios[2] and ratios[2] > 50
 
 
-def heavy_ball_rate(topology, beta):
-    """Per-step factor by which DecentLaM's heavy-ball form without gradient,
-    x^{k+1} = W_k x^k + beta (x^k - x^{k-1}), moves the ranks apart (> 1) or together: the
-    spectral radius, on the ranks' disagreement, of the product of the companion matrices
-    [[W_k + beta I, -beta I], [I, 0]] over one period, to the power 1/period. For a static
-    W: the largest |z| with z^2 - (lambda + beta) z + beta = 0 over W's eigenvalues but 1."""
-    n = topology.world_size
-    eye, zero = torch.eye(n, dtype=torch.float64), torch.zeros(n, n, dtype=torch.float64)
-    product = torch.eye(2 * n, dtype=torch.float64)
-    for step in range(topology.period):
-        mixing = topology.mixing_matrix(step)
-        companion = torch.cat([torch.cat([mixing + beta * eye, -beta * eye], 1),
-                               torch.cat([eye, zero], 1)])  # fmt: skip
-        product = companion @ product
-    disagreement = torch.block_diag(*[eye - torch.full((n, n), 1 / n, dtype=torch.float64)] * 2)
-    radius = torch.linalg.eigvals(disagreement @ product @ disagreement).abs().max().item()
-    return radius ** (1 / topology.period)
-
-
 def consensus(x):
     return float((x - x.mean(0)).square().sum(1).mean())
 
@@ -239,9 +222,9 @@ def test_decentlam_drifts_apart_on_the_directed_exponential_graphs(name, algorit
     mixing = [topology.mixing_matrix(k) for k in range(200)]
     xs = simulate(algorithm, problem, mixing, 200, beta=beta, decay=0.0, noise=1.0)
     if algorithm == "decentlam":
-        assert (heavy_ball_rate(topology, beta) > 1) == (rate is not None)
+        assert (topology.heavy_ball_rate(beta) > 1) == (rate is not None)
     if rate is not None:
-        assert heavy_ball_rate(topology, beta) == pytest.approx(rate, abs=1e-3)
+        assert topology.heavy_ball_rate(beta) == pytest.approx(rate, abs=1e-3)
         measured = (consensus(xs[199]) / consensus(xs[149])) ** (1 / 100)  # squared: 2 x 50
         assert measured == pytest.approx(rate, rel=0.01)
     else:
@@ -251,11 +234,46 @@ def test_decentlam_drifts_apart_on_the_directed_exponential_graphs(name, algorit
 def test_with_more_ranks_even_half_the_momentum_is_unstable_on_the_exponential_graphs():
     """The largest stable beta falls with n: on the static graph beta = 0.5 is stable at
     n = 4 and 8 but not at 16; on the one-peer graph beta = 0.5 holds to n = 16, not 0.7."""
-    rates = {(name, n, beta): heavy_ball_rate(make_topology(name, n), beta)
+    rates = {(name, n, beta): make_topology(name, n).heavy_ball_rate(beta)
              for name in ("exp", "one-peer-exp") for n in (4, 8, 16) for beta in (0.5, 0.7)}  # fmt: skip
     assert rates["exp", 4, 0.5] == pytest.approx(0.906, abs=1e-3)
     assert rates["exp", 8, 0.5] == pytest.approx(0.986, abs=1e-3)
     assert rates["exp", 16, 0.5] > 1 and rates["exp", 4, 0.7] > 1
     assert all(rates["one-peer-exp", n, 0.5] < 1 for n in (4, 8, 16))
     assert rates["one-peer-exp", 4, 0.7] < 1 < rates["one-peer-exp", 16, 0.7]
-    assert all(heavy_ball_rate(make_topology("ring", n), 0.9) < 1 for n in (4, 8, 16, 64))
+    assert all(make_topology("ring", n).heavy_ball_rate(0.9) < 1 for n in (4, 8, 16, 64))
+
+
+@pytest.mark.parametrize(
+    "name, n, threshold",
+    [("exp", 4, 0.64), ("exp", 8, 0.52), ("exp", 16, 0.50),
+     ("one-peer-exp", 4, 0.77), ("one-peer-exp", 8, 0.71), ("one-peer-exp", 16, 0.56)],
+)  # fmt: skip
+def test_largest_stable_momentum_is_where_the_rate_crosses_one(name, n, threshold):
+    """The thresholds docs/decentralized.md quotes, with the rate on either side of them."""
+    topology = make_topology(name, n)
+    stable = topology.largest_stable_momentum()
+    assert stable == pytest.approx(threshold, abs=0.01)
+    assert topology.heavy_ball_rate(stable) < 1 < topology.heavy_ball_rate(stable + 0.01)
+    assert make_topology("ring", n).largest_stable_momentum() > 0.99
+
+
+@pytest.mark.parametrize(
+    "name, momentum, warns",
+    [("exp", 0.9, True), ("one-peer-exp", 0.9, True), ("exp", 0.5, False), ("ring", 0.9, False)],
+)
+def test_decentlam_warns_on_an_unstable_pairing_of_graph_and_momentum(name, momentum, warns):
+    """The pairings the drift test shows diverging get a warning that names the graph, the
+    momentum, the growth factor and the largest stable momentum; stable ones get none."""
+    params = [torch.nn.Parameter(torch.zeros(3))]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        DecentLaM(params, lr=0.1, momentum=momentum, topology=make_topology(name, 4))
+    messages = [str(w.message) for w in caught if issubclass(w.category, UserWarning)]
+    if warns:
+        (message,) = messages
+        assert f"momentum {momentum} on topology {name!r} with 4 processes" in message
+        rate = make_topology(name, 4).heavy_ball_rate(momentum)
+        assert f"grows by {rate:.3f} per step" in message and "below 0." in message
+    else:
+        assert messages == []
