@@ -1,18 +1,22 @@
 #!/usr/bin/env bash
-# The GPU checks of issue 12 in one script, in at most 8 minutes on one GPU:
+# The GPU checks of issue 12 in one script, in at most 8 minutes on one GPU. The headline
+# parts come first, so that they run even if a later part is slow:
 #
 #   1. environment: nvidia-smi, hardware, date, versions
-#   2. training loop: overhead against a bare PyTorch loop (benchmarks/train_loop.py)
-#   3. training loop: no host synchronisation between evaluations (tests/train/test_host_syncs.py)
-#   4. one short `largebatch run --bf16` on the GPU
-#   5. one two-cell `largebatch sweep` on the GPU
-#   6. start-up of `largebatch run` (imports, data, CUDA initialisation, first step)
-#   7. optimizer-step table (benchmarks/optimizer_step.py --quick)
-#   8. Shampoo comparison (benchmarks/shampoo_step.py --quick; Meta's DistributedShampoo
+#   2. optimizer-step table: ResNet-50 and the 12-block transformer
+#      (benchmarks/optimizer_step.py --quick --layers 12)
+#   3. Shampoo comparison (benchmarks/shampoo_step.py --quick; Meta's DistributedShampoo
 #      when importable)
+#   4. training loop: overhead against a bare PyTorch loop (benchmarks/train_loop.py)
+#   5. training loop: no host synchronisation between evaluations (tests/train/test_host_syncs.py)
+#   6. one short `largebatch run --bf16` on the GPU
+#   7. one two-cell `largebatch sweep` on the GPU
+#   8. start-up of `largebatch run` (imports, data, CUDA initialisation, first step)
 #
-# Each part has its own time limit, and the whole run a budget (GPU_CHECK_BUDGET seconds,
-# default 480); a part that fails or times out is recorded and the next one runs. The
+# Each part has its own time limit (LIMITS below; with the grace a stopped part gets to
+# exit, they sum to at most the default budget), and the whole run a budget
+# (GPU_CHECK_BUDGET seconds, default 480): a part runs within what is left of it, grace
+# included. A part that fails or times out is recorded and the next one runs. The
 # ratios are printed next to their targets. Everything goes to $GPU_CHECK_OUT/gpu_check.log,
 # the tables and the status of every part to $GPU_CHECK_OUT/summary.md (two files only).
 #
@@ -25,18 +29,35 @@
 #   GPU_CHECK_DEVICE  cuda (default), cuda:N, or cpu: a dry run with small settings
 #   GPU_CHECK_OUT     output folder (default runs/gpu-check-<date>-<time>)
 #   GPU_CHECK_BUDGET  seconds for everything (default 480)
-#   GPU_CHECK_PARTS   the parts to run, by name (default: all), e.g. "env loop syncs"
+#   GPU_CHECK_PARTS   the parts to run, by name (default: all), e.g. "env optimizer shampoo"
 #
 # Usage: benchmarks/gpu_check.sh            (from anywhere; it works in the repository)
 #        GPU_CHECK_DEVICE=cpu benchmarks/gpu_check.sh
+#        benchmarks/gpu_check.sh --limits  (prints each part's limit, the grace and the
+#                                           default budget, and exits)
 
 set -u -o pipefail
+
+# seconds per part, in the order they run; each may take GRACE more to exit once stopped
+PARTS_IN_ORDER=(env optimizer shampoo loop syncs run sweep startup)
+declare -A LIMITS=([env]=15 [optimizer]=160 [shampoo]=90 [loop]=40 [syncs]=40 [run]=30
+    [sweep]=40 [startup]=25)
+GRACE=5
+DEFAULT_BUDGET=480
+if [[ ${1:-} == --limits ]]; then
+    for name in "${PARTS_IN_ORDER[@]}"; do
+        echo "$name ${LIMITS[$name]}"
+    done
+    echo "grace $GRACE"
+    echo "budget $DEFAULT_BUDGET"
+    exit 0
+fi
 
 REPO=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 cd "$REPO" || exit 1
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
-BUDGET=${GPU_CHECK_BUDGET:-480}
-PARTS=${GPU_CHECK_PARTS:-env loop syncs run sweep startup optimizer shampoo}
+BUDGET=${GPU_CHECK_BUDGET:-$DEFAULT_BUDGET}
+PARTS=${GPU_CHECK_PARTS:-${PARTS_IN_ORDER[*]}}
 OUT_DIR=${GPU_CHECK_OUT:-$REPO/runs/gpu-check-$(date +%Y%m%d-%H%M%S)}
 mkdir -p "$OUT_DIR" || exit 1
 LOG=$OUT_DIR/gpu_check.log
@@ -53,13 +74,13 @@ cpu)
     LOOP_ARGS=(--steps 30 --repeats 1)
     STARTUP_ARGS=(--steps 200 --repeats 1)
     OPTIMIZER_ARGS=(--quick --rounds 1 --layers 1 --only lamb)
-    RUN_ARGS=(--batch-size 1024 --epochs 2)
+    RUN_ARGS=(--batch-size 256 --epochs 1)
     SWEEP_EPOCHS=1
     ;;
 cuda | cuda:[0-9]*)
     LOOP_ARGS=()
     STARTUP_ARGS=(--steps 2000 --repeats 2)
-    OPTIMIZER_ARGS=(--quick)
+    OPTIMIZER_ARGS=(--quick --layers 12) # the issue's targets: ResNet-50 and 12 blocks
     RUN_ARGS=(--batch-size 4096 --epochs 30)
     SWEEP_EPOCHS=10
     ;;
@@ -106,11 +127,11 @@ write_summary() {
 
 wanted() { [[ " $PARTS " == *" $1 "* ]]; }
 
-part() { # part NAME LIMIT COMMAND...: run within min(LIMIT, what is left of the budget)
-    local name=$1 limit=$2
-    shift 2
+part() { # part NAME COMMAND...: within min(its limit, what the budget leaves after GRACE)
+    local name=$1 limit=${LIMITS[$1]}
+    shift
     wanted "$name" || return 0
-    local left=$((BUDGET - (SECONDS - START)))
+    local left=$((BUDGET - (SECONDS - START) - GRACE))
     ((limit > left)) && limit=$left
     if ((limit < 10)); then
         log "=== $name: skipped, the budget of $BUDGET s is spent"
@@ -123,7 +144,7 @@ part() { # part NAME LIMIT COMMAND...: run within min(LIMIT, what is left of the
     if declare -F "$1" >/dev/null; then # a function of this script: run it in a shell of its own
         set -- bash -c '"$@"' "$1" "$@"
     fi
-    timeout --signal=INT --kill-after=15 "$limit" "$@" 2>&1 | tee "$output" >>"$LOG"
+    timeout --signal=INT --kill-after="$GRACE" "$limit" "$@" 2>&1 | tee "$output" >>"$LOG"
     status=${PIPESTATUS[0]}
     local took=$((SECONDS - began)) verdict="ok"
     if ((status == 124 || status == 137)); then
@@ -179,10 +200,11 @@ choose_python() {
     fi
 }
 
-if wanted env; then
-    began=$SECONDS
-    choose_python
-    "$PY" - "$DEVICE" >"$SCRATCH/env.out" 2>&1 <<'EOF'
+choose_python
+log "python: $PY"
+export PY
+
+cat >"$SCRATCH/env.py" <<'EOF'
 import importlib.util, platform, sys, torch, largebatch
 print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}")
 print(f"largebatch {largebatch.__version__} from {largebatch.__path__[0]}")
@@ -197,24 +219,29 @@ for names, kind in ((needed, "missing (needed)"), (optional, "missing (optional)
 if sys.argv[1] != "cpu" and not torch.cuda.is_available():
     sys.exit(f"{sys.argv[1]} asked for, but this torch cannot use CUDA")
 EOF
-    env_status=$?
-    tee -a "$LOG" <"$SCRATCH/env.out"
-    SOFTWARE=$(head -n 1 "$SCRATCH/env.out")
-    record env "$( ((env_status == 0)) && echo ok || echo "FAILED (exit $env_status)")" \
-        $((SECONDS - began)) "$SCRATCH/env.out"
-    write_summary
-else
-    choose_python
-fi
-log "python: $PY"
-export PY
+part env "$PY" "$SCRATCH/env.py" "$DEVICE"
+[[ -s $SCRATCH/env.out ]] && SOFTWARE=$(head -n 1 "$SCRATCH/env.out") && write_summary
 
-# --- 2-8 ----------------------------------------------------------------------------------------
-part loop 120 "$PY" benchmarks/train_loop.py --device "$DEVICE" --quick "${LOOP_ARGS[@]}"
+# --- 2-8: the headline tables first -----------------------------------------------------------
+part optimizer "$PY" benchmarks/optimizer_step.py --device "$DEVICE" "${OPTIMIZER_ARGS[@]}"
 
-part syncs 120 "$PY" -m pytest -q -p no:cacheprovider tests/train/test_host_syncs.py
+shampoo() { # only where the benchmark can run on the device asked for
+    if [[ $DEVICE != cpu ]] && ! "$PY" benchmarks/shampoo_step.py --help | grep -q -- --device; then
+        echo "benchmarks/shampoo_step.py has no --device option: it cannot measure the GPU"
+        return 3
+    fi
+    local device_args=()
+    "$PY" benchmarks/shampoo_step.py --help | grep -q -- --device && device_args=(--device "$DEVICE")
+    "$PY" benchmarks/shampoo_step.py --quick "${device_args[@]}"
+}
+export -f shampoo
+part shampoo shampoo
 
-part run 90 "$PY" -m largebatch run --task mnist1d-cnn --optimizer lamb "${RUN_ARGS[@]}" \
+part loop "$PY" benchmarks/train_loop.py --device "$DEVICE" --quick "${LOOP_ARGS[@]}"
+
+part syncs "$PY" -m pytest -q -p no:cacheprovider tests/train/test_host_syncs.py
+
+part run "$PY" -m largebatch run --task mnist1d-cnn --optimizer lamb "${RUN_ARGS[@]}" \
     --device "$DEVICE" --bf16 --no-progress --out "$SCRATCH/run"
 
 cat >"$SCRATCH/sweep.toml" <<EOF
@@ -231,24 +258,10 @@ sweep_and_results() {
         --no-progress && "$PY" -m largebatch results "$SCRATCH/sweep"
 }
 export -f sweep_and_results
-part sweep 120 sweep_and_results
+part sweep sweep_and_results
 
-part startup 120 "$PY" benchmarks/train_loop.py --device "$DEVICE" --skip-overhead --skip-noise \
+part startup "$PY" benchmarks/train_loop.py --device "$DEVICE" --skip-overhead --skip-noise \
     --skip-ddp --startup "${STARTUP_ARGS[@]}"
-
-part optimizer 180 "$PY" benchmarks/optimizer_step.py --device "$DEVICE" "${OPTIMIZER_ARGS[@]}"
-
-shampoo() { # only where the benchmark can run on the device asked for
-    if [[ $DEVICE != cpu ]] && ! "$PY" benchmarks/shampoo_step.py --help | grep -q -- --device; then
-        echo "benchmarks/shampoo_step.py has no --device option: it cannot measure the GPU"
-        return 3
-    fi
-    local device_args=()
-    "$PY" benchmarks/shampoo_step.py --help | grep -q -- --device && device_args=(--device "$DEVICE")
-    "$PY" benchmarks/shampoo_step.py --quick "${device_args[@]}"
-}
-export -f shampoo
-part shampoo 150 shampoo
 
 write_summary
 log ""

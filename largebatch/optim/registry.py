@@ -490,6 +490,7 @@ register(
         description="SlowMo: every slow_every steps of a decentralized base (default DmSGD), an exact average and a slow momentum step.",
         defaults={"slow_every": 12, "slow_momentum": 0.5, "slow_lr": 1.0},
         wraps="dmsgd",
+        couples_parameters=True,  # one slow-step schedule for all parameters
         scaling_rule="linear",
         warmup=0.05,
         reference="Wang, Tantia, Ballas & Rabbat, ICLR 2020 (arXiv 1910.00643)",

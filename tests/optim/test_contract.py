@@ -12,23 +12,28 @@ steps exactly as a fresh optimizer would on it (or, for an optimizer declared
 round-trips); a sparse gradient is either supported (the step equals the dense one) or
 rejected with a message before anything changes; parameters on the ``meta`` device step
 (or, for an optimizer declared ``steps_on_meta=False``, are refused when it is built);
-``maximize=True`` on ``f`` equals minimizing ``-f`` wherever the optimizer accepts it
-(and is otherwise rejected by name); a negative learning rate raises ``ValueError``
-naming the value. Steps are the training loop's own
+``maximize=True`` on ``f`` equals minimizing ``-f`` and ascends a linear loss for every
+optimizer whose arguments include it (those of :data:`REJECTS_MAXIMIZE` reject it by
+name); a negative learning rate raises ``ValueError`` naming the value. Steps are the
+training loop's own
 (:class:`~largebatch.train.step.StepDriver`, which follows each optimizer's step
 protocol: gradient first, closures on the same or a fresh mini-batch, loss closures,
 Hessian samples, per-example gradients, snapshots).
 
 The decentralized optimizers (``is_decentralized``) need at least two processes to
-step; ``tests/optim/decentralized/`` checks them in four.
+step: ``tests/optim/decentralized/test_contract_decentralized.py`` runs these checks
+(:data:`CHECKS`) for them in a gloo group of two.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
+import inspect
 import io
 import math
 import pickle
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -38,7 +43,7 @@ from torch import nn
 from torch.utils.data import DistributedSampler, TensorDataset
 
 from largebatch.optim import OptimizerSpec, create_optimizer, list_optimizers
-from largebatch.optim.registry import is_decentralized
+from largebatch.optim.registry import is_decentralized, optimizer_arguments
 from largebatch.train.data import BatchStream
 from largebatch.train.step import StepDriver, StepResult, classical_protocol
 
@@ -48,10 +53,12 @@ BATCH_SIZE = 32
 
 
 def build(spec: OptimizerSpec, params, **hparams) -> torch.optim.Optimizer:
-    """``create_optimizer`` with the data arguments a run would fill in (SAGA's table size)."""
+    """``create_optimizer`` with the spec's defaults and the data arguments a run would fill
+    in (SAGA's table size); the defaults are passed, so a spec changed with
+    ``dataclasses.replace`` builds with its own."""
     data = {"num_examples": BATCHES * BATCH_SIZE}
     arguments = {key: data[key] for key in spec.data_arguments}
-    return create_optimizer(spec.name, params, **arguments, **hparams)
+    return create_optimizer(spec.name, params, **{**spec.defaults, **arguments, **hparams})
 
 
 def specs(*, known_failures: dict | None = None) -> list:
@@ -101,8 +108,9 @@ class Driver:
     Args:
         model: the module trained.
         optimizer: the optimizer under test.
-        sign: the loss is ``sign * mse``; ``-1`` trains on ``-f``.
+        sign: the loss is ``sign * loss``; ``-1`` trains on ``-f``.
         device: where the batches go (``"meta"`` for meta parameters).
+        loss: ``loss(outputs, targets)``, the mean squared error unless given.
     """
 
     def __init__(
@@ -112,6 +120,7 @@ class Driver:
         *,
         sign: float = 1.0,
         device: str = "cpu",
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = F.mse_loss,
     ) -> None:
         self.model, self.optimizer = model, optimizer
         inputs, targets = (torch.cat(parts) for parts in zip(*make_batches()))
@@ -122,9 +131,9 @@ class Driver:
         """Every loss the step computed, in order."""
 
         def loss_fn(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-            loss = sign * F.mse_loss(outputs, targets)
-            self.losses.append(loss)
-            return loss
+            value = sign * loss(outputs, targets)
+            self.losses.append(value)
+            return value
 
         self.loss_fn = loss_fn
         self.stepper = StepDriver(model, optimizer, loss_fn, full_pass_batch_size=BATCH_SIZE)
@@ -418,19 +427,56 @@ def test_meta_parameters_step(spec):
     assert tensors and all(t.is_meta for t in tensors)
 
 
+#: the optimizers whose arguments lack ``maximize``, and why; every other one must accept it
+REJECTS_MAXIMIZE = {
+    "svrg": "not implemented: its variance-reduced step is written for minimization",
+    "saga": "not implemented: its variance-reduced step is written for minimization",
+    "newton-cg": "not implemented: its line search and curvature steps minimize",
+    "olbfgs": "not implemented: its curvature pairs and damping are written for minimization",
+    "sqn": "not implemented: its curvature pairs and damping are written for minimization",
+    "lbfgs": "not implemented: its Armijo line search minimizes",
+    "dmsgd": "not implemented by the decentralized update rules",
+    "decentlam": "not implemented by the decentralized update rules",
+    "slowmo": "wraps a decentralized optimizer, which takes no maximize",
+}
+
+
+def test_every_optimizer_accepts_maximize_but_the_listed():
+    """Acceptance is read from the arguments, so a new optimizer without it must be listed."""
+    lacking = {
+        spec.name
+        for spec in list_optimizers()
+        if "maximize" not in optimizer_arguments(spec.name).defaults
+    }
+    assert lacking == set(REJECTS_MAXIMIZE)
+
+
+class LinearLoss(nn.Module):
+    """``<weight, c>`` whatever the inputs: a loss linear in the parameters."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(3)
+        self.weight = nn.Parameter(torch.randn(3, 2, generator=generator, dtype=torch.float64))
+        self.register_buffer("c", torch.randn(3, 2, generator=generator, dtype=torch.float64))
+
+    def forward(self, inputs: torch.Tensor) -> torch.Tensor:
+        return (self.weight * self.c).sum()
+
+
 @pytest.mark.parametrize("spec", specs())
 def test_maximize_equals_minimizing_the_negated_loss(spec):
-    """``maximize=True`` on ``f`` and the default on ``-f`` step alike; without it ``f`` differs.
+    """``maximize=True`` on ``f`` and the default on ``-f`` step alike; without it ``f`` differs;
+    one step with it on a linear loss increases the loss.
 
-    An optimizer that does not accept ``maximize`` must reject it by name.
+    An optimizer of :data:`REJECTS_MAXIMIZE` must reject it by name.
     """
     model = make_model()
-    try:
-        optimizer = build(spec, model, maximize=True)
-    except TypeError as error:
-        assert "maximize" in str(error)
+    if spec.name in REJECTS_MAXIMIZE:
+        with pytest.raises(TypeError, match="maximize"):
+            build(spec, model, maximize=True)
         return
-    maximizing = Driver(model, optimizer)
+    maximizing = Driver(model, build(spec, model, maximize=True))
     negated_model, plain_model = make_model(), make_model()
     negated = Driver(negated_model, build(spec, negated_model), sign=-1.0)
     plain = Driver(plain_model, build(spec, plain_model))
@@ -440,6 +486,11 @@ def test_maximize_equals_minimizing_the_negated_loss(spec):
         plain.step()
     torch.testing.assert_close(flat(model), flat(negated_model), rtol=1e-12, atol=0)
     assert full_loss(model) > full_loss(plain_model)
+
+    linear = LinearLoss()
+    before = linear(None).item()
+    Driver(linear, build(spec, linear, maximize=True), loss=lambda f, targets: f).step()
+    assert linear(None).item() > before
 
 
 def _first_moment(group: dict) -> float | None:
@@ -487,3 +538,42 @@ def test_schedulers_change_lr_and_momentum(spec, scheduler):
         assert len(seen_moments) >= 3
     assert all(math.isfinite(value) for value in flat(model).tolist())
     assert not torch.equal(flat(model), flat(make_model()))
+
+
+#: every check above that takes a spec, by name, its other parameters bound: the contract
+#: the decentralized optimizers keep too (``test_contract_decentralized.py``)
+CHECKS: dict[str, Callable[[OptimizerSpec], None]] = {
+    "loss-decreases": test_loss_decreases,
+    "state-dict": test_state_dict_save_load_continue_equals_uninterrupted_run,
+    "lr-scheduler": test_lr_scheduler_drives_every_group,
+    "closure": test_step_with_closure_returns_the_loss,
+    "no-gradient": test_parameters_without_gradient_are_skipped,
+    "negative-lr": test_negative_learning_rate_raises_naming_it,
+    **{
+        f"copy-{copier}": functools.partial(
+            test_copy_continues_exactly_as_the_original, copier=copier
+        )
+        for copier in COPIERS
+    },
+    "late-parameter": test_late_parameter_steps_like_a_fresh_optimizer,
+    "sparse": test_sparse_gradient_is_supported_or_rejected_before_anything_changes,
+    "meta": test_meta_parameters_step,
+    "maximize": test_maximize_equals_minimizing_the_negated_loss,
+    **{
+        f"scheduler-{name}": functools.partial(
+            test_schedulers_change_lr_and_momentum, scheduler=name
+        )
+        for name in SCHEDULERS
+    },
+}
+
+
+def test_every_check_of_a_spec_is_in_checks():
+    """So that a new check reaches the decentralized optimizers too."""
+    checks = {getattr(check, "func", check) for check in CHECKS.values()}
+    taking_a_spec = {
+        value
+        for name, value in globals().items()
+        if name.startswith("test_") and "spec" in inspect.signature(value).parameters
+    }
+    assert taking_a_spec == checks

@@ -93,9 +93,10 @@ class Gossip:
         """Replace every tensor by its average with the neighbours' at round ``step``.
 
         Every rank must call this with tensors of the same shapes and dtypes, in the
-        same order, and the same ``step``.
+        same order, and the same ``step``. Meta tensors have no values to send: they are
+        left as they are (a step on ``meta`` parameters runs without communicating).
         """
-        buckets = flatten(tensors, self._buffers)
+        buckets = [b for b in flatten(tensors, self._buffers) if not b[0].is_meta]
         if self.topology.all_reduce:
             n = self.topology.world_size
             for flat, _ in buckets:
@@ -123,7 +124,7 @@ class Gossip:
                 operations.append(
                     dist.P2POp(dist.irecv, buffer, self._global_rank(source), self.group, tag)
                 )
-        for request in dist.batch_isend_irecv(operations):
+        for request in dist.batch_isend_irecv(operations) if operations else ():
             request.wait()
         for (flat, _), inbox in zip(buckets, received):
             flat.mul_(peers.self_weight)
