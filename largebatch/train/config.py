@@ -314,7 +314,8 @@ def _check_topology(config: RunConfig) -> None:
             "such as dmsgd or decentlam)"
         )
     if decentralized:
-        name = config.topology or optimizer_arguments(config.optimizer).defaults["topology"]
+        defaults = optimizer_arguments(config.optimizer, options.get("base")).defaults
+        name = config.topology or defaults["topology"]
         try:
             make_topology(name, config.nproc)
         except ConfigError as error:
