@@ -48,6 +48,7 @@ from largebatch.train.autowu import AUTOWU_DECAYS
 from largebatch.train.averaging import KINDS as AVERAGING_KINDS
 from largebatch.train.batch_growth import CONTROLLERS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
+from largebatch.train.plan import RunPlan
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
 
@@ -310,10 +311,12 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a sweep: a config, its stable id and its run directory."""
+    """One run of a sweep: a config, its stable id and its run directory; ``plan``, the
+    config's plan when the sweep has made it (training then follows it, not a new one)."""
 
     cell_id: str
     config: RunConfig
+    plan: RunPlan | None = field(default=None, compare=False, repr=False)
 
     @property
     def run_dir(self) -> Path:
