@@ -191,7 +191,7 @@ def run_sweep(
     so that ``largebatch sweep DIR`` can continue it without repeating the flags.
     """
     if jobs < 1:
-        raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
+        raise ConfigError(f"Invalid jobs: {jobs} (must be >= 1)")
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sweep.directory / SWEEP_FILE, sweep.spec.to_dict())
     store = ResultsStore(sweep.directory)

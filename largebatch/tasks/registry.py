@@ -52,7 +52,7 @@ _REGISTRY: dict[str, TaskSpec] = {}
 def register(name: str, build: TaskBuilder, description: str) -> TaskSpec:
     """Register ``build`` under ``name``; its keyword arguments become the task's options."""
     if name in _REGISTRY:
-        raise ValueError(f"task {name!r} is already registered")
+        raise ConfigError(f"task {name!r} is already registered")
     options = {
         p.name: p.default
         for p in inspect.signature(build).parameters.values()
@@ -92,7 +92,7 @@ _CONVERSIONS: dict[type, tuple[type, Callable[[str], Any]]] = {
 
 
 def _coerce(option: str, value: Any, default: Any) -> Any:
-    """``value`` converted to the type of ``default``; a ``ValueError`` naming ``option`` if it can't be."""
+    """``value`` converted to the type of ``default``; a ``ConfigError`` naming ``option`` if it can't be."""
     kind = type(default)
     if kind not in _CONVERSIONS:
         return value
@@ -179,7 +179,7 @@ def get_task(name: str, **options: Any) -> Task:
 
     Raises:
         KeyError: ``name`` is neither registered nor of the form ``module:function``.
-        ValueError: an unknown option, or a bad option value (the message names it);
+        ConfigError: an unknown option, or a bad option value (the message names it);
             a user task's options must fit its function's signature.
         ImportError: a user task's module or function cannot be imported.
         TypeError: a user task returned something other than a ``Task``.
