@@ -177,6 +177,21 @@ def optimizer_options(default_optimizer: str) -> Callable:
     )
 
 
+def batch_options(default_batch_size: int, default_accumulation_steps: int) -> Callable:
+    """``--batch-size`` and ``--accumulation-steps`` of one run."""
+    return compose(
+        click.option(
+            "--batch-size", type=int, help="Global batch size." + shown(default_batch_size)
+        ),
+        click.option(
+            "--accumulation-steps",
+            type=int,
+            help="Micro-batches per step and device (gradient accumulation)."
+            + shown(default_accumulation_steps),
+        ),
+    )
+
+
 def budget_options(default_epochs: float) -> Callable:
     """``--epochs`` and ``--steps``: the budget of a run (epochs unless steps are given)."""
     return compose(
@@ -206,12 +221,23 @@ def nproc_option(default: int) -> Callable:
     )
 
 
-def progress_option(default: bool | None) -> Callable:
-    """``--progress/--no-progress``; ``None`` leaves it to the config."""
+def progress_option(default: bool, *, from_config: bool = False) -> Callable:
+    """``--progress/--no-progress``, on or off as ``default``; with ``from_config`` a
+    left-out option is ``None`` and the config's value (``default`` unless a file sets it)
+    stays."""
     return click.option(
         "--progress/--no-progress",
-        default=default,
-        help="Progress bar." + shown("on"),
+        default=None if from_config else default,
+        help="Progress bar." + shown("on" if default else "off"),
+    )
+
+
+def device_option(default: str, *, from_config: bool = False) -> Callable:
+    """``--device``; with ``from_config`` a left-out option is ``None`` and the config's stays."""
+    return click.option(
+        "--device",
+        default=None if from_config else default,
+        help="auto, cpu, cuda or cuda:N." + shown(default),
     )
 
 

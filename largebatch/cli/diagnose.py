@@ -15,8 +15,9 @@ from typing import Any
 
 import click
 
-from largebatch.cli.common import SETUP_ERRORS, Command, error_message
+from largebatch.cli.common import SETUP_ERRORS, Command, defaults_of, device_option, error_message
 from largebatch.experiments.checkpoint_diagnostics import DiagnosticsSettings
+from largebatch.train.config import RunConfig
 
 DEFAULTS = DiagnosticsSettings()
 #: (flag, DiagnosticsSettings field, help): integer settings, default from the settings class
@@ -86,7 +87,7 @@ def settings_options(function: Any) -> Any:
     is_flag=True,
     help="Evaluate in train mode (batch statistics, dropout); default eval mode.",
 )
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")
+@device_option(defaults_of(RunConfig)["device"])
 @click.option(
     "--out",
     type=click.Path(dir_okay=False, path_type=Path),

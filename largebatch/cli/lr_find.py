@@ -17,7 +17,9 @@ import click
 from largebatch.cli.common import (
     SETUP_ERRORS,
     Command,
+    batch_options,
     defaults_of,
+    device_option,
     error_message,
     optimizer_options,
     shown,
@@ -47,16 +49,7 @@ def range_test_config(options: dict[str, Any], settings: RangeTestSettings) -> R
 @click.command("lr-find", cls=Command)
 @task_options(DEFAULTS["task"])
 @optimizer_options(DEFAULTS["optimizer"])
-@click.option(
-    "--batch-size",
-    type=int,
-    help="Global batch size: the one you will train with." + shown(DEFAULTS["batch_size"]),
-)
-@click.option(
-    "--accumulation-steps",
-    type=int,
-    help="Micro-batches per step (gradient accumulation)." + shown(1),
-)
+@batch_options(DEFAULTS["batch_size"], DEFAULTS["accumulation_steps"])
 @click.option("--start-lr", type=float, default=SETTINGS.start_lr, show_default=True)
 @click.option("--end-lr", type=float, default=SETTINGS.end_lr, show_default=True)
 @click.option(
@@ -82,7 +75,7 @@ def range_test_config(options: dict[str, Any], settings: RangeTestSettings) -> R
     help="Stop when the smoothed loss exceeds this factor times its best.",
 )
 @click.option("--seed", type=int, help="Random seed." + shown(DEFAULTS["seed"]))
-@click.option("--device", help="auto, cpu, cuda or cuda:N." + shown(DEFAULTS["device"]))
+@device_option(DEFAULTS["device"], from_config=True)
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (for GPUs).")
 @click.option(
     "--out",
@@ -101,7 +94,7 @@ def lr_find(
 ) -> None:
     """Sweep the learning rate exponentially at one batch size and suggest one.
 
-    Exits with status 0 when the suggestions are written, 2 for a bad option (or
+    Give the batch size you will train with. Exits with status 0 when the suggestions are written, 2 for a bad option (or
     a task whose loss is not finite before training).
     """
     from largebatch.experiments.range_test import check_directory, write_range_test

@@ -21,8 +21,10 @@ import click
 from largebatch.cli.common import (
     SETUP_ERRORS,
     Command,
+    batch_options,
     budget_options,
     defaults_of,
+    device_option,
     error_message,
     nproc_option,
     optimizer_options,
@@ -41,6 +43,8 @@ from largebatch.train.schedules import SCALINGS, SCHEDULES
 
 DEFAULTS = defaults_of(RunConfig)
 BUDGETS = ("epochs", "steps", "examples")
+#: what a run without ``--config`` starts from, over the RunConfig defaults
+NEW_RUN = {"progress": True}
 
 
 def default_out_dir(values: dict[str, Any]) -> str:
@@ -70,7 +74,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     preset = given.pop("preset", None)
     if "nproc" not in given and "WORLD_SIZE" in os.environ:  # under the user's torchrun
         given["nproc"] = int(os.environ["WORLD_SIZE"])
-    values = {"progress": True} if config_file is None else read_config_file(config_file)
+    values = dict(NEW_RUN) if config_file is None else read_config_file(config_file)
     if given.keys() & set(BUDGETS):
         values.update(dict.fromkeys(BUDGETS))
     if preset is not None:
@@ -98,7 +102,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     help="A published recipe (see `largebatch list presets`); other options override it.",
 )
 @optimizer_options(DEFAULTS["optimizer"])
-@click.option("--batch-size", type=int, help="Global batch size." + shown(DEFAULTS["batch_size"]))
+@batch_options(DEFAULTS["batch_size"], DEFAULTS["accumulation_steps"])
 @click.option(
     "--base-batch-size",
     type=int,
@@ -163,12 +167,6 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
 )
 @budget_options(DEFAULT_EPOCHS)
 @click.option("--examples", type=int, help="Budget in training examples.")
-@click.option(
-    "--accumulation-steps",
-    type=int,
-    help="Micro-batches per step and device (gradient accumulation)."
-    + shown(DEFAULTS["accumulation_steps"]),
-)
 @click.option("--eval-every", type=int, help="Steps between evaluations." + shown("one epoch"))
 @click.option(
     "--eval-batch-size", type=int, help="Evaluation batch per device." + shown("the micro-batch")
@@ -187,7 +185,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     help="Graph a decentralized optimizer (dmsgd, decentlam) gossips over: ring, exp, "
     "one-peer-exp or complete (see `largebatch list topologies`)." + shown("the optimizer's"),
 )
-@click.option("--device", help="auto, cpu, cuda or cuda:N." + shown(DEFAULTS["device"]))
+@device_option(DEFAULTS["device"], from_config=True)
 @click.option("--bf16/--no-bf16", default=None, help="bfloat16 autocast (for GPUs).")
 @click.option(
     "--out",
@@ -201,7 +199,7 @@ def build_config(config_file: str | None, options: dict[str, Any]) -> RunConfig:
     default=None,
     help="Continue from the run directory's newest checkpoint, if any.",
 )
-@progress_option(None)
+@progress_option(NEW_RUN["progress"], from_config=True)
 @click.option(
     "--noise-scale/--no-noise-scale",
     default=None,

@@ -34,6 +34,7 @@ from scipy.optimize import nnls
 
 from largebatch.experiments.sweep_config import LATER_FIELDS, adaptive_method, series_name
 from largebatch.train.config import RESUMABLE_CHANGES
+from largebatch.utils.errors import ConfigError
 
 #: config fields that differ between the cells of one series by design, that name
 #: the series, or that do not change a run's outcome
@@ -244,7 +245,7 @@ def critical_batch_size(
     zero, a target met before training, is ignored).
     """
     if factor <= 1:
-        raise ValueError(f"Invalid factor: {factor} (must be > 1)")
+        raise ConfigError(f"Invalid factor: {factor} (must be > 1)")
     order = np.argsort(batch_sizes)
     b = np.asarray(batch_sizes, dtype=float)[order]
     s = np.asarray(steps, dtype=float)[order]

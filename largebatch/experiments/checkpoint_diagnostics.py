@@ -30,6 +30,7 @@ from largebatch.tasks import Task, get_task
 from largebatch.train.checkpoint import CheckpointError, load_checkpoint, load_latest
 from largebatch.train.config import RunConfig
 from largebatch.train.distributed import pick_device
+from largebatch.utils.errors import ConfigError
 
 #: where a run's diagnostics record is saved, in its run directory
 DIAGNOSTICS_FILE = "diagnostics.json"
@@ -76,7 +77,7 @@ class DiagnosticsSettings:
     def __post_init__(self) -> None:
         unknown = [name for name in self.diagnostics if name not in DIAGNOSTICS]
         if unknown:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid diagnostics: {', '.join(map(repr, unknown))} "
                 f"(choose from {', '.join(DIAGNOSTICS)})"
             )
@@ -84,20 +85,22 @@ class DiagnosticsSettings:
         for name in positive:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
-                raise ValueError(f"Invalid {name}: {value!r} (must be a positive integer)")
+                raise ConfigError(f"Invalid {name}: {value!r} (must be a positive integer)")
         if not isinstance(self.num_probes, int) or self.num_probes < 2:
-            raise ValueError(f"Invalid num_probes: {self.num_probes!r} (need at least 2)")
+            raise ConfigError(f"Invalid num_probes: {self.num_probes!r} (need at least 2)")
         if self.subspace_dim is not None and self.subspace_dim < 1:
-            raise ValueError(f"Invalid subspace_dim: {self.subspace_dim!r} (positive, or None)")
+            raise ConfigError(f"Invalid subspace_dim: {self.subspace_dim!r} (positive, or None)")
         if "sharpness" in self.diagnostics and not self.epsilons:
-            raise ValueError("Invalid epsilons: none given")
+            raise ConfigError("Invalid epsilons: none given")
         for epsilon in self.epsilons:
             if not epsilon > 0:
-                raise ValueError(f"Invalid epsilon: {epsilon!r} (must be > 0)")
+                raise ConfigError(f"Invalid epsilon: {epsilon!r} (must be > 0)")
         if not 0 < self.tol < 1:
-            raise ValueError(f"Invalid tol: {self.tol!r} (must be in (0, 1))")
+            raise ConfigError(f"Invalid tol: {self.tol!r} (must be in (0, 1))")
         if self.max_products < self.k:
-            raise ValueError(f"Invalid max_products: {self.max_products} (must be >= k = {self.k})")
+            raise ConfigError(
+                f"Invalid max_products: {self.max_products} (must be >= k = {self.k})"
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -127,7 +130,7 @@ class SavedRun:
 def _checkpoint_and_run_dir(path: Path) -> tuple[Path | None, Path]:
     """``(checkpoint file or None for the newest, run directory)`` for a user-given path."""
     if not path.exists():
-        raise ValueError(f"No such checkpoint or run directory: {path}")
+        raise ConfigError(f"No such checkpoint or run directory: {path}")
     if path.is_file():
         parent = path.parent
         return path, parent.parent if parent.name == "checkpoints" else parent
@@ -138,35 +141,35 @@ def load_run(path: str | Path, device: str = "auto") -> SavedRun:
     """Load a run from its directory (newest checkpoint) or from one checkpoint file.
 
     The task is rebuilt from the run directory's ``config.json``. Raises
-    ``ValueError`` saying what is missing or unusable.
+    ``ConfigError`` saying what is missing or unusable.
     """
     checkpoint, run_dir = _checkpoint_and_run_dir(Path(path))
     config_file = run_dir / "config.json"
     if not config_file.is_file():
-        raise ValueError(
+        raise ConfigError(
             f"No config.json in {run_dir}: give a run directory written by `largebatch run` "
             "or a checkpoint inside its checkpoints/ folder"
         )
     try:
         config = RunConfig.from_dict(json.loads(config_file.read_text())["config"])
     except (ValueError, KeyError, TypeError) as error:
-        raise ValueError(f"Unreadable run config {config_file}: {error}") from None
+        raise ConfigError(f"Unreadable run config {config_file}: {error}") from None
     try:
         if checkpoint is None:
             found = load_latest(run_dir / "checkpoints", rename_corrupt=False)
             if found is None:
-                raise ValueError(f"No checkpoint in {run_dir / 'checkpoints'}")
+                raise ConfigError(f"No checkpoint in {run_dir / 'checkpoints'}")
             state, checkpoint = found
         else:
             state = load_checkpoint(checkpoint)
     except CheckpointError as error:
-        raise ValueError(str(error)) from None
+        raise ConfigError(str(error)) from None
     task = get_task(config.task, **config.task_options)
     model = task.build_model()
     try:
         model.load_state_dict(state["model"])
     except (KeyError, RuntimeError) as error:
-        raise ValueError(
+        raise ConfigError(
             f"Checkpoint {checkpoint} does not fit task {config.task!r}: {error}"
         ) from None
     model.to(pick_device(device))
@@ -282,7 +285,7 @@ def interpolate_runs(
         run_b.config.task_options,
     )
     if not same_task:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot interpolate between different tasks: {run_a.config.task!r} "
             f"{run_a.config.task_options} and {run_b.config.task!r} {run_b.config.task_options}"
         )

@@ -35,6 +35,7 @@ from matplotlib.ticker import FixedLocator, FuncFormatter, NullLocator
 from largebatch.experiments import analysis
 from largebatch.experiments.results_store import ResultsStore
 from largebatch.utils.atomic import write_bytes_atomic, write_text_atomic
+from largebatch.utils.errors import ConfigError
 
 FIGURES_DIR = "figures"
 #: modules whose sections the report shows besides the core ones; each imports this
@@ -138,7 +139,7 @@ def register_section(name: str, order: float = 100.0) -> Callable[[SectionBuilde
 
     def decorate(build: SectionBuilder) -> SectionBuilder:
         if any(existing == name for _, existing, _ in _SECTIONS):
-            raise ValueError(f"report section {name!r} is already registered")
+            raise ConfigError(f"report section {name!r} is already registered")
         _SECTIONS.append((order, name, build))
         _SECTIONS.sort(key=lambda entry: entry[0])
         return build
@@ -555,12 +556,12 @@ code { background: #f4f4f4; padding: 0 0.2em; }
 def report(sweep_dir: str | Path) -> tuple[Path, Path]:
     """Write ``report.html`` and ``report.md`` (figures in ``figures/``) for a sweep.
 
-    Returns the two paths. Raises ``ValueError`` if the sweep has no recorded run.
+    Returns the two paths. Raises ``ConfigError`` if the sweep has no recorded run.
     """
     sweep_dir = Path(sweep_dir)
     rows = ResultsStore(sweep_dir, create=False).rows()
     if not rows:
-        raise ValueError(f"No runs recorded in {sweep_dir}; run the sweep first")
+        raise ConfigError(f"No runs recorded in {sweep_dir}; run the sweep first")
     _import_section_plugins()
     ctx = ReportContext(sweep_dir, rows)
     sections = [section for _, _, build in _SECTIONS if (section := build(ctx)) is not None]

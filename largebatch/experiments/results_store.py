@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from largebatch.train.config import RunConfig, RunResult
-from largebatch.utils.errors import LargeBatchError, UnknownNameError
+from largebatch.utils.errors import ConfigError, LargeBatchError, UnknownNameError
 
 DB_NAME = "results.sqlite"
 SCHEMA_VERSION = 1
@@ -258,10 +258,10 @@ class ResultsStore:
         items = _numeric_items(values)
         skipped = sorted(set(values) - {name for name, _ in items})
         if skipped:
-            raise ValueError(f"Metric values must be numbers; not numeric: {skipped}")
+            raise ConfigError(f"Metric values must be numbers; not numeric: {skipped}")
         clashing = sorted(set(values) & CORE_COLUMNS)
         if clashing:
-            raise ValueError(f"Metric names clash with core columns: {clashing}")
+            raise ConfigError(f"Metric names clash with core columns: {clashing}")
 
         def write(con: sqlite3.Connection) -> None:
             if con.execute("SELECT 1 FROM runs WHERE cell_id = ?", (cell_id,)).fetchone() is None:

@@ -26,6 +26,7 @@ from tqdm import tqdm
 
 from largebatch.experiments.sweep import run_cell, worker_pool
 from largebatch.experiments.sweep_config import Cell
+from largebatch.utils.errors import ConfigError
 
 
 @dataclass
@@ -49,7 +50,7 @@ def run_cells(
     cells not yet recorded.
     """
     if jobs < 1:
-        raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
+        raise ConfigError(f"Invalid jobs: {jobs} (must be >= 1)")
     bar = tqdm(desc=desc, unit="run", dynamic_ncols=True, disable=not progress)
     running: dict[Future, Cell] = {}
     ran = 0

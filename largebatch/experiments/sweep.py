@@ -26,7 +26,7 @@ from tqdm import tqdm
 from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep_config import Cell, SweepConfigError, SweepSpec, cell_name, expand
 from largebatch.tasks import get_task
-from largebatch.train import RunConfig, RunResult, launch, plan_run, train
+from largebatch.train import RunConfig, RunPlan, RunResult, launch, plan_run, train
 from largebatch.train.distributed import pick_device
 from largebatch.train.run_dir import RunDirectory, read_result
 from largebatch.utils.atomic import write_json_atomic
@@ -51,7 +51,8 @@ def prepare(spec: SweepSpec, directory: str | Path) -> Sweep:
 
     Builds the task once (to resolve ``"full"`` and each cell's number of steps),
     sets each cell's evaluation interval to ``1/evals_per_run`` of its run and,
-    unless the spec sets one, checkpoints at every evaluation. Raises
+    unless the spec sets one, checkpoints at every evaluation. Each cell carries
+    its plan, which a one-process cell trains by. Raises
     :class:`SweepConfigError` naming the cell if any would be rejected.
     """
     directory = Path(directory)
@@ -64,14 +65,22 @@ def prepare(spec: SweepSpec, directory: str | Path) -> Sweep:
     except ConfigError as exc:
         raise SweepConfigError(f"device: {exc}") from None
 
+    plans = []
+
     def eval_every(config: RunConfig) -> int:
         try:
-            total_steps = plan_run(config, task).total_steps
+            plans.append(plan_run(config, task))
         except ConfigError as exc:
             raise SweepConfigError(f"cell {cell_name(config)}: {exc}") from None
-        return max(1, math.ceil(total_steps / spec.evals_per_run))
+        return max(1, math.ceil(plans[-1].total_steps / spec.evals_per_run))
 
-    return Sweep(spec, directory, tuple(expand(spec, directory, len(task.train), eval_every)))
+    cells = expand(spec, directory, len(task.train), eval_every)
+    # the plan reads eval_every only as given: the cell's plan is the one made, at its interval
+    cells = [
+        replace(cell, plan=replace(plan, eval_every=cell.config.eval_every))
+        for cell, plan in zip(cells, plans, strict=True)
+    ]
+    return Sweep(spec, directory, tuple(cells))
 
 
 def load_saved_spec(directory: str | Path) -> SweepSpec | None:
@@ -97,12 +106,13 @@ def _train_data_parallel(config: RunConfig) -> RunResult:
     return result
 
 
-def _train(config: RunConfig) -> RunResult:
-    """Train (resuming from a checkpoint if there is one); an exception becomes "failed"."""
+def _train(config: RunConfig, plan: RunPlan | None) -> RunResult:
+    """Train (resuming from a checkpoint if there is one) by ``plan`` if made; an exception
+    becomes "failed". Data-parallel workers plan for themselves."""
     config = replace(config, resume=True, progress=False)
     start = time.perf_counter()
     try:
-        return _train_data_parallel(config) if config.nproc > 1 else train(config)
+        return _train_data_parallel(config) if config.nproc > 1 else train(config, plan=plan)
     except Exception as exc:  # a failed cell is a result; the sweep goes on
         log = RunDirectory(config.out_dir).write_error(traceback.format_exc())
         return RunResult(
@@ -130,7 +140,7 @@ def run_cell(cell: Cell, store_path: str | Path, retry_failed: bool = False) -> 
             return recorded
         result = read_result(run_dir)
         if result is None or (retry_failed and result.status == "failed"):
-            result = _train(cell.config)
+            result = _train(cell.config, cell.plan)
         if result.status == "diverged" and result.error is None:
             result = replace(result, error=f"non-finite loss by step {result.steps}")
         relative = os.path.relpath(run_dir, store.path.parent)
@@ -181,7 +191,7 @@ def run_sweep(
     so that ``largebatch sweep DIR`` can continue it without repeating the flags.
     """
     if jobs < 1:
-        raise ValueError(f"Invalid jobs: {jobs} (must be >= 1)")
+        raise ConfigError(f"Invalid jobs: {jobs} (must be >= 1)")
     sweep.directory.mkdir(parents=True, exist_ok=True)
     write_json_atomic(sweep.directory / SWEEP_FILE, sweep.spec.to_dict())
     store = ResultsStore(sweep.directory)

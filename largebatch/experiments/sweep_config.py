@@ -26,7 +26,6 @@ Example file (every key is optional; see docs/experiments.md)::
 from __future__ import annotations
 
 import hashlib
-import inspect
 import itertools
 import json
 import re
@@ -44,12 +43,12 @@ from largebatch.optim.registry import (
     list_optimizers,
     optimizer_arguments,
 )
-from largebatch.tasks import get_spec as get_task_spec
-from largebatch.tasks.registry import load_user_builder
+from largebatch.tasks.registry import option_defaults, validated_options
 from largebatch.train.autowu import AUTOWU_DECAYS
 from largebatch.train.averaging import KINDS as AVERAGING_KINDS
 from largebatch.train.batch_growth import CONTROLLERS
 from largebatch.train.config import RESUMABLE_CHANGES, RunConfig, Scaling, Schedule
+from largebatch.train.plan import RunPlan
 from largebatch.utils.errors import ConfigError, unknown_name_message
 from largebatch.utils.values import check_like, is_number
 
@@ -312,10 +311,12 @@ class SweepSpec:
 
 @dataclass(frozen=True)
 class Cell:
-    """One run of a sweep: a config, its stable id and its run directory."""
+    """One run of a sweep: a config, its stable id and its run directory; ``plan``, the
+    config's plan when the sweep has made it (training then follows it, not a new one)."""
 
     cell_id: str
     config: RunConfig
+    plan: RunPlan | None = field(default=None, compare=False, repr=False)
 
     @property
     def run_dir(self) -> Path:
@@ -506,11 +507,11 @@ def _build_spec(data: Mapping[str, Any], origins: Origins) -> SweepSpec:
         **values, optimizer_settings=optimizer_settings, hyperparameters=hyperparameters
     )
     _check_names(spec, origins)
-    return spec
+    return replace(spec, task_options=_checked_task_options(spec, origins))
 
 
 def _check_names(spec: SweepSpec, origins: Origins) -> None:
-    """Optimizer and task names exist; LR grids are well-defined."""
+    """Optimizer names exist; LR grids are well-defined."""
     known = [s.name for s in list_optimizers()]
     for i, name in enumerate(spec.optimizers):
         if name not in known:
@@ -533,23 +534,21 @@ def _check_names(spec: SweepSpec, origins: Origins) -> None:
             and _default_lr(spec, name) is None
         ):
             raise _fail(origins, ("lr_factors",), f"optimizer {name!r} has no default lr; set lr")
+
+
+def _checked_task_options(spec: SweepSpec, origins: Origins) -> dict[str, Any]:
+    """The task exists; its options, converted by the tasks' own check, each failure named."""
     try:
-        if ":" in spec.task:
-            builder = load_user_builder(spec.task)
-            parameters = inspect.signature(builder).parameters.values()
-            options = {p.name: None if p.default is p.empty else p.default for p in parameters}
-        else:
-            options = dict(get_task_spec(spec.task).options)
+        option_defaults(spec.task)
     except (KeyError, ImportError, ValueError, TypeError) as exc:
         raise _fail(origins, ("task",), str(exc.args[0])) from None
+    checked = {}
     for key, value in spec.task_options.items():
-        if key not in options:
-            raise _fail(
-                origins, ("task_options", key), unknown_name_message("task option", key, options)
-            )
-        _check_value(
-            origins, ("task_options", key), lambda v, d=options[key]: check_like(d, v), value
-        )
+        try:
+            checked.update(validated_options(spec.task, {key: value}))
+        except ConfigError as exc:
+            raise _fail(origins, ("task_options", key), str(exc)) from None
+    return checked
 
 
 # --- expansion into cells -----------------------------------------------------------------

@@ -23,6 +23,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from largebatch.experiments.analysis import Score, choose
+from largebatch.utils.errors import ConfigError
 
 #: a score for a learning rate whose run failed (worse than any successful one)
 FAILED: Score = (0, -math.inf)
@@ -59,9 +60,9 @@ def grid_ratio(grid: Sequence[float]) -> float:
 
 
 def check_grid(grid: Sequence[float]) -> None:
-    """``ValueError`` unless ``grid`` holds at least two distinct positive values."""
+    """``ConfigError`` unless ``grid`` holds at least two distinct positive values."""
     if len(set(grid)) < 2 or any(not lr > 0 for lr in grid):
-        raise ValueError(f"Invalid learning-rate grid: {list(grid)} (need two or more values > 0)")
+        raise ConfigError(f"Invalid learning-rate grid: {list(grid)} (need two or more values > 0)")
 
 
 def settle(
@@ -75,7 +76,7 @@ def settle(
     """
     check_grid(grid)
     if max_extensions < 0:
-        raise ValueError(f"Invalid max_extensions: {max_extensions} (must be >= 0)")
+        raise ConfigError(f"Invalid max_extensions: {max_extensions} (must be >= 0)")
     lrs = sorted(set(grid))
     ratio = grid_ratio(lrs)
     extensions = 0

@@ -16,12 +16,13 @@ from torch.nn import functional as F
 from torch.utils.data import TensorDataset
 
 from largebatch.tasks.base import Task
+from largebatch.utils.errors import ConfigError
 
 
 def check_positive_int(name: str, value: int) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` is an integer >= 1."""
+    """``ConfigError`` naming ``name`` unless ``value`` is an integer >= 1."""
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
+        raise ConfigError(f"Invalid {name}: {value!r} (expected an integer >= 1)")
 
 
 def check_positive_ints(**values: int) -> None:
@@ -31,24 +32,24 @@ def check_positive_ints(**values: int) -> None:
 
 
 def check_seed(seed: int) -> None:
-    """``ValueError`` unless ``seed`` is an integer >= 0."""
+    """``ConfigError`` unless ``seed`` is an integer >= 0."""
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise ValueError(f"Invalid seed: {seed!r} (expected an integer >= 0)")
+        raise ConfigError(f"Invalid seed: {seed!r} (expected an integer >= 0)")
 
 
 def check_num_classes(num_classes: int) -> None:
     """A classification problem needs an integer number of classes, at least 2."""
     check_positive_int("num_classes", num_classes)
     if num_classes < 2:
-        raise ValueError(f"Invalid num_classes: {num_classes} (expected at least 2)")
+        raise ConfigError(f"Invalid num_classes: {num_classes} (expected at least 2)")
 
 
 def check_fraction(name: str, value: float, *, allow_zero: bool = False) -> None:
-    """``ValueError`` naming ``name`` unless ``value`` lies in (0, 1), or [0, 1) with ``allow_zero``."""
+    """``ConfigError`` naming ``name`` unless ``value`` lies in (0, 1), or [0, 1) with ``allow_zero``."""
     low_ok = value >= 0 if allow_zero else value > 0
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not (low_ok and value < 1):
         interval = "[0, 1)" if allow_zero else "(0, 1)"
-        raise ValueError(f"Invalid {name}: {value!r} (expected a number in {interval})")
+        raise ConfigError(f"Invalid {name}: {value!r} (expected a number in {interval})")
 
 
 def tensor_dataset(
@@ -72,7 +73,7 @@ def split_rows(
     sizes = [max(1, round(f * n)) for f in fractions]
     rest = n - sum(sizes)
     if rest < 1:
-        raise ValueError(
+        raise ConfigError(
             f"Cannot split {n} examples into fractions {list(fractions)}: nothing left"
         )
     order = torch.randperm(n, generator=torch.Generator().manual_seed(seed))

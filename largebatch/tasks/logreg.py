@@ -22,6 +22,7 @@ from largebatch.tasks.data import (
     classification_task,
     tensor_dataset,
 )
+from largebatch.utils.errors import ConfigError
 
 
 def word_distributions(
@@ -63,11 +64,11 @@ def logreg(
     check_positive_ints(num_train=num_train, num_test=num_test, num_features=num_features)
     check_num_classes(num_classes)
     if not doc_length > 0:
-        raise ValueError(f"Invalid doc_length: {doc_length} (expected > 0)")
+        raise ConfigError(f"Invalid doc_length: {doc_length} (expected > 0)")
     if not zipf_exponent >= 0:
-        raise ValueError(f"Invalid zipf_exponent: {zipf_exponent} (expected >= 0)")
+        raise ConfigError(f"Invalid zipf_exponent: {zipf_exponent} (expected >= 0)")
     if not class_separation >= 0:
-        raise ValueError(f"Invalid class_separation: {class_separation} (expected >= 0)")
+        raise ConfigError(f"Invalid class_separation: {class_separation} (expected >= 0)")
     check_seed(seed)
 
     rng = np.random.default_rng(seed)

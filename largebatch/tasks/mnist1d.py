@@ -27,6 +27,7 @@ from largebatch.tasks.data import (
     tensor_dataset,
 )
 from largebatch.tasks.models import mlp
+from largebatch.utils.errors import ConfigError
 
 NUM_CLASSES = 10
 SIGNAL_LENGTH = 40  # mnist1d's default final_seq_length
@@ -109,7 +110,7 @@ def _mnist1d_task(
     """Generate (or load) the data and wrap them with ``build_model``."""
     check_positive_int("num_samples", num_samples)
     if num_samples < 2 * NUM_CLASSES:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid num_samples: {num_samples} (expected at least {2 * NUM_CLASSES})"
         )
     check_fraction("test_fraction", test_fraction)

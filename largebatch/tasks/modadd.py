@@ -26,6 +26,7 @@ from largebatch.tasks.data import (
     classification_task,
     split_rows,
 )
+from largebatch.utils.errors import ConfigError
 
 SEQUENCE_LENGTH = 3  # a, b, "="
 
@@ -103,11 +104,11 @@ def modadd_transformer(
     """``a + b mod modulus`` from ``train_fraction`` of all pairs, decoder-only transformer."""
     check_positive_int("modulus", modulus)
     if modulus < 2:
-        raise ValueError(f"Invalid modulus: {modulus} (expected at least 2)")
+        raise ConfigError(f"Invalid modulus: {modulus} (expected at least 2)")
     check_fraction("train_fraction", train_fraction)
     check_positive_ints(d_model=d_model, n_layers=n_layers, n_heads=n_heads)
     if d_model % n_heads:
-        raise ValueError(f"Invalid n_heads: {n_heads} (must divide d_model={d_model})")
+        raise ConfigError(f"Invalid n_heads: {n_heads} (must divide d_model={d_model})")
     check_seed(seed)
 
     tokens, answers = modular_addition_data(modulus)

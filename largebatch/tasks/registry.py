@@ -52,7 +52,7 @@ _REGISTRY: dict[str, TaskSpec] = {}
 def register(name: str, build: TaskBuilder, description: str) -> TaskSpec:
     """Register ``build`` under ``name``; its keyword arguments become the task's options."""
     if name in _REGISTRY:
-        raise ValueError(f"task {name!r} is already registered")
+        raise ConfigError(f"task {name!r} is already registered")
     options = {
         p.name: p.default
         for p in inspect.signature(build).parameters.values()
@@ -92,7 +92,7 @@ _CONVERSIONS: dict[type, tuple[type, Callable[[str], Any]]] = {
 
 
 def _coerce(option: str, value: Any, default: Any) -> Any:
-    """``value`` converted to the type of ``default``; a ``ValueError`` naming ``option`` if it can't be."""
+    """``value`` converted to the type of ``default``; a ``ConfigError`` naming ``option`` if it can't be."""
     kind = type(default)
     if kind not in _CONVERSIONS:
         return value
@@ -109,20 +109,31 @@ def _coerce(option: str, value: Any, default: Any) -> Any:
     )
 
 
-def validated_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
-    """The options of registered task ``name``, checked and converted to their defaults' types.
+def option_defaults(name: str) -> Mapping[str, Any]:
+    """Option -> default of task ``name``; a user task's function is imported, and its
+    parameters without a default map to ``inspect.Parameter.empty`` (any value)."""
+    if ":" not in name:
+        return get_spec(name).options
+    parameters = inspect.signature(load_user_builder(name)).parameters.values()
+    variadic = (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)
+    return {p.name: p.default for p in parameters if p.kind not in variadic}
 
-    Raises ``UnknownNameError`` for an unknown task and ``ConfigError`` (a
+
+def validated_options(name: str, options: Mapping[str, Any]) -> dict[str, Any]:
+    """The options of task ``name``, checked and converted to their defaults' types.
+
+    The one check of task options (``RunConfig``, sweeps, ``get_task``). Raises
+    ``UnknownNameError`` for an unknown task and ``ConfigError`` (a
     ``ValueError``) naming an unknown option or a value of the wrong type.
     """
-    spec = get_spec(name)
-    unknown = sorted(set(options) - set(spec.options))
+    defaults = option_defaults(name)
+    unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise ConfigError(
-            f"Unknown option(s) {', '.join(map(repr, unknown))} for task {spec.name!r}. "
-            f"Valid options: {', '.join(spec.options) or '(none)'}."
+            f"Unknown option(s) {', '.join(map(repr, unknown))} for task {name!r}. "
+            f"Valid options: {', '.join(defaults) or '(none)'}."
         )
-    return {key: _coerce(key, value, spec.options[key]) for key, value in options.items()}
+    return {key: _coerce(key, value, defaults[key]) for key, value in options.items()}
 
 
 def split_user_task(target: str) -> tuple[str, str]:
@@ -168,24 +179,19 @@ def get_task(name: str, **options: Any) -> Task:
 
     Raises:
         KeyError: ``name`` is neither registered nor of the form ``module:function``.
-        ValueError: an unknown option, or a bad option value (the message names it);
+        ConfigError: an unknown option, or a bad option value (the message names it);
             a user task's options must fit its function's signature.
         ImportError: a user task's module or function cannot be imported.
         TypeError: a user task returned something other than a ``Task``.
         TaskError: a user task's function raised (the exception is the ``__cause__``).
     """
+    options = validated_options(name, options)
     if ":" in name:
         builder = load_user_builder(name)
-        parameters = inspect.signature(builder).parameters
         try:
             inspect.signature(builder).bind(**options)
         except TypeError as exc:
             raise ConfigError(f"Invalid options for task {name!r}: {exc}") from None
-        options = {
-            key: value if parameters[key].default is inspect.Parameter.empty
-            else _coerce(key, value, parameters[key].default)
-            for key, value in options.items()
-        }  # fmt: skip
         try:
             task = builder(**options)
         except Exception as exc:
@@ -196,7 +202,7 @@ def get_task(name: str, **options: Any) -> Task:
             )
         return task
     spec = get_spec(name)
-    task = spec.build(**validated_options(name, options))
+    task = spec.build(**options)
     return replace(task, description=task.description or spec.description)
 
 

@@ -52,6 +52,7 @@ from torch.optim.swa_utils import (
 )
 
 from largebatch.diagnostics.evaluation import model_device, unwrap
+from largebatch.utils.errors import ConfigError
 
 KINDS = ("polyak", "ema")
 
@@ -75,13 +76,13 @@ class AveragingConfig:
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
-            raise ValueError(f"Invalid averaging kind: {self.kind!r} (expected one of {KINDS})")
+            raise ConfigError(f"Invalid averaging kind: {self.kind!r} (expected one of {KINDS})")
         if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
-            raise ValueError(f"Invalid averaging start: {self.start} (expected an integer >= 0)")
+            raise ConfigError(f"Invalid averaging start: {self.start} (expected an integer >= 0)")
         if not (isinstance(self.decay, int | float) and 0 <= self.decay < 1):
-            raise ValueError(f"Invalid averaging decay: {self.decay} (expected 0 <= decay < 1)")
+            raise ConfigError(f"Invalid averaging decay: {self.decay} (expected 0 <= decay < 1)")
         if isinstance(self.every, bool) or not isinstance(self.every, int) or self.every < 1:
-            raise ValueError(f"Invalid averaging every: {self.every} (expected an integer >= 1)")
+            raise ConfigError(f"Invalid averaging every: {self.every} (expected an integer >= 1)")
 
 
 class IterateAverage:

@@ -219,8 +219,9 @@ def _check_names(config: RunConfig) -> None:
         raise _invalid("task_options", config.task_options, "a dict of option -> value")
     if ":" in config.task:
         tasks.split_user_task(config.task)  # importing it is left to building the task
-    else:
-        tasks.validated_options(config.task, config.task_options)
+    else:  # stored converted, so config.json and cell ids hold typed values
+        converted = tasks.validated_options(config.task, config.task_options)
+        object.__setattr__(config, "task_options", converted)
     if not isinstance(config.optimizer_options, dict):
         raise _invalid("optimizer_options", config.optimizer_options, "a dict of name -> value")
     options = config.optimizer_options
@@ -314,7 +315,8 @@ def _check_topology(config: RunConfig) -> None:
             "such as dmsgd or decentlam)"
         )
     if decentralized:
-        name = config.topology or optimizer_arguments(config.optimizer).defaults["topology"]
+        defaults = optimizer_arguments(config.optimizer, options.get("base")).defaults
+        name = config.topology or defaults["topology"]
         try:
             make_topology(name, config.nproc)
         except ConfigError as error:

@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import Dataset, DistributedSampler, Subset, TensorDataset, default_collate
 
 from largebatch.tasks.base import Task
+from largebatch.utils.errors import ConfigError
 
 Batch = tuple[torch.Tensor, torch.Tensor]
 
@@ -166,12 +167,12 @@ class BatchStream:
         """This process's share of a global batch of ``batch_size`` examples."""
         local = batch_size // self.world_size
         if local * self.world_size != batch_size or local % self.accumulation_steps:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid batch size: {batch_size} is not divisible by processes x accumulation "
                 f"steps = {self.world_size} x {self.accumulation_steps}"
             )
         if not 1 <= local <= self.shard_size:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid batch size: {local} examples per process "
                 f"exceed the {self.shard_size} examples of each process's shard"
             )

@@ -84,10 +84,12 @@ class Progress:
     examples_to_target: int | None = None
 
 
-def train(config: RunConfig, task: Task | None = None) -> RunResult:
+def train(config: RunConfig, task: Task | None = None, plan: RunPlan | None = None) -> RunResult:
     """Train as ``config`` says and return the outcome (also written to ``result.json``).
 
-    ``task`` replaces ``config.task`` by a :class:`Task` built in code. Whatever
+    ``task`` replaces ``config.task`` by a :class:`Task` built in code; ``plan`` is
+    ``plan_run(config, task)`` when the caller has made it (a sweep, for each cell),
+    so the run is not planned twice. Whatever
     can reject the run (the task, the plan, the device, the optimizer's
     hyperparameters, a run directory in use or holding another run, unusable
     checkpoints) raises before anything is written: the errors of
@@ -99,15 +101,17 @@ def train(config: RunConfig, task: Task | None = None) -> RunResult:
     """
     ddp = distributed.setup(config.device)
     try:
-        return _train(config, task, ddp)
+        return _train(config, task, plan, ddp)
     finally:
         distributed.teardown(ddp)
 
 
-def _train(config: RunConfig, task: Task | None, ddp: Distributed) -> RunResult:
+def _train(
+    config: RunConfig, task: Task | None, plan: RunPlan | None, ddp: Distributed
+) -> RunResult:
     # --- set-up: task, plan, seeds, data, model, optimizer (nothing is written yet) ---
     task = task if task is not None else get_task(config.task, **config.task_options)
-    plan = plan_run(config, task, ddp.world_size)
+    plan = plan if plan is not None else plan_run(config, task, ddp.world_size)
     task = place_task_data(task, ddp.device)
     seed_everything(config.seed)
     autocast = (

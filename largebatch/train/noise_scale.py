@@ -48,7 +48,7 @@ def noise_scale_source(config: RunConfig, protocol: StepProtocol) -> Source | No
     """Where a run gets its two gradients from, or ``None`` if it does not measure.
 
     ``config.noise_scale``: ``None`` measures when it is free, ``False`` never,
-    ``True`` always (``ValueError`` if it cannot be done for free). AdaScale
+    ``True`` always (``ConfigError`` if it cannot be done for free). AdaScale
     (``scaling="adascale"``) needs the measurement, as ``True`` does. Never with
     batch growth, whose batch sizes change (RunConfig refuses ``True`` there).
     """

@@ -16,8 +16,11 @@ may catch either.
 * :class:`RunDirectoryError` -- a run directory is in use by another process.
 * :class:`CheckpointError` -- a checkpoint cannot be used (truncated, corrupt).
 
-Optimizer constructors keep torch's convention instead (``ValueError`` /
-``TypeError`` naming the hyperparameter), as ``torch.optim`` users expect.
+Two more live with what they are about: ``SweepConfigError`` and ``StudyError``
+(both ``ConfigError``) and ``ResultsStoreError``. The optimizers and the
+diagnostics' measurement functions keep torch's convention instead
+(``ValueError`` / ``TypeError`` naming the argument), as ``torch.optim`` users
+expect (docs/architecture.md, Errors).
 """
 
 from __future__ import annotations

@@ -17,6 +17,9 @@ from largebatch.experiments import sweep as sweep_module
 from largebatch.experiments.results_store import ResultsStore
 from largebatch.experiments.sweep import SWEEP_FILE, load_saved_spec, prepare, run_sweep
 from largebatch.experiments.sweep_config import SweepConfigError
+from largebatch.tasks import get_task
+from largebatch.train import loop as loop_module
+from largebatch.train import plan_run
 
 # results that legitimately differ between two runs of the same cell
 TIMING_KEYS = {"wall_time", "recorded_at", "examples_per_second", "extra"}
@@ -37,7 +40,7 @@ def metrics_without_time(run_dir: Path) -> list[list[str]]:
 
 
 def forbid_training(monkeypatch):
-    def fail(config):
+    def fail(config, plan=None):
         raise AssertionError(f"cell {config.out_dir} was trained again")
 
     monkeypatch.setattr(sweep_module, "train", fail)
@@ -58,6 +61,20 @@ def test_every_cell_recorded_then_skipped(tmp_path, monkeypatch):
 
     forbid_training(monkeypatch)
     assert run_sweep(prepare(tiny_spec(), tmp_path), progress=False) == statuses
+
+
+def test_a_cell_is_planned_once_and_trains_by_that_plan(tmp_path, monkeypatch):
+    """``prepare`` plans each cell as it checks it; training follows that plan."""
+    sweep = prepare(tiny_spec(batch_sizes=[16], optimizers=["sgd"]), tmp_path)
+    (cell,) = sweep.cells
+    task = get_task(cell.config.task, **cell.config.task_options)
+    assert cell.plan == plan_run(cell.config, task)
+
+    def plan_again(*args):
+        raise AssertionError("the cell was planned again")
+
+    monkeypatch.setattr(loop_module, "plan_run", plan_again)
+    assert run_sweep(sweep, progress=False) == {cell.cell_id: "done"}
 
 
 def test_failed_and_diverged_cells_are_recorded_and_the_sweep_goes_on(tmp_path, monkeypatch):
@@ -87,7 +104,7 @@ def test_failed_and_diverged_cells_are_recorded_and_the_sweep_goes_on(tmp_path, 
     run_sweep(sweep, progress=False)
     retried = []
     monkeypatch.setattr(
-        sweep_module, "_train", lambda config: retried.append(config.optimizer) or _failed()
+        sweep_module, "_train", lambda config, plan: retried.append(config.optimizer) or _failed()
     )
     run_sweep(sweep, retry_failed=True, progress=False)
     assert retried == ["adamw", "adamw"]

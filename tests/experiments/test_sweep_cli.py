@@ -32,7 +32,9 @@ def test_sweep_from_flags_then_continue_without_them(tmp_path, monkeypatch):
     assert sorted(r["batch_size"] for r in rows) == [16, 360]
 
     # the saved sweep is the starting point: nothing to train, one more seed adds cells
-    monkeypatch.setattr(sweep_module, "train", lambda config: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(
+        sweep_module, "train", lambda config, plan: (_ for _ in ()).throw(AssertionError)
+    )
     again = invoke("sweep", directory, "--no-progress", "--no-report")
     assert again.exit_code == 0 and "sgd" in again.output
     monkeypatch.undo()

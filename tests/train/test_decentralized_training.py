@@ -172,6 +172,9 @@ def test_consensus_distance_and_bytes_per_step_are_logged(runs):
     ("fields", "error", "message"),
     [
         ({"optimizer": "decentlam"}, ConfigError, "Invalid world size for topology 'ring': 1"),
+        # slowmo's default topology is its base's: DecentLaM's ring, not DmSGD's exp
+        ({"optimizer": "slowmo", "optimizer_options": {"base": "decentlam"}}, ConfigError,
+         "Invalid world size for topology 'ring': 1"),
         ({"optimizer": "dmsgd", "topology": "one-peer-exp", "nproc": 6, "batch_size": 60},
          ConfigError, "'one-peer-exp': 6 (it needs a power of two"),
         ({"optimizer": "dmsgd", "topology": "rings", "nproc": 2}, UnknownNameError,
