@@ -9,6 +9,12 @@ Bottou, Curtis & Nocedal 2018, Sec. 5.2: a group's gradient has covariance
 noisier estimate). Batches are processed ``chunk_size`` samples at a time, so
 memory stays at ``chunk_size`` gradient copies whatever the batch size.
 
+:func:`gradient_statistics` needs only the samples' squared norms and
+projections, not their gradients: by default (``method="auto"``) it reads them
+off one ordinary forward and backward pass per chunk through module hooks
+(:mod:`~largebatch.diagnostics.per_example_hooks`, several times cheaper), and
+falls back to ``vmap``, the reference, for models the hooks do not cover.
+
 :func:`gradient_statistics` reduces a batch to four numbers, from which
 :class:`GradientStatistics` gives the per-example variances of the three tests
 (``g_i`` the sample gradients, ``g`` their mean, ``K`` samples of ``m`` examples)::

@@ -51,6 +51,8 @@ def unsupported_reason(model: nn.Module, params: Sequence[nn.Parameter]) -> str 
         for p in module.parameters(recurse=False):
             owners.setdefault(id(p), []).append(module)
     for p in params:
+        if not p.requires_grad:
+            return "a parameter does not require grad"
         modules = owners.get(id(p), [])
         if len(modules) != 1:
             return "a parameter is shared between modules"
