@@ -71,8 +71,8 @@ def unsupported_reason(model: nn.Module, params: Sequence[nn.Parameter]) -> str 
 
 
 class _Factors:
-    """Sample gradients ``G_i = scale * sum_t g_it a_it^T`` kept as their factors
-    ``(K, T, q)`` and ``(K, T, p)``."""
+    """Sample gradients ``G_i = scale * sum_t g_it a_it^T`` kept as their factors: output
+    gradients ``(K, q, T)`` (the layout a convolution's come in: no copy) and inputs ``(K, T, p)``."""
 
     def __init__(
         self, g: Tensor, a: Tensor, scale: float, matrix: Callable[[Tensor], Tensor]
@@ -80,24 +80,27 @@ class _Factors:
         self.g, self.a, self.scale, self.matrix = g, a, scale, matrix
 
     def sqnorms(self) -> Tensor:
-        samples, positions, q = self.g.shape
+        samples, q, positions = self.g.shape
         p = self.a.shape[2]
         if q * p <= positions * (p + q):  # materialise G_i
-            grads = (self.g.transpose(1, 2) @ self.a).reshape(samples, -1)
+            grads = (self.g @ self.a).reshape(samples, -1)
             sqnorms = torch.linalg.vecdot(grads, grads)
         else:
-            grams = (self.a @ self.a.transpose(1, 2)) * (self.g @ self.g.transpose(1, 2))
+            grams = (self.a @ self.a.transpose(1, 2)) * (self.g.transpose(1, 2) @ self.g)
             sqnorms = grams.sum((1, 2))
         return sqnorms * self.scale**2
 
     def projections(self, mean: Tensor) -> Tensor:
         weight = self.matrix(mean).to(self.a.dtype)
-        return ((self.a @ weight.T) * self.g).sum((1, 2)) * self.scale
+        return (weight @ self.a.transpose(1, 2) * self.g).sum((1, 2)) * self.scale
 
 
 class _Conv1dGram:
     """A 1-D convolution's sample gradients (one call, one example per sample) by the Gram trick,
-    with the windows' Gram matrix read off the input's: no unfolded copy of the input."""
+    with the windows' Gram matrix summed from slices of the input's: no unfolded copy.
+
+    ``a``: the input ``(K, C, L)``; ``g``: the output gradient ``(K, q, T)``.
+    """
 
     def __init__(self, module: nn.Conv1d, a: Tensor, g: Tensor, scale: float) -> None:
         self.module, self.a, self.g, self.scale = module, a, g, scale
@@ -109,14 +112,19 @@ class _Conv1dGram:
             self.module.padding,
             self.module.stride,
         )
-        length, positions = self.a.shape[2], self.g.shape[1]
+        length, positions = self.a.shape[2], self.g.shape[2]
         inputs = self.a.transpose(1, 2) @ self.a  # (K, L, L): input position products
-        taps = torch.arange(positions, device=self.a.device)[:, None] * stride - padding
-        taps = taps + torch.arange(kernel, device=self.a.device) * dilation  # (T, k)
-        inside = (taps >= 0) & (taps < length)
-        rows, cols = taps.clamp(0, length - 1)[:, None, :], taps.clamp(0, length - 1)[None, :, :]
-        windows = (inputs[:, rows, cols] * (inside[:, None, :] & inside[None, :, :])).sum(3)
-        outputs = self.g @ self.g.transpose(1, 2)
+        windows = inputs.new_zeros(len(inputs), positions, positions)
+        for tap in range(kernel):  # window t reads input t * stride + offset at this tap
+            offset = tap * dilation - padding
+            first = max(0, -(offset // stride))  # the first window inside the input
+            last = min(positions, (length - 1 - offset) // stride + 1)
+            if last <= first:
+                continue
+            begin, end = first * stride + offset, (last - 1) * stride + offset + 1
+            taps = inputs[:, begin:end:stride, begin:end:stride]
+            windows[:, first:last, first:last] += taps
+        outputs = self.g.transpose(1, 2) @ self.g
         return (windows * outputs).sum((1, 2)) * self.scale**2
 
     def projections(self, mean: Tensor) -> Tensor:
@@ -124,7 +132,7 @@ class _Conv1dGram:
         forward = F.conv1d(
             self.a, mean.to(self.a.dtype), None, module.stride, module.padding, module.dilation
         )
-        return (forward.transpose(1, 2) * self.g).sum((1, 2)) * self.scale
+        return (forward * self.g).sum((1, 2)) * self.scale
 
 
 class _Rows:
@@ -240,13 +248,23 @@ def _positions(tensors: list[Tensor], samples: int) -> Tensor:
     return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 1)
 
 
+def _columns(tensors: list[Tensor], samples: int) -> Tensor:
+    """Each call's output gradient ``(batch, q, positions)`` as ``(samples, q, positions)``,
+    the calls' (and a group's examples') positions side by side."""
+    pieces = [
+        t.reshape(samples, -1, *t.shape[1:]).transpose(1, 2).reshape(samples, t.shape[1], -1)
+        for t in tensors
+    ]
+    return pieces[0] if len(pieces) == 1 else torch.cat(pieces, 2)
+
+
 def _layer_factors(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Tensor]:
-    """The layer's input and output gradient as ``(batch, ..., p)`` and ``(batch, ..., q)``
-    with ``G_i = sum g a^T`` over the middle dimensions."""
-    if isinstance(module, nn.Linear):
-        return a, g
-    # a convolution: unfolded input windows against the output gradient at each position
+    """The layer's inputs ``(batch, positions, p)`` and output gradients ``(batch, q, positions)``,
+    with ``G_i = sum_t g_t a_t^T`` over the positions."""
     batch = len(a)
+    if isinstance(module, nn.Linear):
+        return a.reshape(batch, -1, a.shape[-1]), g.reshape(batch, -1, g.shape[-1]).transpose(1, 2)
+    # a convolution: unfolded input windows against the output gradient at each position
     if isinstance(module, nn.Conv1d):
         # windows of the padded, channels-last input, in (kernel, channel) order: cheaper than unfold
         (kernel,), (dilation,), (padding,), (stride,) = (
@@ -262,8 +280,7 @@ def _layer_factors(module: nn.Module, a: Tensor, g: Tensor) -> tuple[Tensor, Ten
     else:
         spread = [module.kernel_size, module.dilation, module.padding, module.stride]
         windows = F.unfold(a, *spread).transpose(1, 2)
-    outputs = g.reshape(batch, g.shape[1], -1).transpose(1, 2)
-    return windows.contiguous(), outputs.contiguous()
+    return windows.contiguous(), g.reshape(batch, g.shape[1], -1)
 
 
 def _weight_matrix(module: nn.Module, weight: Tensor) -> Tensor:
@@ -309,17 +326,19 @@ def _sample_gradients(
         a = _positions([n.reshape(len(n), -1, width) for n in normalized], samples)
         g = _positions([g.to(dtype).reshape(len(g), -1, width) for _, g in calls], samples)
         pieces = {"weight": _Rows((a * g).sum(1) * scale)}
+        bias = g.sum(1)
     elif _input_gram_is_cheaper(module, calls, samples):
         a, g = calls[0][0].to(dtype), calls[0][1].to(dtype)
-        g = g.transpose(1, 2).contiguous()
         pieces = {"weight": _Conv1dGram(module, a, g, scale)}
+        bias = g.sum(2)
     else:
         factors = [_layer_factors(module, a.to(dtype), g.to(dtype)) for a, g in calls]
         a = _positions([a for a, _ in factors], samples)
-        g = _positions([g for _, g in factors], samples)
+        g = _columns([g for _, g in factors], samples)
         pieces = {"weight": _Factors(g, a, scale, partial(_weight_matrix, module))}
+        bias = g.sum(2)
     if module.bias is not None:
-        pieces["bias"] = _Rows(g.sum(1) * scale)
+        pieces["bias"] = _Rows(bias * scale)
     return {name: pieces[name] for name in named}
 
 
