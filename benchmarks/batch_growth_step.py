@@ -5,11 +5,13 @@ step driver [target < 2x].
 1,024 read from the training set as the loop reads them), per step:
 
 * ``plain``: the loop's standard step (forward, backward, step);
-* ``norm test``: the statistics pass (``vmap(grad)``) gives the mean gradient too,
+* ``norm test``: the statistics pass (an ordinary forward and backward with module
+  hooks, since 2026-12-05; ``vmap(grad)`` before) gives the mean gradient too,
   which replaces the backward pass (the driver's cheap path); ``group m``: ``m``
   examples per sample;
 * ``norm test every k``: the exact test on one step in ``k`` (``every=k``);
-* ``inner-product test``: the backward, then the statistics with the step's gradient.
+* ``inner-product test``: the same pass, with the projections computed after it
+  (with ``vmap``: the backward, then the statistics with the step's gradient).
 
 What ``benchmarks/per_example_statistics.py`` measures for the bare statistics,
 here with everything the loop adds (the data stream, the driver). CPU seconds of

@@ -5,13 +5,19 @@ momentum, the same batch every time):
 
 * ``plain``: zero_grad, forward, backward, step (the baseline);
 * ``norm test, group m``: :func:`gradient_statistics` without projections gives
-  the statistics *and* the mean gradient in one ``vmap(grad)`` pass, which
-  replaces the backward pass; ``m`` examples per sample (1 = exact per-example);
-* ``inner-product test, group m``: the plain backward, then
-  :func:`gradient_statistics` with the step's gradient (the projections ``S3``
-  need the mean first);
+  the statistics *and* the mean gradient in one pass, which replaces the
+  backward pass; ``m`` examples per sample (1 = exact per-example);
+* ``inner-product test, group m``: with ``--method auto`` (hooks serve this
+  model) the same pass with the projections ``S3``, computed after it from the
+  saved layer inputs and output gradients (what the step driver does); with
+  ``--method vmap`` the plain backward, then :func:`gradient_statistics` with the
+  step's gradient (the projections need the mean first);
 * ``norm test, group 1, every k``: the exact norm test on one step in ``k``
   (``NormTest(every=k)``), plain steps in between; time per step.
+
+``--method`` picks the per-example machinery: ``auto`` (the default: module
+hooks on an ordinary forward and backward pass) or ``vmap`` (``torch.func``, the
+default before 2026-12-05).
 
 Times are CPU seconds of this process (``time.process_time``; with one thread
 that is the compute time, much less disturbed than wall time by other
@@ -19,7 +25,7 @@ processes on a shared machine). Rounds interleave the variants, so drift hits
 all of them alike; the figure is the median over rounds of each variant's time
 divided by the plain step's time in the same round.
 
-Run: ``python benchmarks/per_example_statistics.py [--threads 1] [--batch-size 1024] [--rounds 15] [--every 4]``.
+Run: ``python benchmarks/per_example_statistics.py [--threads 1] [--batch-size 1024] [--rounds 15] [--every 4] [--method auto]``.
 """
 
 from __future__ import annotations
@@ -36,7 +42,9 @@ from largebatch.diagnostics.per_example import gradient_statistics
 from largebatch.tasks import get_task
 
 
-def variants(task, model, inputs, targets, groups: list[int], chunk_size: int, every: int):
+def variants(
+    task, model, inputs, targets, groups: list[int], chunk_size: int, every: int, method: str
+):
     """``name -> one optimizer step`` for every variant."""
     optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
     params = list(model.parameters())
@@ -46,7 +54,7 @@ def variants(task, model, inputs, targets, groups: list[int], chunk_size: int, e
         task.loss_fn(model(inputs), targets).backward()
         optimizer.step()
 
-    def norm_test(group: int) -> Callable[[], None]:
+    def statistics_step(group: int, projections: bool) -> Callable[[], None]:
         def step() -> None:
             _, mean = gradient_statistics(
                 model,
@@ -55,7 +63,8 @@ def variants(task, model, inputs, targets, groups: list[int], chunk_size: int, e
                 targets,
                 group_size=group,
                 chunk_size=chunk_size,
-                projections=False,
+                projections=projections,
+                method=method,
             )
             for p, g in zip(params, mean):
                 p.grad = g
@@ -75,6 +84,7 @@ def variants(task, model, inputs, targets, groups: list[int], chunk_size: int, e
                 mean_gradient=[p.grad for p in params],
                 group_size=group,
                 chunk_size=chunk_size,
+                method=method,
             )
             optimizer.step()
 
@@ -90,10 +100,12 @@ def variants(task, model, inputs, targets, groups: list[int], chunk_size: int, e
 
     steps = {"plain": plain}
     for group in groups:
-        steps[f"norm test, group {group}"] = norm_test(group)
+        steps[f"norm test, group {group}"] = statistics_step(group, False)
     for group in groups:
-        steps[f"inner-product test, group {group}"] = inner_product_test(group)
-    steps[f"norm test, group 1, every {every}"] = tested_every(norm_test(1))
+        steps[f"inner-product test, group {group}"] = (
+            inner_product_test(group) if method == "vmap" else statistics_step(group, True)
+        )
+    steps[f"norm test, group 1, every {every}"] = tested_every(statistics_step(1, False))
     return steps
 
 
@@ -114,6 +126,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--repeats", type=int, default=4)
     parser.add_argument("--every", type=int, default=4)
+    parser.add_argument("--method", choices=["auto", "vmap"], default="auto")
     args = parser.parse_args()
     if args.repeats % args.every:
         parser.error(f"--repeats {args.repeats} must be a multiple of --every {args.every}")
@@ -123,7 +136,9 @@ def main() -> None:
     inputs, targets = fixed_subset(task.train, args.batch_size, batch_size=args.batch_size)[0]
     torch.manual_seed(0)
     model = task.build_model()
-    steps = variants(task, model, inputs, targets, args.groups, args.chunk_size, args.every)
+    steps = variants(
+        task, model, inputs, targets, args.groups, args.chunk_size, args.every, args.method
+    )
     for step in steps.values():  # warm-up: vmap tracing, allocator
         step()
 
@@ -137,7 +152,7 @@ def main() -> None:
 
     print(
         f"mnist1d-cnn ({sum(p.numel() for p in model.parameters())} parameters), batch "
-        f"{args.batch_size}, chunk {args.chunk_size}, {args.threads} thread(s), "
+        f"{args.batch_size}, chunk {args.chunk_size}, {args.threads} thread(s), {args.method}, "
         f"{args.rounds} interleaved rounds of {args.repeats} steps"
     )
     print(

@@ -9,6 +9,12 @@ Bottou, Curtis & Nocedal 2018, Sec. 5.2: a group's gradient has covariance
 noisier estimate). Batches are processed ``chunk_size`` samples at a time, so
 memory stays at ``chunk_size`` gradient copies whatever the batch size.
 
+:func:`gradient_statistics` needs only the samples' squared norms and
+projections, not their gradients: by default (``method="auto"``) it reads them
+off one ordinary forward and backward pass per chunk through module hooks
+(:mod:`~largebatch.diagnostics.per_example_hooks`, several times cheaper), and
+falls back to ``vmap``, the reference, for models the hooks do not cover.
+
 :func:`gradient_statistics` reduces a batch to four numbers, from which
 :class:`GradientStatistics` gives the per-example variances of the three tests
 (``g_i`` the sample gradients, ``g`` their mean, ``K`` samples of ``m`` examples)::
@@ -32,6 +38,7 @@ statistics couple the examples): call ``model.eval()`` first or use group norm.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
@@ -40,6 +47,7 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from largebatch.diagnostics.evaluation import LossFn, Result, all_reduce_sum, unwrap
+from largebatch.diagnostics.per_example_hooks import HookRecorder, UnsupportedModel, check_means
 
 Reduce = Callable[[Tensor], Tensor]
 
@@ -141,6 +149,7 @@ class _SampleGradients:
         missing = [i for i, p in enumerate(chosen) if id(p) not in named]
         if missing:
             raise ValueError(f"Invalid params: entries {missing} are not parameters of the model")
+        self.model, self.loss_fn, self.params = model, loss_fn, chosen
         self.names = [named[id(p)] for p in chosen]
         self.values = {name: p.detach() for name, p in zip(self.names, chosen)}
         self.function = _sample_gradient_fn(model, loss_fn, self.names)
@@ -204,6 +213,71 @@ def _rows(grads: Sequence[Tensor]) -> list[Tensor]:
     return [g.reshape(len(g), -1) for g in grads]
 
 
+class _VmapChunk:
+    """One chunk's sample gradients, materialised by ``vmap``."""
+
+    def __init__(self, gradients: _SampleGradients, inputs: Tensor, targets: Tensor) -> None:
+        self.grads, losses = gradients(inputs, targets)
+        self.loss_sum = losses.double().sum()
+
+    def sqnorms(self) -> Tensor:
+        return _sqnorms(self.grads)
+
+    def projections(self, mean: Sequence[Tensor]) -> Tensor:
+        return _projections(self.grads, mean)
+
+    def gradient_sums(self) -> list[Tensor]:
+        return [g.sum(0) for g in self.grads]
+
+
+class _HookChunk:
+    """One chunk's sample gradients from an ordinary forward and backward pass (module hooks)."""
+
+    def __init__(
+        self,
+        recorder: HookRecorder,
+        model: nn.Module,
+        loss_fn: LossFn,
+        inputs: Tensor,
+        targets: Tensor,
+    ) -> None:
+        samples, group_size = inputs.shape[:2]
+        batch = samples * group_size
+        params = recorder.params
+        with torch.enable_grad(), recorder:
+            loss = loss_fn(model(inputs.flatten(0, 1)), targets.flatten(0, 1))
+            grads = torch.autograd.grad(loss, params, allow_unused=True, materialize_grads=True)
+        self.pieces = recorder.sample_gradients(batch, group_size, samples)
+        check_means(self.pieces, {id(p): g for p, g in zip(params, grads)})
+        self.position = {id(p): i for i, p in enumerate(params)}
+        self.grads = grads
+        self.samples = samples
+        self.loss_sum = loss.detach().double() * samples
+
+    def sqnorms(self) -> Tensor:
+        return sum(sample.sqnorms().double() for _, sample in self.pieces)
+
+    def projections(self, mean: Sequence[Tensor]) -> Tensor:
+        return sum(
+            sample.projections(mean[self.position[id(p)]]).double() for p, sample in self.pieces
+        )
+
+    def gradient_sums(self) -> list[Tensor]:
+        return [g.detach() * self.samples for g in self.grads]
+
+
+def _chunk_evaluator(
+    gradients: _SampleGradients, method: str
+) -> Callable[[Tensor, Tensor], _VmapChunk | _HookChunk]:
+    """``(inputs, targets) -> chunk`` for ``method`` (``UnsupportedModel``: hooks cannot serve)."""
+    if method == "vmap":
+        return lambda x, y: _VmapChunk(gradients, x, y)
+    if method not in ("auto", "hooks"):
+        raise ValueError(f"Invalid method: {method!r} (expected 'auto', 'hooks' or 'vmap')")
+    recorder = HookRecorder(gradients.model, gradients.params)
+    return lambda x, y: _HookChunk(recorder, gradients.model, gradients.loss_fn, x, y)
+
+
 def gradient_statistics(
     model: nn.Module,
     loss_fn: LossFn,
@@ -216,6 +290,7 @@ def gradient_statistics(
     chunk_size: int = 256,
     projections: bool = True,
     reduce: Reduce = all_reduce_sum,
+    method: str = "auto",
 ) -> tuple[GradientStatistics, list[Tensor]]:
     """The batch's :class:`GradientStatistics` and its mean gradient.
 
@@ -229,11 +304,14 @@ def gradient_statistics(
             pass; ``S3`` then needs a second pass unless the batch is one chunk.
         params: the parameters (default: all of the model's).
         group_size: examples per sample (1 for exact per-example statistics).
-        chunk_size: samples per ``vmap`` call (bounds memory).
+        chunk_size: samples per pass (bounds memory).
         projections: compute ``S3`` (the inner-product and orthogonality tests
             need it; the norm test does not).
         reduce: sums a float64 tensor across ranks in place (default: all-reduce
             when torch.distributed is initialised, else nothing).
+        method: ``"hooks"`` (one ordinary forward and backward pass per chunk,
+            :mod:`~largebatch.diagnostics.per_example_hooks`), ``"vmap"``, or
+            ``"auto"``: hooks where they support the model, else ``vmap``.
 
     Returns:
         The statistics (with the batch's mean loss) and the mean gradient (one
@@ -241,20 +319,27 @@ def gradient_statistics(
     """
     gradients = _SampleGradients(model, loss_fn, params)
     chunks = list(_chunks(inputs, targets, group_size, chunk_size))
-    device = next(iter(gradients.values.values())).device
+    try:
+        evaluate = _chunk_evaluator(gradients, method)
+        first = evaluate(*chunks[0])
+    except UnsupportedModel:
+        if method == "hooks":
+            raise
+        evaluate = _chunk_evaluator(gradients, "vmap")
+        first = evaluate(*chunks[0])
+    evaluated = itertools.chain([first], (evaluate(x, y) for x, y in chunks[1:]))
+    device = gradients.params[0].device
     counts = torch.zeros(4, dtype=torch.float64, device=device)  # samples, S1, S3, sum of losses
     counts[0] = len(inputs) // group_size
     if mean_gradient is None:
         total = [
-            torch.zeros(p.shape, dtype=torch.float64, device=p.device)
-            for p in gradients.values.values()
+            torch.zeros(p.shape, dtype=torch.float64, device=p.device) for p in gradients.params
         ]
-        for x, y in chunks:
-            grads, losses = gradients(x, y)
-            counts[1] += _sqnorms(grads).sum()
-            counts[3] += losses.double().sum()
-            for t, g in zip(total, grads):
-                t += g.sum(0)
+        for chunk in evaluated:
+            counts[1] += chunk.sqnorms().sum()
+            counts[3] += chunk.loss_sum
+            for t, g in zip(total, chunk.gradient_sums()):
+                t += g
         flat = reduce(torch.cat([counts[[0, 1, 3]], *(t.reshape(-1) for t in total)]))
         counts[[0, 1, 3]] = flat[:3]
         exact = [
@@ -263,21 +348,20 @@ def gradient_statistics(
                 torch.split(flat[3:] / counts[0], [t.numel() for t in total]), total
             )
         ]
-        mean = [m.to(p.dtype) for m, p in zip(exact, gradients.values.values())]
+        mean = [m.to(p.dtype) for m, p in zip(exact, gradients.params)]
         if projections:
             # S3 needs the mean: the only chunk's gradients are still here, others are recomputed
-            again = [grads] if len(chunks) == 1 else (gradients(x, y)[0] for x, y in chunks)
-            for grads in again:
-                counts[2] += _projections(grads, exact).pow(2).sum()
+            again = [chunk] if len(chunks) == 1 else (evaluate(x, y) for x, y in chunks)
+            for chunk in again:
+                counts[2] += chunk.projections(exact).pow(2).sum()
             counts[2:3] = reduce(counts[2:3].clone())
     else:
         mean = exact = [m.detach() for m in mean_gradient]
-        for x, y in chunks:
-            grads, losses = gradients(x, y)
-            counts[1] += _sqnorms(grads).sum()
-            counts[3] += losses.double().sum()
+        for chunk in evaluated:
+            counts[1] += chunk.sqnorms().sum()
+            counts[3] += chunk.loss_sum
             if projections:
-                counts[2] += _projections(grads, mean).pow(2).sum()
+                counts[2] += chunk.projections(mean).pow(2).sum()
         counts = reduce(counts)
     statistics = GradientStatistics(
         num_samples=int(counts[0]),

@@ -25,7 +25,10 @@ per full pass, :data:`HVP_COST` ``x h`` per Hessian-vector product on ``h``
 examples and :data:`FORWARD_COST` ``x b`` per loss-only evaluation (a line-search
 trial). On request it also computes the batch's gradient statistics for a
 batch-size controller; for the norm test this pass also yields the mean
-gradient, which then replaces the backward pass (the "cheap path").
+gradient, which then replaces the backward pass (the "cheap path"). Where
+module hooks serve the model (:mod:`~largebatch.diagnostics.per_example_hooks`)
+the pass is an ordinary forward and backward, and the inner-product test takes
+the cheap path too.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from largebatch.diagnostics.per_example import (
     gradient_statistics,
     per_example_gradients_and_losses,
 )
+from largebatch.diagnostics.per_example_hooks import unsupported_reason
 from largebatch.optim import step_protocol_of
 from largebatch.optim.classical_protocol import ClassicalStepProtocol, ReportsStepStatistics
 from largebatch.train import distributed
@@ -66,9 +70,9 @@ class StatisticsRequest:
 
     Attributes:
         projections: the inner-product and orthogonality tests' ``S3`` (the norm
-            test does without, which allows the cheap path).
+            test does without, which allows the cheap path without hooks).
         group_size: examples per sample (1: exact per-example statistics).
-        chunk_size: samples per ``vmap`` call (bounds memory).
+        chunk_size: samples per statistics pass (bounds memory).
     """
 
     projections: bool = False
@@ -165,6 +169,9 @@ class StepDriver:
         if self.protocol.per_example:
             check_per_example_model(model, "an optimizer that takes per-example gradients")
         self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        trainable = [p for p in model.parameters() if p.requires_grad]
+        #: the statistics come from hooks on the step's pass, projections included
+        self.hooks_serve_statistics = unsupported_reason(model, trainable) is None
 
     def step(
         self,
@@ -216,12 +223,14 @@ class StepDriver:
         if protocol.gradient_before_step:
             cheap = (
                 statistics is not None
-                and not statistics.projections
+                and (not statistics.projections or self.hooks_serve_statistics)
                 and sqnorms is None
                 and not local
             )
             if cheap:  # the statistics pass gives the (already reduced) mean gradient
-                result.statistics, loss = self._statistics_gradient(batches, statistics)
+                result.statistics, loss = self._statistics_gradient(
+                    batches, statistics, batch_size, result
+                )
                 statistics = None
             else:
                 loss = forward_backward(
@@ -371,10 +380,15 @@ class StepDriver:
     # --- statistics for a batch-size controller ------------------------------------------
 
     def _statistics_gradient(
-        self, batches: list[Batch], request: StatisticsRequest
+        self,
+        batches: list[Batch],
+        request: StatisticsRequest,
+        batch_size: int,
+        result: StepResult,
     ) -> tuple[GradientStatistics, Tensor]:
-        """The norm test's cheap path: statistics and mean gradient from one pass; the mean
-        (already reduced across processes) goes into ``.grad``. Returns them and the loss."""
+        """The cheap path: statistics and mean gradient from one pass (with projections, a
+        second when the batch spans several chunks); the mean (already reduced across
+        processes) goes into ``.grad``. Returns them and the loss."""
         inputs, targets = concatenate(batches)
         params = [p for p in self.model.parameters() if p.requires_grad]
         with self.autocast():
@@ -386,10 +400,12 @@ class StepDriver:
                 params=params,
                 group_size=request.group_size,
                 chunk_size=request.chunk_size,
-                projections=False,
+                projections=request.projections,
             )
         for p, g in zip(params, mean):
             p.grad = g
+        if request.projections and _chunk_count(len(inputs), request) > 1:
+            result.example_gradients += batch_size
         return stats, torch.tensor(stats.mean_loss)
 
     def _statistics(
@@ -423,10 +439,15 @@ class StepDriver:
                 chunk_size=request.chunk_size,
                 projections=request.projections,
             )
-        chunks = math.ceil(len(inputs) / request.group_size / request.chunk_size)
+        chunks = _chunk_count(len(inputs), request)
         passes = 2 if mean is None and request.projections and chunks > 1 else 1
         result.example_gradients += passes * batch_size
         return stats
+
+
+def _chunk_count(examples: int, request: StatisticsRequest) -> int:
+    """The passes of ``request.chunk_size`` samples a batch of ``examples`` takes."""
+    return math.ceil(examples / request.group_size / request.chunk_size)
 
 
 def forward_backward(

@@ -14,6 +14,7 @@ from largebatch.experiments.studies import get_study, run_study
 from largebatch.experiments.studies.base import preset_path, results
 from largebatch.experiments.studies.classical import (
     ARMS,
+    DECREASE_MARGIN,
     FLOOR,
     PASSES,
     QUICK_FRACTION,
@@ -109,10 +110,34 @@ def test_the_review_s_expectations_agree_on_curves_that_behave_as_it_says():
     assert expectations(Measured(world, 0.1, PASSES)).rows[2][-1] == "partly"
     world = _review_world()
     world["olbfgs"] = world["sqn"] = world["norm-test"]
-    assert expectations(Measured(world, 0.1, PASSES)).rows[5][-1] == "no"
+    assert expectations(Measured(world, 0.1, PASSES)).rows[6][-1] == "no"
     del world["lbfgs"]
     rows = expectations(Measured(world, 0.1, PASSES)).rows
     assert rows[0][-1] == rows[1][-1] == "-" and "L-BFGS -" in rows[0][2]
+
+
+def test_saga_and_svrg_each_get_a_verdict_with_margins():
+    """SVRG ending below SG's last point but inside its band, with a fitted decrease like the
+    noisy mini-batch arm's, is "partly" (single points would say yes); one ending above both
+    bands and no faster is "no"; the linear SAGA is "yes"."""
+    x = [0, 1, 5, 10, 15, 20]
+    world = _review_world()
+    world["sg"] = _curve(x, [0.5, 1e-2, 5e-3, 4e-3, 2e-3, 3.9e-3], steps=72_000)
+    world["minibatch-sg"] = _curve(
+        x, [0.5, 1.1e-2, 6e-3, 1.5e-2, 3e-3, 5.4e-3], steps=1_125, seconds_per_pass=0.1
+    )
+    world["svrg"] = _curve(x, [0.5, 6e-1, 5e-2, 9e-3, 5e-3, 3.2e-3])
+    measured = Measured(world, 0.1, PASSES)
+    assert measured.gap("svrg", PASSES) < measured.gap("sg", PASSES)  # one point: below SG
+    assert measured.band_bottom("sg") == pytest.approx(2e-3)
+    assert measured.band_bottom("sg") < measured.gap("svrg", PASSES)
+    assert measured.decrease("svrg") > measured.decrease("minibatch-sg")  # but not clearly
+    assert measured.decrease("svrg") < DECREASE_MARGIN * measured.decrease("minibatch-sg")
+    rows = expectations(measured).rows
+    assert [rows[2][0].split()[0], rows[3][0].split()[0]] == ["SAGA", "SVRG"]
+    assert [rows[2][-1], rows[3][-1]] == ["yes", "partly"]
+    world["svrg"] = _curve(x, [0.5, 6e-1, 5e-2, 2e-2, 2e-2, 2e-2])
+    assert expectations(Measured(world, 0.1, PASSES)).rows[3][-1] == "no"
 
 
 @pytest.mark.slow

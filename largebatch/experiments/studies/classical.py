@@ -54,6 +54,9 @@ QUICK_FRACTION = 0.1
 FLOOR = 1e-7
 #: the gap whose first crossing the table reports (passes and seconds to it)
 TARGET = 1e-2
+#: how many times the constant-step arms' fitted decrease a variance-reduced arm's must be to
+#: count as clearly faster (their fits on a fluctuating noise floor vary by tens of percent)
+DECREASE_MARGIN = 1.25
 
 #: part name (its directory) -> label; each part's sweep file is ``classical-<name>.toml``
 ARMS: dict[str, str] = {
@@ -280,11 +283,24 @@ class Measured:
         curve = self.curves.get(arm)
         if curve is None:
             return None
-        half = (curve.passes >= self.late / 2) & (curve.passes <= self.late * 1.05)
+        half = self._second_half(curve)
         if half.sum() < 2:
             return None
         slope = np.polyfit(curve.passes[half], np.log10(curve.gap(self.minimum)[half]), 1)[0]
         return float(10 ** (-slope * self.late / 2))
+
+    def _second_half(self, curve: Curve) -> np.ndarray:
+        """The evaluations from half the budget to its end (5% beyond, as :meth:`Curve.gap_at`)."""
+        return (curve.passes >= self.late / 2) & (curve.passes <= self.late * 1.05)
+
+    def band_bottom(self, arm: str) -> float | None:
+        """The lowest ``F - F*`` over the second half of the budget: the bottom of the band a
+        constant-step run fluctuates in (its last point could lie anywhere inside, and its
+        top is set by single spikes)."""
+        curve = self.curves.get(arm)
+        if curve is None or not self._second_half(curve).any():
+            return None
+        return float(curve.gap(self.minimum)[self._second_half(curve)].min())
 
     def reaches(self, arm: str, axis: str) -> float | None:
         curve = self.curves.get(arm)
@@ -345,17 +361,25 @@ def expectations(measured: Measured) -> Table:
         at(late, "lbfgs", "sg"),
         [_less(m.gap("lbfgs", late), m.gap("sg", late))],
     )
-    reduced, constant = ("saga", "svrg"), ("sg", "minibatch-sg")
-    falls = ", ".join(f"{_name(a)} {_one(m.decrease(a), 'x')}" for a in reduced + constant)
-    row(
-        f"SVRG and SAGA keep converging where constant-step SG stalls: F - F* falls faster "
-        f"from {late / 2:g} to {late:g} passes (fitted), and ends below SG's",
-        "Sec. 5.3: linear rates (Johnson & Zhang; SAGA); Thm 4.6: SG with a fixed step "
-        "settles on a noise floor",
-        f"fell by {falls} (fitted); at {late:g} passes {at(late, *reduced, *constant)}",
-        [_less(m.decrease(sg), m.decrease(vr)) for vr in reduced for sg in constant]
-        + [_less(m.gap(vr, late), m.gap(sg, late)) for vr in reduced for sg in constant],
-    )
+    constant = ("sg", "minibatch-sg")
+    falls = ", ".join(f"{_name(a)} {_one(m.decrease(a), 'x')}" for a in constant)
+    bands = ", ".join(f"{_name(a)} {_sci(m.band_bottom(a))}" for a in constant)
+    for vr in ("saga", "svrg"):
+        decrease = m.decrease(vr)
+        row(
+            f"{_name(vr)} keeps converging where constant-step SG stalls: from {late / 2:g} to "
+            f"{late:g} passes F - F* falls at least {DECREASE_MARGIN:g}x as much as the "
+            "constant-step arms' (fitted), and ends below the whole band they fluctuate in there",
+            "Sec. 5.3: linear rates (Johnson & Zhang; SAGA); Thm 4.6: SG with a fixed step "
+            "settles on a noise floor",
+            f"fell by {_one(decrease, 'x')} against {falls} (fitted); at {late:g} passes "
+            f"{at(late, vr)} against the bands' bottoms {bands}",
+            [
+                _less(None if d is None else DECREASE_MARGIN * d, decrease)
+                for d in map(m.decrease, constant)
+            ]
+            + [_less(m.gap(vr, late), m.band_bottom(sg)) for sg in constant],
+        )
     row(
         "SG is better in the first epochs, SVRG when high accuracy is needed",
         "Sec. 5.3 (on SVRG in practice)",
