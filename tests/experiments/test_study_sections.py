@@ -82,6 +82,9 @@ def test_steps_cells_and_ratios_to_perfect_scaling():
     ratios = scaling_ratios(measured)
     assert ratios[:3] == pytest.approx([1.0, 283.5 * 4 / 972, 120 * 16 / 972])
     assert ratios[3] == math.inf
+    unreached = {"b": [32, 64, 128], "steps": [math.inf, 100.0, 60.0]}
+    assert scaling_ratios(unreached)[1:] == pytest.approx([1.0, 1.2])  # from the first reached
+    assert math.isnan(scaling_ratios(unreached)[0])
     (edge,) = knife_edges({"adamw": measured})
     assert edge == "adamw at 512 (1.975×: 120 steps against 121.5 for 2×)"
 

@@ -349,7 +349,7 @@ def accuracy_base_verdict(columns: Columns) -> str:
         for point in points:
             diff = difference(point, base)["diff"]
             if math.isnan(diff):
-                cells.append(f"{point.batch_size:,} {flag(point) or 'no'}")
+                cells.append(f"{point.batch_size:,} {flag(point) or '-'}")
                 continue
             bad = [s for s in point.statuses if s != "done"]
             note = f", {len(bad)} of {len(point.statuses)} {FLAGS[bad[0]]}" if bad else ""
@@ -392,8 +392,8 @@ def steps_base_verdict(columns: Columns) -> str:
         return ""
     return (
         f" **AdaScale against the base batch {columns.base_batch:,} (its claim: the "
-        f"small-batch result; here the target, which the tuned base batch reaches), every "
-        f"seed reached the target: {'; '.join(parts)}.**"
+        f"small-batch result, here the target), every seed reached the target: "
+        f"{'; '.join(parts)}.**"
     )
 
 
@@ -419,8 +419,8 @@ ACCURACY = Measure(
     "test accuracy (%)", accuracy_text, accuracy_versus,
     lambda a, t: difference(a, t)["diff"], lambda d: f"{np.mean(d):+.1f}",
     "diverged or at chance",
-    "**Test accuracy minus the tuned rate's at the same batch size, in points, averaged over the batch sizes ≥ "
-    "{large:,}: {found}.**",
+    "**Test accuracy minus the tuned rate's at the same batch size, in points, averaged "
+    "over the batch sizes ≥ {large:,}: {found}.**",
     "adaptive_accuracy", accuracy_value, "final test accuracy (%)", False,
     accuracy_base_verdict,
 )  # fmt: skip

@@ -2,10 +2,12 @@
 
 SGD, AdamW, LAMB and ALTO on MNIST-1D from batch 32 to 4,096, every run
 stopping at its target, each cell's learning rate chosen by the fewest steps
-to it (Shallue et al. 2019). The critical batch size where perfect scaling ends
-is measured from the steps (:func:`~largebatch.experiments.analysis.critical_batch_size`)
-and set next to the gradient noise scale B_simple logged in the same runs, which
-McCandlish et al. (2018) predict it to be, to within an order of magnitude.
+to it (Shallue et al. 2019). McCandlish et al.'s (2018) critical batch size B_crit,
+fitted to the steps (:func:`~largebatch.experiments.analysis.fit_steps_model`), is set
+next to the gradient noise scale B_simple logged in the same runs, which they predict
+it to be to within an order of magnitude; the batch size where the steps reach twice
+perfect scaling's (:func:`~largebatch.experiments.analysis.critical_batch_size`) is
+set beside it, and the momentum SGD arm against the adaptive optimizers (Shallue et al.).
 """
 
 from __future__ import annotations
@@ -29,7 +31,14 @@ from largebatch.experiments.studies.adaptive import (
     STEPS,
     adaptive_section,
 )
-from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
+from largebatch.experiments.studies.base import (
+    Part,
+    PartResults,
+    Study,
+    StudyContext,
+    Tuned,
+    register,
+)
 from largebatch.experiments.studies.common import finite, tuning_table, tuning_text
 from largebatch.optim.registry import optimizer_arguments
 
@@ -63,9 +72,7 @@ def steps_tables(ctx: ReportContext, critical: dict) -> tuple[Table, Table]:
             [series, *(reached_text(by_batch[b]) if b in by_batch else "-" for b in batch_sizes)]
         )
         ratios = dict(zip(critical[series]["b"], scaling_ratios(critical[series])))
-        ratio_rows.append(
-            [series, *(f"{ratios[b]:.3f}×" if b in ratios else "-" for b in batch_sizes)]
-        )
+        ratio_rows.append([series, *(ratio_text(ratios.get(b, math.nan)) for b in batch_sizes)])
         for p in pts:
             intervals.setdefault(p.batch_size, {r["config"].get("eval_every") for r in p.runs})
     steps_rows.append(
@@ -79,10 +86,21 @@ def steps_tables(ctx: ReportContext, critical: dict) -> tuple[Table, Table]:
 
 
 def scaling_ratios(measured: dict) -> list[float]:
-    """Steps over perfect scaling's from the smallest batch size (``S(B) B / (S(B0) B0)``)."""
-    b, steps = measured["b"], measured["steps"]
-    b0, s0 = b[0], steps[0]
-    return [s * batch / (s0 * b0) if math.isfinite(s0) else math.nan for s, batch in zip(steps, b)]
+    """Steps over perfect scaling's, ``S(B) B / (S(B0) B0)``, from the smallest batch size
+    that reached the target (as :func:`~largebatch.experiments.analysis.critical_batch_size`);
+    NaN below it."""
+    pairs = list(zip(measured["b"], measured["steps"]))
+    reference = next(((b, s) for b, s in pairs if 0 < s < math.inf), None)
+    if reference is None:
+        return [math.nan] * len(pairs)
+    b0, s0 = reference
+    return [s * b / (s0 * b0) if b >= b0 and s > 0 else math.nan for b, s in pairs]
+
+
+def ratio_text(ratio: float) -> str:
+    if math.isnan(ratio):
+        return "-"
+    return f"{ratio:.3f}×" if math.isfinite(ratio) else "not reached"
 
 
 def knife_edges(critical: dict) -> list[str]:
@@ -111,7 +129,7 @@ def within(ratio: float) -> str:
     return "yes" if 1 / ORDER_OF_MAGNITUDE <= ratio <= ORDER_OF_MAGNITUDE else "no"
 
 
-def sgd_momentum(part) -> float | None:
+def sgd_momentum(part: PartResults) -> float | None:
     """The momentum of the study's ``sgd`` runs (the registry's default unless overridden)."""
     rows = [r for r in part.wanted if r["optimizer"] == "sgd"]
     if not rows:
