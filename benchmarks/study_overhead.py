@@ -16,12 +16,15 @@ C. a cell: :func:`largebatch.experiments.sweep.run_cell` (B plus opening the
 D. cells through :func:`largebatch.experiments.scheduler.run_cells` with 2 jobs:
    the CPU time of the two spawned workers (start-up, imports, C for each cell)
    per cell, and the wall time per cell (the throughput a study gets on 2 cores,
-   which a shared machine inflates).
+   which a shared machine inflates);
+D1. the same cells through ``run_cells`` with 1 job (in this process): with D, the
+   parallel speed-up (D1's wall time over D's) and each one's CPU utilisation, CPU
+   time / (wall time x jobs).
 
-A, B and C are this process's CPU time (``time.process_time``) and D its
-children's (``resource.getrusage``), which other processes on a shared machine
-disturb far less than wall time; the rounds are interleaved (A, S, B, C, D, A, ...)
-and the median over ``--repeats`` is printed, with ratios to A.
+A, B and C are this process's CPU time (``time.process_time``), D its children's
+(``resource.getrusage``) and D1 both, which other processes on a shared machine
+disturb far less than wall time; the rounds are interleaved (A, S, B, C, D, D1, A,
+...) and the median over ``--repeats`` is printed, with ratios to A.
 
 Run: ``python benchmarks/study_overhead.py [--runs 6] [--repeats 3] [--batch-size 256]
 [--epochs 2] [--evals 10]``.
@@ -83,13 +86,15 @@ def recorded_cells(todo: list, directory: Path) -> float:
     return time.process_time() - start
 
 
-def children_cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
-    return usage.ru_utime + usage.ru_stime
+def cpu_seconds() -> float:
+    """CPU time of this process and of its finished children (the workers), in seconds."""
+    own = resource.getrusage(resource.RUSAGE_SELF)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
-def parallel_cells(todo: list, directory: Path) -> tuple[float, float]:
-    """(workers' CPU s, wall s) of running ``todo`` with 2 jobs."""
+def jobs_cells(todo: list, directory: Path, jobs: int) -> tuple[float, float]:
+    """(CPU s, wall s) of running ``todo`` through ``run_cells`` with ``jobs`` jobs."""
     pending = list(todo)
 
     def plan() -> Plan:
@@ -99,9 +104,9 @@ def parallel_cells(todo: list, directory: Path) -> tuple[float, float]:
         left = [(c, directory) for c in pending if c.cell_id not in done]
         return Plan(left, len(pending))
 
-    cpu, start = children_cpu(), time.perf_counter()
-    run_cells(plan, jobs=2, progress=False)
-    return children_cpu() - cpu, time.perf_counter() - start
+    cpu, start = cpu_seconds(), time.perf_counter()
+    run_cells(plan, jobs=jobs, progress=False)
+    return cpu_seconds() - cpu, time.perf_counter() - start
 
 
 def main() -> None:
@@ -114,7 +119,8 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     task = get_task("mnist1d-cnn")
-    times: dict[str, list[float]] = {"A": [], "S": [], "B": [], "C": [], "D": [], "D wall": []}
+    keys = ("A", "S", "B", "C", "D", "D wall", "D1", "D1 wall")
+    times: dict[str, list[float]] = {key: [] for key in keys}
     for repeat in range(args.repeats):
         with tempfile.TemporaryDirectory() as root:
             root = Path(root)
@@ -123,10 +129,12 @@ def main() -> None:
             times["S"].append(cell_runs(todo, evaluations=False) / args.runs)
             times["B"].append(cell_runs(todo) / args.runs)
             times["C"].append(recorded_cells(todo, root / "c") / args.runs)
-            todo = cells(root / "d", args.runs, args.batch_size, args.epochs, args.evals)
-            cpu, wall = parallel_cells(todo, root / "d")
-            times["D"].append(cpu / args.runs)
-            times["D wall"].append(wall / args.runs)
+            for key, jobs in (("D", 2), ("D1", 1)):
+                where = root / key.lower()
+                todo = cells(where, args.runs, args.batch_size, args.epochs, args.evals)
+                cpu, wall = jobs_cells(todo, where, jobs)
+                times[key].append(cpu / args.runs)
+                times[f"{key} wall"].append(wall / args.runs)
         print(f"round {repeat + 1}: " + ", ".join(f"{k} {v[-1]:.3f} s" for k, v in times.items()))
     a = statistics.median(times["A"])
     labels = {
@@ -136,6 +144,8 @@ def main() -> None:
         "C": "a recorded cell: B + results database, lock (CPU s)",
         "D": "cells through run_cells, 2 jobs: workers' CPU s per cell",
         "D wall": "the same, wall s per cell (2 cores, shared machine)",
+        "D1": "cells through run_cells, 1 job: CPU s per cell",
+        "D1 wall": "the same, wall s per cell",
     }
     print(f"\nmnist1d-cnn, batch {args.batch_size}, {args.epochs:g} epochs, "
           f"{args.evals} evaluations per cell, {args.runs} runs, median of {args.repeats}")  # fmt: skip
@@ -146,6 +156,12 @@ def main() -> None:
     print(
         f"per-run overhead of a cell (C - A): {c - a:.3f} CPU s = start-up {s - a:.3f} "
         f"+ evaluations and checkpoints {b - s:.3f} + database and lock {c - b:.3f}"
+    )
+    d, d_wall, d1, d1_wall = (statistics.median(times[k]) for k in keys[4:])
+    print(
+        f"parallel speed-up, 2 jobs against 1: {d1_wall / d_wall:.2f}x (wall {d1_wall:.3f} "
+        f"against {d_wall:.3f} s per cell); CPU utilisation, CPU / (wall x jobs): "
+        f"1 job {d1 / d1_wall:.0%}, 2 jobs {d / (2 * d_wall):.0%}"
     )
 
 

@@ -22,7 +22,14 @@ from matplotlib.figure import Figure
 from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table, add_legend, batch_size_axis, fmt
 from largebatch.experiments.studies.base import Adaptive, PartResults
-from largebatch.experiments.studies.common import accuracy_text, difference, finite, flag, signed
+from largebatch.experiments.studies.common import (
+    FLAGS,
+    accuracy_text,
+    difference,
+    finite,
+    flag,
+    signed,
+)
 from largebatch.experiments.sweep_config import adaptive_method
 
 #: SGD and LAMB only: AdaScale was built for momentum SGD and AutoWU tested with LAMB, they
@@ -313,6 +320,83 @@ def verdict(
     return "; ".join(parts)
 
 
+#: AdaScale keeps the base batch's result when within this many points of its tuned accuracy
+KEEP_POINTS = 1.0
+
+
+def adascale_points(columns: Columns) -> dict[str, list[Point]]:
+    """Per optimizer, AdaScale's points above the base batch size, by batch size."""
+    return {
+        optimizer: [
+            point
+            for b in columns.batch_sizes
+            if b > (columns.base_batch or 0)
+            and (point := columns.adaptive["adascale"].get((optimizer, b)))
+        ]
+        for optimizer in columns.optimizers
+    }
+
+
+def accuracy_base_verdict(columns: Columns) -> str:
+    """AdaScale's claim, judged: does it keep the tuned base batch's test accuracy (within
+    :data:`KEEP_POINTS`) at each larger batch size?"""
+    parts = []
+    for optimizer, points in adascale_points(columns).items():
+        base = columns.tuned.get((optimizer, columns.base_batch))
+        if not points or base is None or flag(base) is not None:
+            continue
+        cells = []
+        for point in points:
+            diff = difference(point, base)["diff"]
+            if math.isnan(diff):
+                cells.append(f"{point.batch_size:,} {flag(point) or '-'}")
+                continue
+            bad = [s for s in point.statuses if s != "done"]
+            note = f", {len(bad)} of {len(point.statuses)} {FLAGS[bad[0]]}" if bad else ""
+            cells.append(f"{point.batch_size:,} {diff:+.1f}{note}")
+        kept = [
+            f"{p.batch_size:,}"
+            for p in points
+            if all(s == "done" for s in p.statuses) and difference(p, base)["diff"] >= -KEEP_POINTS
+        ]
+        parts.append(
+            f"{optimizer} keeps it at {', '.join(kept) if kept else 'no batch size'} "
+            f"({'; '.join(cells)})"
+        )
+    if not parts:
+        return ""
+    return (
+        f" **AdaScale against the tuned base batch {columns.base_batch:,} (its claim: the "
+        f"small-batch accuracy, kept when within {KEEP_POINTS:g} point; test accuracy minus "
+        f"the base batch's, in points): {'; '.join(parts)}.**"
+    )
+
+
+def steps_base_verdict(columns: Columns) -> str:
+    """AdaScale's claim in a study that stops at a target: the batch sizes above the base
+    where every seed reached it."""
+    parts = []
+    for optimizer, points in adascale_points(columns).items():
+        if not points:
+            continue
+        kept = [
+            f"{p.batch_size:,}"
+            for p in points
+            if p.runs
+            and all(r["status"] == "done" and r.get("steps_to_target") is not None for r in p.runs)
+        ]
+        parts.append(
+            f"{optimizer} at {', '.join(kept) if kept else 'none'} of {len(points)} batch sizes"
+        )
+    if not parts:
+        return ""
+    return (
+        f" **AdaScale against the base batch {columns.base_batch:,} (its claim: the "
+        f"small-batch result, here the target), every seed reached the target: "
+        f"{'; '.join(parts)}.**"
+    )
+
+
 @dataclass(frozen=True)
 class Measure:
     """What a study's adaptive section compares: test accuracy, or steps to target."""
@@ -328,15 +412,17 @@ class Measure:
     value: Callable[[Point], float]  # plotted
     label: str  # the figure's y axis
     log: bool
+    base_verdict: Callable[[Columns], str]  # AdaScale against the tuned base batch
 
 
 ACCURACY = Measure(
     "test accuracy (%)", accuracy_text, accuracy_versus,
     lambda a, t: difference(a, t)["diff"], lambda d: f"{np.mean(d):+.1f}",
     "diverged or at chance",
-    "**Test accuracy minus the tuned rate's, in points, averaged over the batch sizes ≥ "
-    "{large:,}: {found}.**",
+    "**Test accuracy minus the tuned rate's at the same batch size, in points, averaged "
+    "over the batch sizes ≥ {large:,}: {found}.**",
     "adaptive_accuracy", accuracy_value, "final test accuracy (%)", False,
+    accuracy_base_verdict,
 )  # fmt: skip
 STEPS = Measure(
     "median steps to target", steps_text, steps_versus, steps_ratio,
@@ -344,6 +430,7 @@ STEPS = Measure(
     "**Steps to the target relative to the tuned rate's (geometric mean over the batch "
     "sizes ≥ {large:,}; 1× is as fast as tuning): {found}.**",
     "adaptive_steps", steps_value, "steps to target (median over seeds)", True,
+    steps_base_verdict,
 )  # fmt: skip
 
 
@@ -358,6 +445,7 @@ def adaptive_section(part: PartResults, measure: Measure, large: int) -> Section
     optimizers = " and ".join(o.upper() for o in columns.optimizers)
     text = INTRO.format(optimizers=optimizers, base=columns.base_batch)
     text += measure.verdict.format(large=large, found=found) if found else ""
+    text += measure.base_verdict(columns)
     text += "\n\n" + cost_text(ratios)
     plot = Plot(
         measure.stem,

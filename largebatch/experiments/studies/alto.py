@@ -21,12 +21,12 @@ from largebatch.experiments.studies.adaptive import (
 )
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
-    TUNING_TEXT,
     accuracy_table,
     difference,
     signed,
     train_test_figure,
     tuning_table,
+    tuning_text,
 )
 
 #: ALTO and LAMB top-1 test accuracy (%) at large batch in Zhao et al. (Tables 3, 4 and 16)
@@ -110,7 +110,7 @@ def alto_sections(context: StudyContext) -> list[Section]:
         sections.append(adaptive)
     tuning = tuning_table(part)
     if tuning is not None:
-        sections.append(Section("Learning rates", TUNING_TEXT, tables=[tuning]))
+        sections.append(Section("Learning rates", tuning_text(part), tables=[tuning]))
     return sections
 
 

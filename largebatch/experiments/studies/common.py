@@ -13,6 +13,7 @@ from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import STATUSES, Table, add_legend, batch_size_axis, fmt
 from largebatch.experiments.studies.base import PartResults
 from largebatch.experiments.sweep_config import series_name
+from largebatch.optim.registry import get_spec
 
 #: how a point none of whose runs finished normally is shown
 FLAGS = {"diverged": "diverged", "chance": "at chance", "failed": "failed"}
@@ -96,21 +97,69 @@ def tuning_table(part: PartResults) -> Table | None:
         seeds = str(len(point.runs)) if point else "0"
         rows.append([series, f"{batch_size:,}", tried, chosen, fmt(used), note, seeds])
     columns = [
-        "optimizer", "batch", "base lrs tried", "chosen (on val)", "lr used at this batch",
+        "optimizer", "batch", "base lrs tried", "chosen", "lr used at this batch",
         "grid", "seeds",
     ]  # fmt: skip
     return Table(columns, rows)
 
 
-TUNING_TEXT = (
-    "Learning rates were tuned per optimizer and batch size on the validation split "
-    "(Shallue et al. 2019): the sweep file's log-spaced grid ran with the first seed, the "
-    "best value won, and a best value at the edge of the grid extended it by the grid's own "
-    "ratio until it was interior; the other seeds then ran at the chosen value. Base "
-    "learning rates are given at batch 64 and scaled to each batch size by the optimizer's "
-    "rule (linear for SGD and LARS, square root for the Adam family); the test split never "
-    "took part in any choice."
-)
+#: how each scaling rule reads in the tuning text
+RULES = {"linear": "linear", "sqrt": "square root", "none": "none: the same rate at every batch"}
+
+
+def target_text(target: Sequence) -> str:
+    """``("accuracy", 0.9)`` as "validation accuracy ≥ 0.9" (a split prefix names the split)."""
+    split, _, metric = str(target[0]).partition("_")
+    if split not in ("train", "val", "test") or not metric:
+        split, metric = "val", str(target[0])
+    name = {"train": "training", "val": "validation", "test": "test"}[split]
+    return f"{name} {metric} {'≤' if metric == 'loss' else '≥'} {target[1]:g}"
+
+
+def tuning_text(part: PartResults) -> str:
+    """How the part's learning rates were chosen, from its sweep file and tuning protocol:
+    the criterion, the extensions at an edge, the seeds, the scaling rule per optimizer."""
+    spec, protocol = part.factory.spec, part.protocol
+    if spec.stop_at_target and spec.target is not None:
+        criterion = f"the fewest steps to the target ({target_text(spec.target)})"
+        split = "training" if str(spec.target[0]).startswith("train_") else "validation"
+    else:
+        criterion, split = "the best final validation accuracy", "validation"
+    extensions = getattr(protocol, "max_extensions", 0)
+    edges = [
+        f"{series_name(o, t)} at {b:,} ({state.at_edge})"
+        for (o, t, b), state in part.states.items()
+        if state is not None and state.settled and state.at_edge
+    ]
+    if edges:
+        value = "value stayed" if len(edges) == 1 else "values stayed"
+        edge = f"; {len(edges)} chosen {value} at the edge after {extensions} added: "
+        edge += ", ".join(edges)
+    else:
+        edge = "; every chosen value ended interior"
+    seeds_from = getattr(protocol, "seeds_from", None)
+    seeds = f" (at batch sizes ≥ {seeds_from:,})" if seeds_from else ""
+    rules: dict[str, list[str]] = {}
+    for optimizer in spec.optimizers:
+        section = spec.optimizer_settings.get(optimizer, {})
+        rule = section.get("scaling") or spec.scaling or get_spec(optimizer).scaling_rule
+        rules.setdefault(rule, []).append(optimizer)
+    if set(rules) == {"none"}:
+        scaling = "Learning rates are used as given at every batch size (no scaling rule)."
+    else:
+        by_rule = "; ".join(f"{RULES[r]} for {', '.join(o)}" for r, o in rules.items())
+        scaling = (
+            f"Base learning rates are given at batch {spec.base_batch_size:,} and scaled to "
+            f"each batch size by the optimizer's rule ({by_rule})."
+        )
+    limit = f"at most {extensions} value{'s' if extensions != 1 else ''}"
+    return (
+        "Learning rates were tuned per optimizer and batch size (Shallue et al. 2019): the "
+        f"sweep file's log-spaced grid ran with the first seed and the value with {criterion} "
+        f"won, on the {split} split; a best value at the edge of the grid extended it by the "
+        f"grid's own ratio, {limit} added{edge}. The other seeds then ran at the chosen "
+        f"value{seeds}. {scaling} The test split never took part in any choice."
+    )
 
 
 def train_test_figure(part: PartResults, title: str) -> Figure:

@@ -27,7 +27,6 @@ from largebatch.experiments.studies.base import (
     register,
 )
 from largebatch.experiments.studies.common import (
-    TUNING_TEXT,
     accuracy_table,
     accuracy_text,
     difference,
@@ -36,6 +35,7 @@ from largebatch.experiments.studies.common import (
     signed,
     train_test_figure,
     tuning_table,
+    tuning_text,
 )
 from largebatch.experiments.sweep_config import series_name
 from largebatch.tasks import get_task
@@ -211,7 +211,7 @@ def decentralized_sections(context: StudyContext) -> list[Section]:
     ]
     tuning = tuning_table(part)
     if tuning is not None:
-        sections.append(Section("Learning rates", TUNING_TEXT, tables=[tuning]))
+        sections.append(Section("Learning rates", tuning_text(part), tables=[tuning]))
     return sections
 
 

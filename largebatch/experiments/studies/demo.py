@@ -28,13 +28,13 @@ from largebatch.experiments.studies.base import (
 )
 from largebatch.experiments.studies.common import (
     FLAGS,
-    TUNING_TEXT,
     accuracy_text,
     flag,
     mean_std,
     text_table,
     train_test_figure,
     tuning_table,
+    tuning_text,
 )
 
 #: a cell keeps accuracy when its mean test accuracy is within this many points of the reference
@@ -152,8 +152,8 @@ def demo_sections(context: StudyContext) -> list[Section]:
         f"on `{budget.task}`, each optimizer with its learning rate tuned per batch size on "
         "the validation split and its recommended warm-up and schedule. Budget: "
         f"{budget.epochs:g} epochs, and at least {part.protocol.min_steps} steps for the "
-        "batch sizes where 30 epochs are fewer, so large batches are not stopped before they "
-        f"can fit the data. A cell **keeps accuracy** when it is within {KEEP_POINTS:g} point "
+        f"batch sizes where {budget.epochs:g} epochs are fewer, so large batches are not stopped "
+        f"before they can fit the data. A cell **keeps accuracy** when it is within {KEEP_POINTS:g} point "
         f"of {ref_text}. Runs whose training loss ended at chance level (no better than "
         "predicting the class frequencies) or diverged are flagged, not averaged."
     )
@@ -211,7 +211,7 @@ def demo_sections(context: StudyContext) -> list[Section]:
         )
     tuning = tuning_table(part)
     if tuning is not None:
-        sections.append(Section("Learning rates", TUNING_TEXT, tables=[tuning]))
+        sections.append(Section("Learning rates", tuning_text(part), tables=[tuning]))
     return sections
 
 

@@ -15,11 +15,11 @@ from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
-    TUNING_TEXT,
     accuracy_table,
     flag,
     train_test_figure,
     tuning_table,
+    tuning_text,
 )
 
 #: a batch size keeps accuracy when its mean test accuracy is within this many points
@@ -122,7 +122,7 @@ def extrap_sections(context: StudyContext) -> list[Section]:
         tuning = tuning_table(part)
         if tuning is not None:
             sections.append(
-                Section(f"Learning rates ({part.part.name})", TUNING_TEXT, tables=[tuning])
+                Section(f"Learning rates ({part.part.name})", tuning_text(part), tables=[tuning])
             )
     return sections
 

@@ -18,11 +18,11 @@ from largebatch.experiments.analysis import Point
 from largebatch.experiments.report import Plot, Section, Table, fmt
 from largebatch.experiments.studies.base import Part, Study, StudyContext, Tuned, register
 from largebatch.experiments.studies.common import (
-    TUNING_TEXT,
     flag,
     mean_std,
     seconds_per_step,
     tuning_table,
+    tuning_text,
 )
 
 #: Anil et al.'s steps-to-result ratios, baseline / Shampoo
@@ -159,7 +159,7 @@ def shampoo_sections(context: StudyContext) -> list[Section]:
         tuning = tuning_table(part)
         if tuning is not None and part.rows:
             sections.append(
-                Section(f"Learning rates ({part.part.name})", TUNING_TEXT, tables=[tuning])
+                Section(f"Learning rates ({part.part.name})", tuning_text(part), tables=[tuning])
             )
     return sections
 
