@@ -60,6 +60,7 @@ from torch import nn
 from largebatch.diagnostics.per_example import GradientStatistics
 from largebatch.optim._classical import check_positive, check_positive_int
 from largebatch.train.step import StatisticsRequest, check_per_example_model
+from largebatch.utils.errors import ConfigError
 
 
 class BatchSizeController(ABC):
@@ -369,11 +370,12 @@ def build_controller(
     """A run's controller and the statistics it asks of each tested step (``None``: none).
 
     ``theta`` is ``--batch-growth-theta``; ``options`` are the controller's other
-    arguments plus :data:`STATISTICS_OPTIONS`. Raises ``ValueError`` naming an
-    unknown name or option, or a bad value.
+    arguments plus :data:`STATISTICS_OPTIONS`. Raises ``ConfigError`` naming an
+    unknown name or option, or a bad value (the controllers' own ``ValueError``, which
+    follows torch's schedulers, becomes one here: these are a run's settings).
     """
     if name not in CONTROLLERS:
-        raise ValueError(
+        raise ConfigError(
             f"Invalid batch growth: {name!r} (expected one of {', '.join(sorted(CONTROLLERS))})"
         )
     cls = CONTROLLERS[name]
@@ -382,25 +384,28 @@ def build_controller(
     accepted = [p for p in inspect.signature(cls).parameters if p not in _RUN_ARGUMENTS]
     if theta is not None:
         if "theta" in options:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid batch growth options: theta given twice ({theta}, {options['theta']})"
             )
         options["theta"] = theta
     valid = accepted + (list(STATISTICS_OPTIONS) if cls.adaptive else [])
     for key in [*options, *statistics]:
         if key not in valid:
-            raise ValueError(
+            raise ConfigError(
                 f"Invalid batch growth option {key!r} for {name!r} (accepted: {', '.join(valid)})"
             )
-    for key, value in statistics.items():
-        check_positive_int(key, value)
-    group_size = statistics.get("group_size", 1)
-    controller = cls(
-        initial=initial,
-        max_batch_size=max_batch_size,
-        multiple_of=batch_multiple(processes, accumulation_steps, group_size),
-        **options,
-    )
+    try:
+        for key, value in statistics.items():
+            check_positive_int(key, value)
+        group_size = statistics.get("group_size", 1)
+        controller = cls(
+            initial=initial,
+            max_batch_size=max_batch_size,
+            multiple_of=batch_multiple(processes, accumulation_steps, group_size),
+            **options,
+        )
+    except ValueError as error:
+        raise ConfigError(str(error)) from None
     request = StatisticsRequest(projections=cls.projections, **statistics) if cls.adaptive else None
     return controller, request
 

@@ -182,7 +182,7 @@ class Adaptive:
     def __post_init__(self) -> None:
         unknown = [m for m in self.methods if m not in ADAPTIVE_AXES]
         if unknown or not self.methods:
-            raise ValueError(
+            raise StudyError(
                 f"Invalid adaptive methods: {list(self.methods)} "
                 f"(choose one or more of {', '.join(ADAPTIVE_AXES)})"
             )
@@ -452,10 +452,10 @@ _REGISTRY: dict[str, Study] = {}
 def register(study: Study) -> Study:
     """Add ``study`` to the registry (its name must be new and its parts' names distinct)."""
     if study.name in _REGISTRY:
-        raise ValueError(f"study {study.name!r} is already registered")
+        raise StudyError(f"Invalid study: {study.name!r} is already registered")
     names = [part.name for part in study.parts]
     if len(set(names)) != len(names):
-        raise ValueError(f"study {study.name!r} has parts with the same name: {names}")
+        raise StudyError(f"Invalid study {study.name!r}: parts with the same name: {names}")
     _REGISTRY[study.name] = study
     return study
 
